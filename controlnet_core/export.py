@@ -1,0 +1,70 @@
+"""Save a loaded ControlNet as v1.1-layout safetensors or as a diffusers folder."""
+from __future__ import annotations
+
+import json
+import os
+from pathlib import Path
+from typing import Optional, Union
+
+import torch
+
+from .checkpoint import save_safetensors
+from .errors import ControlNetError
+from .formats import diffusers as diffusers_fmt
+from .formats import ldm as ldm_fmt
+from .formats import t2i as t2i_fmt
+from .loader import METADATA_CONFIG, METADATA_GAP, LoadedControl
+from .model import ControlNet
+from .t2i_adapter import T2IAdapter
+
+PathLike = Union[str, os.PathLike]
+
+
+def _model(obj) -> torch.nn.Module:
+    return obj.model if isinstance(obj, LoadedControl) else obj
+
+
+def _state(model: torch.nn.Module, dtype: Optional[torch.dtype]) -> dict[str, torch.Tensor]:
+    return {k: (v.to(dtype) if dtype is not None else v).detach().cpu() for k, v in model.state_dict().items()}
+
+
+def save_ldm(control, path: PathLike, *, prefix: str = ldm_fmt.CONTROL_PREFIX, dtype: Optional[torch.dtype] = None) -> Path:
+    """v1.1 layout (`control_model.*`), readable by this library, ComfyUI and sd-webui-controlnet.
+
+    T2I-Adapters are saved in their original layout (no prefix).
+    """
+    model = _model(control)
+    sd = _state(model, dtype)
+    meta = {"format": "pt"}
+    if isinstance(model, ControlNet):
+        sd = {prefix + k: v for k, v in sd.items()}
+        meta[METADATA_CONFIG] = model.config.to_json()
+        meta[METADATA_GAP] = str(model.config.global_average_pooling).lower()
+    elif not isinstance(model, T2IAdapter):
+        raise ControlNetError(f"cannot export a {type(model).__name__}; expected a ControlNet or T2IAdapter.")
+    path = Path(path)
+    save_safetensors(sd, path, meta)
+    return path
+
+
+def save_diffusers(control, directory: PathLike, *, dtype: Optional[torch.dtype] = None) -> Path:
+    """A diffusers folder: `diffusion_pytorch_model.safetensors` + `config.json`."""
+    model = _model(control)
+    directory = Path(directory)
+    directory.mkdir(parents=True, exist_ok=True)
+    sd = _state(model, dtype)
+    if isinstance(model, ControlNet):
+        names = diffusers_fmt.from_canonical_map(model.config, sd.keys())
+        cfg = diffusers_fmt.config_json(model.config)
+    elif isinstance(model, T2IAdapter):
+        names = t2i_fmt.to_diffusers_map(sd.keys(), model.config.light)
+        c = model.config
+        cfg = {"_class_name": "T2IAdapter", "adapter_type": "light_adapter" if c.light else ("full_adapter_xl" if c.xl else "full_adapter"),
+               "channels": list(c.channels), "in_channels": c.hint_channels, "num_res_blocks": c.nums_rb, "downscale_factor": c.unshuffle}
+    else:
+        raise ControlNetError(f"cannot export a {type(model).__name__}; expected a ControlNet or T2IAdapter.")
+    save_safetensors({names[k]: v for k, v in sd.items()}, directory / "diffusion_pytorch_model.safetensors", {"format": "pt"})
+    tmp = directory / "config.json.part"
+    tmp.write_text(json.dumps(cfg, indent=2, sort_keys=True))
+    os.replace(tmp, directory / "config.json")
+    return directory

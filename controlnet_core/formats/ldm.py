@@ -1,0 +1,42 @@
+"""The original ("cldm"/ldm) layout: canonical keys are these names without a prefix.
+
+v1.0 files are a whole `ControlLDM` (`control_model.*` + UNet + VAE + CLIP + DDPM buffers); v1.1
+files hold only `control_model.*`; re-saved files often strip the prefix. Only the ControlNet's own
+top-level modules are canonical, so everything else in a v1.0 file is never read.
+"""
+from __future__ import annotations
+
+from typing import Iterable
+
+CONTROL_PREFIX = "control_model."
+MODULES = ("time_embed.", "label_emb.", "input_hint_block.", "input_blocks.", "zero_convs.", "middle_block.", "middle_block_out.")
+SIGNATURE = ("zero_convs.0.0.weight", "input_hint_block.0.weight", "middle_block_out.0.weight")
+
+
+def prefix_of(keys: set[str]) -> str | None:
+    """'control_model.' or '' when the keys are an ldm ControlNet, else None."""
+    if CONTROL_PREFIX + "zero_convs.0.0.weight" in keys:
+        return CONTROL_PREFIX
+    if "zero_convs.0.0.weight" in keys:
+        return ""
+    return None
+
+
+def is_full_v10(keys: set[str]) -> bool:
+    return any(k.startswith("model.diffusion_model.") for k in keys)
+
+
+def canonical_map(keys: Iterable[str], prefix: str) -> dict[str, str]:
+    """canonical key -> source key, for the ControlNet modules only."""
+    out = {}
+    for k in keys:
+        if k.startswith(prefix):
+            c = k[len(prefix):]
+            if c.startswith(MODULES):
+                out[c] = k
+    return out
+
+
+def to_ldm_keys(canonical: Iterable[str], prefix: str = CONTROL_PREFIX) -> dict[str, str]:
+    """canonical key -> key in a v1.1-layout file."""
+    return {k: prefix + k for k in canonical}

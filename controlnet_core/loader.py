@@ -1,0 +1,247 @@
+"""`load_control`: any supported file (or in-memory state dict) -> a ready ControlNet or T2I-Adapter.
+
+The model is built on the `meta` device and each weight is read once, straight into its final
+dtype, then adopted by the module (`assign=True`): peak memory stays near the size of the weights.
+"""
+from __future__ import annotations
+
+import dataclasses
+import logging
+import os
+from dataclasses import dataclass
+from pathlib import Path
+from typing import Mapping, Optional, Union
+
+import torch
+
+from . import formats
+from .checkpoint import DictSource, TensorSource, open_checkpoint
+from .config import ControlNetConfig, config_from_unet_like_state_dict
+from .errors import BaseModelRequiredError, CheckpointError, ControlNetError, UnknownLayoutError
+from .formats import diffusers as diffusers_fmt
+from .formats import ldm as ldm_fmt
+from .formats import patches
+from .formats import t2i as t2i_fmt
+from .model import ControlNet
+from .residuals import ControlResiduals
+from .t2i_adapter import T2IAdapter, T2IAdapterConfig, config_from_t2i_shapes
+
+log = logging.getLogger(__name__)
+
+METADATA_CONFIG = "controlnet_core.config"  # our exports store the full ControlNetConfig as JSON
+METADATA_GAP = "controlnet_core.global_average_pooling"
+
+StateDictLike = Union[str, os.PathLike, Mapping[str, torch.Tensor], TensorSource]
+
+
+@dataclass
+class LoadedControl:
+    """A loaded control model plus where it came from."""
+
+    model: Union[ControlNet, T2IAdapter]
+    format: str  # a key of formats.FORMATS
+    source: str  # file path or description
+
+    @property
+    def kind(self) -> str:
+        return "t2i_adapter" if isinstance(self.model, T2IAdapter) else "controlnet"
+
+    @property
+    def config(self) -> Union[ControlNetConfig, T2IAdapterConfig]:
+        return self.model.config
+
+    def residuals(self, x: torch.Tensor, hint: torch.Tensor, timesteps: torch.Tensor, context: Optional[torch.Tensor], y: Optional[torch.Tensor] = None) -> ControlResiduals:
+        return self.model(x, hint, timesteps, context, y)
+
+
+def as_source(obj: StateDictLike, what: str = "checkpoint") -> TensorSource:
+    if isinstance(obj, TensorSource):
+        return obj
+    if isinstance(obj, Mapping):
+        return DictSource(obj, name=f"<in-memory {what}>")
+    return open_checkpoint(obj)
+
+
+def _meta_shapes(source: TensorSource, mapping: Mapping[str, str]) -> dict[str, torch.Tensor]:
+    return {c: torch.empty(source.shape(s), device="meta") for c, s in mapping.items()}
+
+
+def _first_float_dtype(source: TensorSource, key: str) -> torch.dtype:
+    t = getattr(source, "stored_dtype", None)
+    if t is not None:
+        return t(key)
+    return source.get(key).dtype
+
+
+def _strict_fill(model: torch.nn.Module, getter, available: set[str], source_name: str, fmt: str) -> None:
+    """Fill `model` (on meta) from `getter(key) -> Tensor|None`; list missing/unexpected keys like a strict load."""
+    expected = model.state_dict()
+    missing = sorted(set(expected) - available)
+    unexpected = sorted(available - set(expected))
+    if missing or unexpected:
+        raise CheckpointError(
+            f"{source_name}: detected as '{fmt}' ({formats.FORMATS.get(fmt, fmt)}), but the keys do not fit the architecture derived from its shapes. "
+            f"Missing {len(missing)}: {missing[:8]}{' ...' if len(missing) > 8 else ''}; unexpected {len(unexpected)}: {unexpected[:8]}{' ...' if len(unexpected) > 8 else ''}. "
+            "The file may be damaged, or a variant this version does not support."
+        )
+    loaded = {}
+    for key, ref in expected.items():
+        t = getter(key)
+        if t is None:
+            raise CheckpointError(f"{source_name}: no weight for '{key}'.")
+        if tuple(t.shape) != tuple(ref.shape):
+            raise CheckpointError(f"{source_name}: '{key}' has shape {tuple(t.shape)}; the architecture derived from the other weights needs {tuple(ref.shape)}.")
+        loaded[key] = t
+    model.load_state_dict(loaded, strict=True, assign=True)
+
+
+def _sibling_diffusers_config(source: TensorSource) -> Optional[dict]:
+    if source.path is None:
+        return None
+    cfg = source.path.parent / "config.json"
+    if cfg.is_file():
+        data = diffusers_fmt.read_config_json(cfg)
+        if data.get("_class_name", "ControlNetModel") == "ControlNetModel":
+            return data
+    return None
+
+
+def _resolve_gap(explicit: Optional[bool], source: TensorSource, diffusers_cfg: Optional[dict]) -> bool:
+    if explicit is not None:
+        return explicit
+    if METADATA_GAP in source.metadata:
+        return source.metadata[METADATA_GAP].lower() == "true"
+    if diffusers_cfg is not None and "global_pool_conditions" in diffusers_cfg:
+        return bool(diffusers_cfg["global_pool_conditions"])
+    # The official shuffle file carries no metadata: its name is the only signal there is.
+    if source.path is not None and "shuffle" in source.path.stem.lower():
+        log.info("%s: 'shuffle' in the file name, so global average pooling is on (pass global_average_pooling=False to override)", source.path.name)
+        return True
+    return False
+
+
+def load_control(
+    checkpoint: StateDictLike,
+    *,
+    base_unet: Optional[StateDictLike] = None,
+    dtype: Optional[torch.dtype] = None,
+    device: Union[str, torch.device] = "cpu",
+    global_average_pooling: Optional[bool] = None,
+    diffusers_config: Optional[Union[dict, str, os.PathLike]] = None,
+    num_heads: Optional[int] = None,
+    num_head_channels: Optional[int] = None,
+) -> LoadedControl:
+    """Load any supported ControlNet / T2I-Adapter checkpoint; the layout is detected from its keys.
+
+    base_unet: the base model's UNet weights (bare ldm keys, or a full checkpoint with
+        `model.diffusion_model.*`), needed by "diff" ControlNets and control-LoRAs.
+    dtype: compute dtype of the returned model (default: the stored dtype).
+    global_average_pooling: shuffle models; None detects it (metadata, diffusers config, file name).
+    diffusers_config: a diffusers config.json (dict or path); by default one next to the file is used.
+    """
+    source = as_source(checkpoint)
+    keys = set(source.keys())
+    fmt = formats.detect_format(keys)
+    if fmt is None:
+        best, score = formats.closest_format(keys)
+        sample = sorted(keys)[:5]
+        raise UnknownLayoutError(
+            f"{source.name}: not a ControlNet or T2I-Adapter layout this library knows ({len(keys)} tensors, e.g. {sample}). "
+            f"Closest known layout: '{best}' ({formats.FORMATS[best]}; {score:.0%} of its signature modules present). "
+            f"Supported: {', '.join(formats.FORMATS)}."
+        )
+    if fmt.startswith("t2i"):
+        return _load_t2i(source, fmt, dtype, device)
+
+    base: Optional[TensorSource] = None
+    if fmt in ("diff", "control-lora"):
+        if base_unet is None:
+            raise BaseModelRequiredError(
+                f"{source.name}: a '{fmt}' file ({formats.FORMATS[fmt]}) stores weights relative to a base model; "
+                "pass the base model's UNet (in ComfyUI: connect the MODEL input of the loader)."
+            )
+        base = as_source(base_unet, "base UNet")
+    diffusers_cfg = None
+    if fmt == "diffusers":
+        if diffusers_config is None:
+            diffusers_cfg = _sibling_diffusers_config(source)
+        elif isinstance(diffusers_config, Mapping):
+            diffusers_cfg = dict(diffusers_config)
+        else:
+            diffusers_cfg = diffusers_fmt.read_config_json(diffusers_config)
+
+    # 1. canonical key -> source key
+    if fmt == "diffusers":
+        mapping = diffusers_fmt.canonical_map(keys)
+    elif fmt == "control-lora":
+        mapping = ldm_fmt.canonical_map(keys, "")
+    else:
+        mapping = ldm_fmt.canonical_map(keys, ldm_fmt.prefix_of(keys))
+
+    # 2. architecture from shapes (+ the base UNet's for control-LoRAs)
+    gap = _resolve_gap(global_average_pooling, source, diffusers_cfg)
+    shapes = _meta_shapes(source, mapping)
+    if fmt == "control-lora":
+        bp = patches.unet_prefix(base)
+        shapes = {k[len(bp):]: torch.empty(base.shape(k), device="meta") for k in base.keys() if k.startswith(bp) and k[len(bp):].startswith(ldm_fmt.MODULES)}
+        hint = source.shape("input_hint_block.0.weight")[1]
+        derive_from, kw = shapes, dict(hint_channels=hint)
+    else:
+        derive_from, kw = shapes, {}
+    if METADATA_CONFIG in source.metadata:
+        config = ControlNetConfig.from_json(source.metadata[METADATA_CONFIG])
+    else:
+        heads, head_ch = num_heads, num_head_channels
+        if heads is None and head_ch is None and diffusers_cfg is not None:
+            probe = config_from_unet_like_state_dict(derive_from, source=source.name, **kw)
+            heads, head_ch = diffusers_fmt.heads_from_config(diffusers_cfg, probe.level_channels)
+        config = config_from_unet_like_state_dict(derive_from, num_heads=heads, num_head_channels=head_ch, global_average_pooling=gap, source=source.name, **kw)
+    if global_average_pooling is not None and config.global_average_pooling != global_average_pooling:
+        config = dataclasses.replace(config, global_average_pooling=global_average_pooling)
+
+    # 3. weights
+    if dtype is None:
+        first = mapping.get("input_blocks.0.0.weight")
+        dtype = _first_float_dtype(source, first) if first else (_first_float_dtype(base, bp + "input_blocks.0.0.weight") if base else torch.float32)
+    with torch.device("meta"):
+        model = ControlNet(config, dtype=dtype)
+    if fmt == "control-lora":
+        expected = set(model.state_dict())
+        cache: dict[str, torch.Tensor] = {}
+
+        def get_lora(key: str):
+            return cache.pop(key) if key in cache else patches.lora_tensor(source, key, base, bp, dtype)
+
+        available = set()
+        for k in expected:
+            t = patches.lora_tensor(source, k, base, bp, dtype)
+            if t is not None:
+                cache[k] = t
+                available.add(k)
+        lora_only = {k for k in keys if not k.endswith((".up", ".down")) and k != patches.LORA_MARKER}
+        available |= lora_only
+        _strict_fill(model, get_lora, available, source.name, fmt)
+    elif fmt == "diff":
+        bp = patches.unet_prefix(base)
+        _strict_fill(model, lambda k: patches.diff_tensor(source.get(mapping[k]), k, base, bp, dtype), set(mapping), source.name, fmt)
+    else:
+        _strict_fill(model, lambda k: source.get(mapping[k], dtype), set(mapping), source.name, fmt)
+    model.to(device).eval().requires_grad_(False)
+    log.info("loaded %s as '%s': %s", source.name, fmt, config.family())
+    return LoadedControl(model, fmt, source.name)
+
+
+def _load_t2i(source: TensorSource, fmt: str, dtype: Optional[torch.dtype], device) -> LoadedControl:
+    mapping = t2i_fmt.canonical_map(source.keys(), fmt)
+    shapes = {c: source.shape(s) for c, s in mapping.items()}
+    try:
+        config = config_from_t2i_shapes(shapes)
+    except (KeyError, ValueError) as e:
+        raise CheckpointError(f"{source.name}: detected as '{fmt}', but its shapes do not describe a T2I-Adapter ({e}).") from None
+    if dtype is None:
+        dtype = _first_float_dtype(source, next(iter(mapping.values())))
+    with torch.device("meta"):
+        model = T2IAdapter(config, dtype=dtype)
+    _strict_fill(model, lambda k: source.get(mapping[k], dtype), set(mapping), source.name, fmt)
+    model.to(device).eval().requires_grad_(False)
+    return LoadedControl(model, fmt, source.name)

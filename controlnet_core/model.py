@@ -1,0 +1,154 @@
+"""The ControlNet network of the ldm UNet family (SD1.x, SD2.x, SDXL), structured like its checkpoints.
+
+Paper: Zhang, Rao, Agrawala 2023, https://arxiv.org/abs/2302.05543. The trainable copy of the
+UNet encoder and middle block sees ``x + hint_encoder(c)`` after its first block; a zero-initialised
+1x1 conv after every block (`zero_convs`, `middle_block_out`) yields the residuals that are added
+to the locked UNet's skip connections and middle block.
+"""
+from __future__ import annotations
+
+import logging
+from typing import Optional
+
+import torch
+from torch import nn
+
+from .config import ControlNetConfig
+from .errors import ControlNetError
+from .layers import Downsample, ResBlock, SpatialTransformer, TimestepEmbedSequential, timestep_embedding
+from .residuals import ControlResiduals
+
+log = logging.getLogger(__name__)
+
+HINT_DOWNSCALE = 8  # three stride-2 convs in input_hint_block
+
+
+def _hint_encoder(cfg: ControlNetConfig, **kw) -> TimestepEmbedSequential:
+    """8 3x3 convs with SiLU between them (indices 0, 2, ..., 14); strides 2 at 4, 8, 12."""
+    c16, c32, c96, c256 = cfg.hint_block_channels
+    plan = [(cfg.hint_channels, c16, 1), (c16, c16, 1), (c16, c32, 2), (c32, c32, 1), (c32, c96, 2), (c96, c96, 1), (c96, c256, 2), (c256, cfg.model_channels, 1)]
+    layers: list[nn.Module] = []
+    for i, (cin, cout, stride) in enumerate(plan):
+        layers.append(nn.Conv2d(cin, cout, 3, stride=stride, padding=1, **kw))
+        if i != len(plan) - 1:
+            layers.append(nn.SiLU())
+    return TimestepEmbedSequential(*layers)
+
+
+def _zero_conv(ch: int, **kw) -> TimestepEmbedSequential:
+    return TimestepEmbedSequential(nn.Conv2d(ch, ch, 1, **kw))
+
+
+class ControlNet(nn.Module):
+    """ControlNet for ldm UNets. `forward` returns `ControlResiduals` (one per input block + middle)."""
+
+    def __init__(self, config: ControlNetConfig, *, dtype: Optional[torch.dtype] = None, device=None):
+        super().__init__()
+        self.config = cfg = config
+        kw = dict(dtype=dtype, device=device)
+        mc, emb = cfg.model_channels, cfg.emb_dim
+
+        # 1. timestep (and SDXL's pooled-text/size) embedding
+        self.time_embed = nn.Sequential(nn.Linear(mc, emb, **kw), nn.SiLU(), nn.Linear(emb, emb, **kw))
+        if cfg.adm_in_channels:
+            self.label_emb = nn.Sequential(nn.Sequential(nn.Linear(cfg.adm_in_channels, emb, **kw), nn.SiLU(), nn.Linear(emb, emb, **kw)))
+
+        # 2. encoder copy, with a zero conv after every block
+        self.input_hint_block = _hint_encoder(cfg, **kw)
+        self.input_blocks = nn.ModuleList([TimestepEmbedSequential(nn.Conv2d(cfg.in_channels, mc, 3, padding=1, **kw))])
+        self.zero_convs = nn.ModuleList([_zero_conv(mc, **kw)])
+        ch = mc
+        for level, ch_out in enumerate(cfg.level_channels):
+            for _ in range(cfg.num_res_blocks[level]):
+                layers: list[nn.Module] = [ResBlock(ch, emb, ch_out, **kw)]
+                ch = ch_out
+                if cfg.transformer_depth[level] > 0:
+                    heads, dim_head = cfg.heads_for(ch)
+                    layers.append(SpatialTransformer(ch, heads, dim_head, cfg.transformer_depth[level], cfg.context_dim, cfg.use_linear_in_transformer, **kw))
+                self.input_blocks.append(TimestepEmbedSequential(*layers))
+                self.zero_convs.append(_zero_conv(ch, **kw))
+            if level != len(cfg.channel_mult) - 1:
+                self.input_blocks.append(TimestepEmbedSequential(Downsample(ch, **kw)))
+                self.zero_convs.append(_zero_conv(ch, **kw))
+
+        # 3. middle block copy and its zero conv
+        mid: list[nn.Module] = [ResBlock(ch, emb, ch, **kw)]
+        if cfg.transformer_depth_middle >= 0:
+            heads, dim_head = cfg.heads_for(ch)
+            mid.append(SpatialTransformer(ch, heads, dim_head, cfg.transformer_depth_middle, cfg.context_dim, cfg.use_linear_in_transformer, **kw))
+            mid.append(ResBlock(ch, emb, ch, **kw))
+        self.middle_block = TimestepEmbedSequential(*mid)
+        self.middle_block_out = _zero_conv(ch, **kw)
+
+        self._hint_cache: Optional[tuple] = None
+
+    # -- hint encoding (independent of the timestep, so it is cached across sampling steps) --
+
+    def encode_hint(self, hint: torch.Tensor) -> torch.Tensor:
+        """(B, hint_channels, 8h, 8w) in [0, 1] -> (B, model_channels, h, w). Cached while hint, dtype and size stay the same."""
+        dtype = self.input_hint_block[0].weight.dtype
+        device = self.input_hint_block[0].weight.device
+        key = (id(hint), hint._version, tuple(hint.shape), dtype, device)
+        if self._hint_cache is not None and self._hint_cache[0] is hint and self._hint_cache[1] == key:
+            return self._hint_cache[2]
+        if hint.ndim != 4 or hint.shape[1] != self.config.hint_channels:
+            raise ControlNetError(
+                f"ControlNet hint has shape {tuple(hint.shape)}; expected (batch, {self.config.hint_channels}, height, width). "
+                "Convert the image to the channel count the ControlNet was trained on (RGB: 3)."
+            )
+        guided = self.input_hint_block(hint.to(device=device, dtype=dtype))
+        self._hint_cache = (hint, key, guided)
+        return guided
+
+    def clear_hint_cache(self) -> None:
+        self._hint_cache = None
+
+    def forward(
+        self,
+        x: torch.Tensor,
+        hint: torch.Tensor,
+        timesteps: torch.Tensor,
+        context: Optional[torch.Tensor],
+        y: Optional[torch.Tensor] = None,
+    ) -> ControlResiduals:
+        """Residuals for every UNet skip connection and the middle block.
+
+        x: noisy latent (B, in_channels, h, w), already scaled as the UNet sees it;
+        hint: condition image (B or 1, hint_channels, 8h, 8w) in [0, 1];
+        timesteps: (B,) model timesteps (0..999); context: (B, tokens, context_dim); y: SDXL (B, adm_in_channels).
+        """
+        cfg = self.config
+        dtype = self.input_blocks[0][0].weight.dtype
+        if self.config.adm_in_channels and y is None:
+            raise ControlNetError(f"This ControlNet ({cfg.family()}) needs the 'y' vector (pooled text + size embedding) of an SDXL-like model; none was given.")
+        # 1. embeddings
+        emb = self.time_embed(timestep_embedding(timesteps.flatten(), cfg.model_channels).to(dtype))
+        if cfg.adm_in_channels:
+            emb = emb + self.label_emb(y.to(dtype))
+        # 2. hint encoder, matched to the latent's batch
+        guided = self.encode_hint(hint)
+        if guided.shape[-2:] != x.shape[-2:]:
+            raise ControlNetError(
+                f"ControlNet hint of {tuple(hint.shape[-2:])} px encodes to {tuple(guided.shape[-2:])}, but the latent is {tuple(x.shape[-2:])}; "
+                f"resize the hint to {HINT_DOWNSCALE}x the latent size ({x.shape[-2] * HINT_DOWNSCALE}x{x.shape[-1] * HINT_DOWNSCALE})."
+            )
+        if guided.shape[0] != x.shape[0]:
+            if x.shape[0] % guided.shape[0]:
+                raise ControlNetError(f"hint batch {guided.shape[0]} does not divide latent batch {x.shape[0]}; give one hint or one per latent.")
+            guided = guided.repeat(x.shape[0] // guided.shape[0], 1, 1, 1)
+        ctx = None if context is None else context.to(dtype)
+        # 3. encoder copy
+        h = x.to(dtype)
+        down: list[torch.Tensor] = []
+        for i, (block, zero_conv) in enumerate(zip(self.input_blocks, self.zero_convs)):
+            h = block(h, emb, ctx)
+            if i == 0:
+                h = h + guided
+            down.append(zero_conv(h, emb, ctx))
+        # 4. middle block
+        h = self.middle_block(h, emb, ctx)
+        mid = self.middle_block_out(h, emb, ctx)
+        res = ControlResiduals(tuple(down), mid)
+        if cfg.global_average_pooling:
+            res = res.map(lambda t: t.mean(dim=(2, 3), keepdim=True).expand_as(t))
+        return res

@@ -1,0 +1,110 @@
+"""`ControlResiduals`: what a control model hands the UNet, and the maths on it (strength, block scales, sums).
+
+Public API, version `RESIDUALS_API_VERSION`. The structure is addressed by *site*, never by
+list position alone:
+
+- ``down[k]`` is added to the UNet skip connection that ``input_blocks[k]`` produced
+  (ControlNet zero-conv outputs; SD1.5 has 12, SDXL 9).
+- ``mid`` is added to the middle block's output.
+- ``input[k]`` is added to the hidden state right after ``input_blocks[k]`` (T2I-Adapter features).
+
+``None`` anywhere means "nothing for this site".
+"""
+from __future__ import annotations
+
+from dataclasses import dataclass
+from typing import Iterable, Optional, Sequence
+
+import torch
+
+RESIDUALS_API_VERSION = 1
+
+Tensor = torch.Tensor
+
+
+@dataclass(frozen=True)
+class ControlResiduals:
+    down: tuple[Optional[Tensor], ...] = ()
+    mid: Optional[Tensor] = None
+    input: tuple[Optional[Tensor], ...] = ()
+
+    def tensors(self) -> list[Tensor]:
+        return [t for t in (*self.down, self.mid, *self.input) if t is not None]
+
+    def map(self, fn) -> "ControlResiduals":
+        """Apply `fn(tensor) -> tensor` to every present residual."""
+        f = lambda t: None if t is None else fn(t)
+        return ControlResiduals(tuple(map(f, self.down)), f(self.mid), tuple(map(f, self.input)))
+
+    def to(self, *args, **kwargs) -> "ControlResiduals":
+        return self.map(lambda t: t.to(*args, **kwargs))
+
+    @property
+    def num_sites(self) -> int:
+        """Number of scaled sites: the down residuals plus the middle one (13 for SD1.5)."""
+        return len(self.down) + 1
+
+
+def scale(res: ControlResiduals, strength: float = 1.0, block_scales: Optional[Sequence[float]] = None) -> ControlResiduals:
+    """Multiply residuals by `strength` and, optionally, one factor per site.
+
+    `block_scales` has one entry per down residual plus a last one for the middle block, in the
+    order of the original repo's ``control_scales`` (13 for SD1.5). Input-side (T2I) features are
+    scaled by `strength` and by the block scale of the same input block.
+    """
+    n = len(res.down)
+    if block_scales is not None and len(block_scales) != n + 1:
+        raise ValueError(f"block_scales has {len(block_scales)} entries; this control has {n} down sites + 1 middle = {n + 1}.")
+    bs = list(block_scales) if block_scales is not None else [1.0] * (n + 1)
+
+    def mul(t: Optional[Tensor], s: float) -> Optional[Tensor]:
+        if t is None:
+            return None
+        s = s * strength
+        return t if s == 1.0 else t * s
+
+    down = tuple(mul(t, bs[k]) for k, t in enumerate(res.down))
+    inp = tuple(mul(t, bs[k] if k < n else 1.0) for k, t in enumerate(res.input))
+    return ControlResiduals(down, mul(res.mid, bs[n]), inp)
+
+
+def soft_weights(num_sites: int, base: float = 0.825) -> list[float]:
+    """Layer-decaying weights of guess/soft mode: ``base ** (num_sites - 1 - i)``; the middle gets 1.
+
+    This is ``strength * 0.825 ** (12 - i)`` of the original repo for SD1.5's 13 sites.
+    """
+    return [base ** (num_sites - 1 - i) for i in range(num_sites)]
+
+
+def cfg_resolution_weights(down_shapes: Sequence[Sequence[int]], mid_shape: Sequence[int]) -> list[float]:
+    """The paper's CFG resolution weighting (section 3.4): w_i = 64 / h_i for each site's height h_i."""
+    return [64.0 / s[-2] for s in down_shapes] + [64.0 / mid_shape[-2]]
+
+
+def _add(a: Optional[Tensor], b: Optional[Tensor]) -> Optional[Tensor]:
+    if a is None:
+        return b
+    if b is None:
+        return a
+    if a.shape != b.shape:
+        raise ValueError(f"cannot add residuals of shapes {tuple(a.shape)} and {tuple(b.shape)}: the controls were made for different latents or models.")
+    return a + b
+
+
+def _zip_add(a: tuple, b: tuple) -> tuple:
+    n = max(len(a), len(b))
+    a = a + (None,) * (n - len(a))
+    b = b + (None,) * (n - len(b))
+    return tuple(_add(x, y) for x, y in zip(a, b))
+
+
+def add(a: ControlResiduals, b: ControlResiduals) -> ControlResiduals:
+    """Site-wise sum: how the paper composes several ControlNets."""
+    return ControlResiduals(_zip_add(a.down, b.down), _add(a.mid, b.mid), _zip_add(a.input, b.input))
+
+
+def combine(items: Iterable[ControlResiduals]) -> ControlResiduals:
+    out = ControlResiduals()
+    for r in items:
+        out = add(out, r)
+    return out

