@@ -47,15 +47,18 @@ def save_ldm(control, path: PathLike, *, prefix: str = ldm_fmt.CONTROL_PREFIX, d
     return path
 
 
-def save_diffusers(control, directory: PathLike, *, dtype: Optional[torch.dtype] = None) -> Path:
-    """A diffusers folder: `diffusion_pytorch_model.safetensors` + `config.json`."""
+def save_diffusers(control, directory: PathLike, *, dtype: Optional[torch.dtype] = None, addition_time_embed_dim: int = 256) -> Path:
+    """A diffusers folder: `diffusion_pytorch_model.safetensors` + `config.json`.
+
+    addition_time_embed_dim: SDXL only, the width of each size embedding inside `y` (256 for SDXL).
+    """
     model = _model(control)
     directory = Path(directory)
     directory.mkdir(parents=True, exist_ok=True)
     sd = _state(model, dtype)
     if isinstance(model, ControlNet):
         names = diffusers_fmt.from_canonical_map(model.config, sd.keys())
-        cfg = diffusers_fmt.config_json(model.config)
+        cfg = diffusers_fmt.config_json(model.config, addition_time_embed_dim)
     elif isinstance(model, T2IAdapter):
         names = t2i_fmt.to_diffusers_map(sd.keys(), model.config.light)
         c = model.config

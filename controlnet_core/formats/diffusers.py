@@ -119,8 +119,12 @@ def heads_from_config(cfg_json: Mapping, level_channels: tuple[int, ...]) -> tup
     raise CheckpointError(f"diffusers config: head counts {heads} for widths {level_channels} are neither constant nor constant per head; unsupported.")
 
 
-def config_json(config: ControlNetConfig) -> dict:
-    """A diffusers `config.json` for this architecture."""
+def config_json(config: ControlNetConfig, addition_time_embed_dim: int = 256) -> dict:
+    """A diffusers `config.json` for this architecture.
+
+    SDXL's `y` = pooled text + 6 sinusoidal size embeddings of `addition_time_embed_dim` each; the
+    split is not visible in the weights (SDXL: 1280 + 6 * 256 = 2816), so it is an argument.
+    """
     if config.num_head_channels > 0:
         heads: object = [c // config.num_head_channels for c in config.level_channels]
     else:
@@ -152,7 +156,12 @@ def config_json(config: ControlNetConfig) -> dict:
         "use_linear_projection": config.use_linear_in_transformer,
     }
     if config.adm_in_channels:
-        d.update({"addition_embed_type": "text_time", "projection_class_embeddings_input_dim": config.adm_in_channels})
+        if config.adm_in_channels <= 6 * addition_time_embed_dim:
+            raise CheckpointError(
+                f"label_emb input {config.adm_in_channels} cannot hold 6 size embeddings of {addition_time_embed_dim}; pass the model's addition_time_embed_dim."
+            )
+        d.update({"addition_embed_type": "text_time", "addition_time_embed_dim": addition_time_embed_dim,
+                  "projection_class_embeddings_input_dim": config.adm_in_channels})
     return d
 
 

@@ -1,0 +1,108 @@
+"""Random-weight models and checkpoints with the exact real key names, made by the tests themselves."""
+from __future__ import annotations
+
+import math
+from pathlib import Path
+from typing import Optional
+
+import torch
+from safetensors.torch import save_file
+
+from controlnet_core import ControlNet, ControlNetConfig
+
+# Full-size architectures (the published checkpoints' shapes)
+SD15 = ControlNetConfig()
+SDXL = ControlNetConfig(
+    channel_mult=(1, 2, 4), num_res_blocks=(2, 2, 2), transformer_depth=(0, 2, 10), transformer_depth_middle=10,
+    context_dim=2048, use_linear_in_transformer=True, num_heads=-1, num_head_channels=64, adm_in_channels=2816,
+)
+SD21 = ControlNetConfig(context_dim=1024, use_linear_in_transformer=True, num_heads=-1, num_head_channels=64)
+
+# Scaled-down shapes of the same families
+SD15_TINY = ControlNetConfig(model_channels=64, channel_mult=(1, 2), num_res_blocks=(1, 1), transformer_depth=(1, 1), context_dim=64)
+SD15_320 = ControlNetConfig(model_channels=320, channel_mult=(1, 2), num_res_blocks=(1, 1), transformer_depth=(1, 1), context_dim=768)
+SDXL_TINY = ControlNetConfig(
+    model_channels=64, channel_mult=(1, 2), num_res_blocks=(2, 2), transformer_depth=(0, 2), transformer_depth_middle=2,
+    context_dim=64, use_linear_in_transformer=True, num_heads=-1, num_head_channels=64, adm_in_channels=96,
+)
+
+
+def randomize_(module: torch.nn.Module, seed: int = 0) -> torch.nn.Module:
+    """Fill every parameter (zero convs included) with random values of a sane scale."""
+    g = torch.Generator().manual_seed(seed)
+    with torch.no_grad():
+        for name, p in module.named_parameters():
+            if p.ndim == 1:
+                base = 1.0 if (".norm" in name or "norm" in name.split(".")[-2] or "in_layers.0" in name or "out_layers.0" in name) and name.endswith("weight") else 0.0
+                p.copy_(base + 0.1 * torch.randn(p.shape, generator=g))
+            else:
+                fan_in = p[0].numel()
+                p.copy_(torch.randn(p.shape, generator=g) / math.sqrt(fan_in))
+    return module
+
+
+def random_controlnet(cfg: ControlNetConfig, seed: int = 0, dtype=torch.float32) -> ControlNet:
+    return randomize_(ControlNet(cfg), seed).to(dtype).eval()
+
+
+def inputs(cfg: ControlNetConfig, batch: int = 2, latent: int = 8, tokens: int = 7, seed: int = 1, dtype=torch.float32):
+    """(x, hint, timesteps, context, y) for a forward pass."""
+    g = torch.Generator().manual_seed(seed)
+    x = torch.randn(batch, cfg.in_channels, latent, latent, generator=g, dtype=dtype)
+    hint = torch.rand(batch, cfg.hint_channels, latent * 8, latent * 8, generator=g, dtype=dtype)
+    t = torch.tensor([999.0, 10.0, 500.0, 250.0][:batch], dtype=dtype)
+    ctx = torch.randn(batch, tokens, cfg.context_dim, generator=g, dtype=dtype)
+    y = torch.randn(batch, cfg.adm_in_channels, generator=g, dtype=dtype) if cfg.adm_in_channels else None
+    return x, hint, t, ctx, y
+
+
+def save(path: Path, sd: dict, metadata: Optional[dict] = None) -> Path:
+    save_file({k: v.contiguous() for k, v in sd.items()}, str(path), metadata=metadata)
+    return path
+
+
+def comfy_unet_kwargs(cfg: ControlNetConfig) -> dict:
+    """ComfyUI UNetModel arguments for the UNet whose encoder `cfg` describes."""
+    depth = [d for level, d in enumerate(cfg.transformer_depth) for _ in range(cfg.num_res_blocks[level])]
+    depth_out = [d for level, d in enumerate(cfg.transformer_depth) for _ in range(cfg.num_res_blocks[level] + 1)]
+    return dict(
+        image_size=32, in_channels=cfg.in_channels, model_channels=cfg.model_channels, out_channels=cfg.in_channels,
+        num_res_blocks=list(cfg.num_res_blocks), channel_mult=list(cfg.channel_mult), transformer_depth=depth,
+        transformer_depth_output=depth_out, transformer_depth_middle=cfg.transformer_depth_middle, context_dim=cfg.context_dim,
+        num_heads=cfg.num_heads, num_head_channels=cfg.num_head_channels, use_linear_in_transformer=cfg.use_linear_in_transformer,
+        use_spatial_transformer=True, legacy=False, adm_in_channels=cfg.adm_in_channels,
+        num_classes="sequential" if cfg.adm_in_channels else None,
+    )
+
+
+def comfy_unet(cfg: ControlNetConfig, seed: int = 0, dtype=torch.float32):
+    """A random-weight ComfyUI UNet (the real host's class) of the family `cfg` describes."""
+    import comfy.ops
+    from comfy.ldm.modules.diffusionmodules.openaimodel import UNetModel
+
+    unet = UNetModel(**comfy_unet_kwargs(cfg), dtype=dtype, device="cpu", operations=comfy.ops.disable_weight_init)
+    return randomize_(unet, seed).eval()
+
+
+def comfy_cldm(cfg: ControlNetConfig, dtype=torch.float32):
+    """ComfyUI's own `comfy.cldm.cldm.ControlNet` with the same architecture."""
+    import comfy.ops
+    from comfy.cldm.cldm import ControlNet as ComfyControlNet
+
+    kw = comfy_unet_kwargs(cfg)
+    for k in ("out_channels", "transformer_depth_output"):
+        kw.pop(k)
+    return ComfyControlNet(hint_channels=cfg.hint_channels, **kw, dtype=dtype, device="cpu", operations=comfy.ops.disable_weight_init).eval()
+
+
+def comfy_control_outputs(model, x, hint, t, ctx, y):
+    """(down list, mid) from ComfyUI's cldm forward in either host version (flat list or dict)."""
+    out = model(x, hint, t, ctx, y)
+    if isinstance(out, dict):
+        return list(out["output"]), out["middle"][0]
+    return list(out[:-1]), out[-1]
+
+
+def rel_err(a: torch.Tensor, b: torch.Tensor) -> float:
+    a, b = a.double(), b.double()
+    return ((a - b).norm() / b.norm().clamp_min(1e-30)).item()
