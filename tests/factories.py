@@ -106,3 +106,8 @@ def comfy_control_outputs(model, x, hint, t, ctx, y):
 def rel_err(a: torch.Tensor, b: torch.Tensor) -> float:
     a, b = a.double(), b.double()
     return ((a - b).norm() / b.norm().clamp_min(1e-30)).item()
+
+
+def comfy_control_dict(res):
+    """ControlResiduals -> the dict ComfyUI's UNet pops from (fresh lists; 'input' reversed)."""
+    return {"input": list(reversed(res.input)), "middle": [res.mid], "output": list(res.down)}

@@ -189,7 +189,10 @@ def test_t2i_adapter_layouts_match_comfy(comfy, tmp_path, name, layout):
     x = torch.randn(2, 4, 8, 8)
     with torch.no_grad():
         res = lc.residuals(x, hint, None, None)
-        feats = [f for f in theirs(hint) if f is not None]
+        out = theirs(hint)
+        if isinstance(out, dict):  # ComfyUI 0.8: {"input": reversed list, "middle": [...]}
+            out = list(reversed(out["input"])) + list(out.get("middle") or [])
+        feats = [f for f in out if f is not None]
     ours = [t for t in res.input if t is not None] + ([res.mid] if res.mid is not None else [])
     assert len(ours) == len(feats)
     for a, b in zip(ours, feats):

@@ -1,0 +1,16 @@
+# ControlNet Suite. Each target does its own set-up on a fresh machine.
+.PHONY: test run bench clean
+
+test:  ## set up .venv (torch, ComfyUI host, oracles) and run the test suite
+	bash scripts/test.sh $(PYTEST_ARGS)
+
+run:  ## start ComfyUI with this extension on 127.0.0.1:8188
+	bash scripts/run_comfyui.sh
+
+bench:  ## run the benchmarks in bench/ (slow; full SD1.5 shapes)
+	bash scripts/setup_test_env.sh
+	.venv/bin/python bench/bench_load_memory.py
+	.venv/bin/python bench/bench_step.py
+
+clean:
+	rm -rf .venv .venv-new .comfyui .pytest_cache

