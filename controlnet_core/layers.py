@@ -138,7 +138,7 @@ class SpatialTransformer(nn.Module):
             x = block(x, context)
         if self.use_linear:
             x = self.proj_out(x)
-        x = x.transpose(1, 2).reshape(b, -1, h, w)
+        x = x.transpose(1, 2).reshape(b, -1, h, w).contiguous()  # a strided view here sends convs down a slow path
         if not self.use_linear:
             x = self.proj_out(x)
         return x + x_in

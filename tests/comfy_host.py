@@ -23,14 +23,14 @@ def comfy_root() -> Path:
     return Path(list(spec.submodule_search_locations)[0]) / "_comfyui"
 
 
-def import_comfy() -> Path:
-    """Put ComfyUI on sys.path with CPU settings; returns its root. Safe to call repeatedly."""
+def import_comfy(cpu: bool = True) -> Path:
+    """Put ComfyUI on sys.path (with CPU settings unless cpu=False); returns its root. Safe to call repeatedly."""
     root = comfy_root()
     if str(root) not in sys.path:
         sys.path.insert(0, str(root))
     from comfy.cli_args import args
 
-    args.cpu = True  # before comfy.model_management is first imported
+    args.cpu = cpu  # before comfy.model_management is first imported
     import comfy.model_management  # noqa: F401
 
     return root
