@@ -21,6 +21,10 @@ SD21 = ControlNetConfig(context_dim=1024, use_linear_in_transformer=True, num_he
 # Scaled-down shapes of the same families
 SD15_TINY = ControlNetConfig(model_channels=64, channel_mult=(1, 2), num_res_blocks=(1, 1), transformer_depth=(1, 1), context_dim=64)
 SD15_320 = ControlNetConfig(model_channels=320, channel_mult=(1, 2), num_res_blocks=(1, 1), transformer_depth=(1, 1), context_dim=768)
+SD21_TINY = ControlNetConfig(
+    model_channels=64, channel_mult=(1, 2), num_res_blocks=(1, 1), transformer_depth=(1, 1), context_dim=1024,
+    use_linear_in_transformer=True, num_heads=-1, num_head_channels=64,
+)
 SDXL_TINY = ControlNetConfig(
     model_channels=64, channel_mult=(1, 2), num_res_blocks=(2, 2), transformer_depth=(0, 2), transformer_depth_middle=2,
     context_dim=64, use_linear_in_transformer=True, num_heads=-1, num_head_channels=64, adm_in_channels=96,

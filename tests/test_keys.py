@@ -7,7 +7,7 @@ import torch
 from controlnet_core import ControlNet, T2IAdapter, T2IAdapterConfig, config_from_unet_like_state_dict
 from controlnet_core.formats import diffusers as dfmt
 from controlnet_core.formats import t2i as t2i_fmt
-from factories import SD15, SDXL
+from factories import SD15, SD21, SDXL
 
 KEYS = Path(__file__).parent / "data" / "keys"
 
@@ -30,6 +30,19 @@ def test_ldm_keys_and_shapes_match_the_published_layout(cfg, name, n_params):
         model = ControlNet(cfg)
     assert shapes_of(model) == dump(name)
     assert sum(p.numel() for p in model.parameters()) == n_params
+
+
+def test_sd21_differs_from_sd15_only_in_context_and_projections():
+    """SD2.x: 1024-wide context and linear proj_in/proj_out; everything else as SD1.5."""
+    with torch.device("meta"):
+        sd15, sd21 = shapes_of(ControlNet(SD15)), shapes_of(ControlNet(SD21))
+    assert sd15.keys() == sd21.keys()
+    diff = {k for k in sd15 if sd15[k] != sd21[k]}
+    assert diff and all(k.endswith(("attn2.to_k.weight", "attn2.to_v.weight", "proj_in.weight", "proj_out.weight")) for k in diff)
+    assert sd21["input_blocks.1.1.transformer_blocks.0.attn2.to_k.weight"] == (320, 1024)
+    assert sd21["input_blocks.1.1.proj_in.weight"] == (320, 320)
+    meta = {k: torch.empty(s, device="meta") for k, s in sd21.items()}
+    assert config_from_unet_like_state_dict(meta) == SD21
 
 
 @pytest.mark.parametrize("cfg, name", [(SD15, "keys_cldm_sd15.tsv"), (SDXL, "keys_cldm_sdxl.tsv")])

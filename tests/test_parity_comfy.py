@@ -3,7 +3,7 @@ import pytest
 import torch
 
 from controlnet_core import load_control
-from factories import SD15, SD15_320, SD15_TINY, SDXL_TINY, comfy_cldm, comfy_control_outputs, inputs, random_controlnet, rel_err, save
+from factories import SD15, SD15_320, SD15_TINY, SD21_TINY, SDXL_TINY, comfy_cldm, comfy_control_outputs, inputs, random_controlnet, rel_err, save
 
 TOL = 1e-5
 
@@ -16,7 +16,7 @@ def assert_parity(ours, theirs_down, theirs_mid):
     assert rel_err(ours.mid, theirs_mid) <= TOL
 
 
-@pytest.mark.parametrize("cfg", [SD15_320, SDXL_TINY], ids=["sd15-shaped-320", "sdxl-shaped-64"])
+@pytest.mark.parametrize("cfg", [SD15_320, SD21_TINY, SDXL_TINY], ids=["sd15-shaped-320", "sd21-shaped-64", "sdxl-shaped-64"])
 @pytest.mark.parametrize("prefix", ["control_model.", ""], ids=["v1.1", "stripped"])
 def test_same_file_through_comfy_loader_and_ours(comfy, tmp_path, cfg, prefix):
     import comfy.controlnet

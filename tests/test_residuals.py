@@ -36,7 +36,10 @@ def test_cfg_resolution_weights_follow_the_paper():
     with torch.no_grad():
         r = model(*inputs(SD15_TINY, latent=16)[:4])
     w = cfg_resolution_weights([t.shape for t in r.down], r.mid.shape)
-    assert w == [64 / 16, 64 / 16, 64 / 8, 64 / 8, 64 / 8]
+    assert w == [1.0, 1.0, 2.0, 2.0, 2.0]
+    # at 512 px SD1.5 (latent 64): exactly 64 / h_i, from 1 at the top to 8 at the middle block
+    sd15 = [(1, 320, 64, 64)] * 3 + [(1, 320, 32, 32)] * 3 + [(1, 640, 16, 16)] * 3 + [(1, 1280, 8, 8)] * 3
+    assert cfg_resolution_weights(sd15, (1, 1280, 8, 8)) == [64 / s[-2] for s in sd15] + [8.0]
 
 
 def test_several_controls_add_site_by_site():
