@@ -18,7 +18,9 @@ from .errors import (
 from .export import save_diffusers, save_ldm
 from .formats import FORMATS, detect_format
 from .loader import LoadedControl, load_control
+from .hint import ResizeMode, mask_residuals, prepare_hint
 from .model import ControlNet
+from .modes import ControlMode, mode_block_scales
 from .residuals import RESIDUALS_API_VERSION, ControlResiduals, add, cfg_resolution_weights, combine, scale, soft_weights
 from .t2i_adapter import T2IAdapter, T2IAdapterConfig
 
@@ -30,4 +32,5 @@ __all__ = [
     "UnknownLayoutError", "UnsafeCheckpointError", "save_diffusers", "save_ldm", "FORMATS", "detect_format",
     "LoadedControl", "load_control", "ControlNet", "RESIDUALS_API_VERSION", "ControlResiduals", "add",
     "cfg_resolution_weights", "combine", "scale", "soft_weights", "T2IAdapter", "T2IAdapterConfig",
+    "ResizeMode", "mask_residuals", "prepare_hint", "ControlMode", "mode_block_scales",
 ]

@@ -23,6 +23,11 @@ log = logging.getLogger(__name__)
 HINT_DOWNSCALE = 8  # three stride-2 convs in input_hint_block
 
 
+def tensor_version(t: torch.Tensor) -> int:
+    """In-place modification counter; inference-mode tensors (ComfyUI samples under inference mode) have none."""
+    return -1 if t.is_inference() else t._version
+
+
 def _hint_encoder(cfg: ControlNetConfig, **kw) -> TimestepEmbedSequential:
     """8 3x3 convs with SiLU between them (indices 0, 2, ..., 14); strides 2 at 4, 8, 12."""
     c16, c32, c96, c256 = cfg.hint_block_channels
@@ -88,7 +93,7 @@ class ControlNet(nn.Module):
         """(B, hint_channels, 8h, 8w) in [0, 1] -> (B, model_channels, h, w). Cached while hint, dtype and size stay the same."""
         dtype = self.input_hint_block[0].weight.dtype
         device = self.input_hint_block[0].weight.device
-        key = (id(hint), hint._version, tuple(hint.shape), dtype, device)
+        key = (id(hint), tensor_version(hint), tuple(hint.shape), dtype, device)
         if self._hint_cache is not None and self._hint_cache[0] is hint and self._hint_cache[1] == key:
             return self._hint_cache[2]
         if hint.ndim != 4 or hint.shape[1] != self.config.hint_channels:

@@ -14,6 +14,7 @@ import torch.nn.functional as F
 from torch import nn
 
 from .errors import ControlNetError
+from .model import tensor_version
 from .residuals import ControlResiduals
 
 
@@ -151,7 +152,7 @@ class T2IAdapter(nn.Module):
     def forward(self, x: torch.Tensor, hint: torch.Tensor, timesteps=None, context=None, y=None) -> ControlResiduals:
         """Features for the UNet's input side. x only gives the batch size, dtype and device."""
         param = next(self.parameters())
-        key = (id(hint), hint._version, tuple(hint.shape), param.dtype, param.device)
+        key = (id(hint), tensor_version(hint), tuple(hint.shape), param.dtype, param.device)
         if self._cache is not None and self._cache[0] is hint and self._cache[1] == key:
             feats = self._cache[2]
         else:

@@ -1,8 +1,16 @@
-"""ComfyUI node classes. Thin: every node calls one `controlnet_core` function.
+"""ComfyUI node classes. Thin: every node calls `controlnet_core` through `comfy_adapter`."""
+from .apply import ControlNetSuiteApply, ControlNetSuiteApplyStack, ControlNetSuiteStack
+from .loader import ControlNetSuiteLoader
 
-The node set (loaders, apply-control, stacks, annotators) is registered here as it lands.
-"""
-from .. import controlnet_core  # noqa: F401  (relative: the folder may have any name inside custom_nodes)
-
-NODE_CLASS_MAPPINGS: dict[str, type] = {}
-NODE_DISPLAY_NAME_MAPPINGS: dict[str, str] = {}
+NODE_CLASS_MAPPINGS: dict[str, type] = {
+    "ControlNetSuiteLoader": ControlNetSuiteLoader,
+    "ControlNetSuiteApply": ControlNetSuiteApply,
+    "ControlNetSuiteStack": ControlNetSuiteStack,
+    "ControlNetSuiteApplyStack": ControlNetSuiteApplyStack,
+}
+NODE_DISPLAY_NAME_MAPPINGS: dict[str, str] = {
+    "ControlNetSuiteLoader": "Load ControlNet (Suite)",
+    "ControlNetSuiteApply": "Apply ControlNet (Suite)",
+    "ControlNetSuiteStack": "ControlNet Stack (Suite)",
+    "ControlNetSuiteApplyStack": "Apply ControlNet Stack (Suite)",
+}

@@ -4,9 +4,8 @@ from pathlib import Path
 import pytest
 import torch
 
-ROOT = Path(__file__).resolve().parents[1]
-if str(ROOT) not in sys.path:
-    sys.path.insert(0, str(ROOT))
+# Not the repository root: its `nodes/` package would shadow ComfyUI's `nodes` module.
+# controlnet_core is importable through the editable install.
 sys.path.insert(0, str(Path(__file__).parent))
 
 from comfy_host import import_comfy  # noqa: E402

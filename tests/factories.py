@@ -36,6 +36,8 @@ def randomize_(module: torch.nn.Module, seed: int = 0) -> torch.nn.Module:
     g = torch.Generator().manual_seed(seed)
     with torch.no_grad():
         for name, p in module.named_parameters():
+            if p.ndim == 0:  # scalars such as TAESD's vae_scale keep their defaults
+                continue
             if p.ndim == 1:
                 base = 1.0 if (".norm" in name or "norm" in name.split(".")[-2] or "in_layers.0" in name or "out_layers.0" in name) and name.endswith("weight") else 0.0
                 p.copy_(base + 0.1 * torch.randn(p.shape, generator=g))

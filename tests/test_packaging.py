@@ -60,6 +60,7 @@ def test_comfyui_loads_the_folder_under_any_name(tmp_path):
         assert len(mods) == 1, "extension not imported"
         core = [m for n, m in sys.modules.items() if getattr(m, "__file__", None) and m.__file__.endswith("ControlNet Suite-main/controlnet_core/__init__.py")]
         assert len(core) == 1 and core[0].load_control, "controlnet_core not importable from the nodes"
+        assert "ControlNetSuiteApply" in nodes.NODE_CLASS_MAPPINGS, "nodes not registered"
         print("OK", mods[0].__name__)
     """
     r = run(code, cwd=tmp_path)

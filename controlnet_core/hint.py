@@ -1,0 +1,129 @@
+"""Preparing a condition image for a latent: resize modes, channel count, batch, and region masks.
+
+Images are (B, C, H, W) in [0, 1]; masks (B, H, W) or (H, W) in [0, 1].
+"""
+from __future__ import annotations
+
+import logging
+from enum import Enum
+from typing import Optional
+
+import torch
+import torch.nn.functional as F
+
+from .errors import ControlNetError
+from .residuals import ControlResiduals
+
+log = logging.getLogger(__name__)
+
+
+class ResizeMode(str, Enum):
+    STRETCH = "stretch"  # ignore the aspect ratio
+    CROP = "crop and resize"  # cover the target, crop the overflow (centred); ComfyUI's built-in behaviour
+    PAD = "resize and pad"  # fit inside the target, pad the rest with black
+
+    @classmethod
+    def parse(cls, value: "str | ResizeMode") -> "ResizeMode":
+        if isinstance(value, ResizeMode):
+            return value
+        for m in cls:
+            if value in (m.value, m.name, m.name.lower()):
+                return m
+        raise ValueError(f"unknown resize mode {value!r}; expected one of {[m.value for m in cls]}")
+
+
+def to_channels(image: torch.Tensor, channels: int) -> torch.Tensor:
+    """Grayscale -> repeated RGB; RGBA -> RGB over black (alpha premultiplied); RGB -> 1 channel by mean."""
+    c = image.shape[1]
+    if c == channels:
+        return image
+    if c == 4:
+        image = image[:, :3] * image[:, 3:4]
+        c = 3
+    if c == 2:  # gray + alpha
+        image = image[:, :1] * image[:, 1:2]
+        c = 1
+    if c == channels:
+        return image
+    if c == 1:
+        return image.expand(-1, channels, -1, -1)
+    if channels == 1:
+        return image.mean(1, keepdim=True)
+    raise ControlNetError(f"hint image has {image.shape[1]} channels; cannot make the {channels} the control model expects.")
+
+
+def resize(image: torch.Tensor, height: int, width: int, mode: "str | ResizeMode" = ResizeMode.CROP, interpolation: str = "bilinear") -> torch.Tensor:
+    """Resize (B, C, H, W) to (height, width) keeping the aspect ratio as `mode` says."""
+    mode = ResizeMode.parse(mode)
+    h, w = image.shape[-2:]
+    if (h, w) == (height, width):
+        return image
+    kw = {"align_corners": False, "antialias": True} if interpolation in ("bilinear", "bicubic") else {}
+    if mode is ResizeMode.STRETCH:
+        return F.interpolate(image, size=(height, width), mode=interpolation, **kw)
+    if mode is ResizeMode.CROP:
+        s = max(height / h, width / w)
+    else:
+        s = min(height / h, width / w)
+    nh, nw = max(1, round(h * s)), max(1, round(w * s))
+    out = F.interpolate(image, size=(nh, nw), mode=interpolation, **kw)
+    if mode is ResizeMode.CROP:
+        top, left = (nh - height) // 2, (nw - width) // 2
+        return out[..., top : top + height, left : left + width]
+    pad_t, pad_l = (height - nh) // 2, (width - nw) // 2
+    return F.pad(out, (pad_l, width - nw - pad_l, pad_t, height - nh - pad_t), value=0.0)
+
+
+def match_batch(t: torch.Tensor, batch: int, what: str = "hint", batched_number: int = 1) -> torch.Tensor:
+    """1 -> broadcast; more -> first `batch`; fewer -> cycled (with a warning): one item per latent.
+
+    batched_number: the latent batch holds that many equal chunks (e.g. cond and uncond batched
+    together by the sampler); items are matched per chunk and the chunks tiled.
+    """
+    if batched_number > 1 and batch % batched_number == 0:
+        per = match_batch(t, batch // batched_number, what)
+        return per.repeat(batched_number, *([1] * (t.ndim - 1)))
+    n = t.shape[0]
+    if n == batch:
+        return t
+    if n == 1:
+        return t.expand(batch, *t.shape[1:])
+    if n > batch:
+        log.warning("%s batch %d is larger than the latent batch %d: using the first %d", what, n, batch, batch)
+        return t[:batch]
+    if batch % n:
+        log.warning("%s batch %d does not divide the latent batch %d: repeating it cyclically", what, n, batch)
+    reps = -(-batch // n)
+    return t.repeat(reps, *([1] * (t.ndim - 1)))[:batch]
+
+
+def prepare_hint(image: torch.Tensor, height: int, width: int, channels: int, batch: int, mode: "str | ResizeMode" = ResizeMode.CROP, batched_number: int = 1) -> torch.Tensor:
+    """A (B, C, H, W) [0, 1] image made into exactly what a control model takes."""
+    if image.ndim != 4:
+        raise ControlNetError(f"hint image must be (batch, channels, height, width); got shape {tuple(image.shape)}.")
+    if image.shape[0] == 0:
+        raise ControlNetError("hint image batch is empty.")
+    image = to_channels(image.float(), channels)
+    image = resize(image, height, width, mode)
+    return match_batch(image, batch, "hint", batched_number).clamp(0, 1)
+
+
+def mask_residuals(res: ControlResiduals, mask: Optional[torch.Tensor], batched_number: int = 1) -> ControlResiduals:
+    """Multiply every residual by the mask resized (area-averaged) to its own resolution; None = everywhere."""
+    if mask is None:
+        return res
+    if mask.ndim == 2:
+        mask = mask[None]
+    if mask.ndim != 3:
+        raise ControlNetError(f"mask must be (batch, height, width) or (height, width); got shape {tuple(mask.shape)}.")
+    m = mask[:, None].float()
+    cache: dict = {}
+
+    def apply(t: torch.Tensor) -> torch.Tensor:
+        key = (t.shape[0], t.shape[-2], t.shape[-1], t.device, t.dtype)
+        if key not in cache:
+            r = F.interpolate(m.to(t.device), size=t.shape[-2:], mode="bilinear", align_corners=False, antialias=True)
+            cache[key] = match_batch(r, t.shape[0], "mask", batched_number).to(t.dtype)
+        return t * cache[key]
+
+    return res.map(apply)

@@ -1,0 +1,55 @@
+"""Control modes: how strongly each injection site is weighted, and whether the unconditional branch is steered.
+
+| mode | per-site weight w_i (i = 0..n-1 down sites, n = middle) | unconditional branch |
+| --- | --- | --- |
+| balanced | 1 | controlled |
+| prompt (my prompt is more important) | 0.825 ** (n - i) | controlled |
+| controlnet (ControlNet is more important) | 0.825 ** (n - i) | not controlled, so CFG amplifies the control |
+| cfg_resolution (paper section 3.4) | H / h_i (= 64 / h_i at 512 px) | controlled |
+
+"prompt" and "controlnet" follow sd-webui-controlnet (its soft injection: 0.825 ** (12 - i) for
+SD1.5's 13 sites); "controlnet" is also the original repository's guess mode, where the
+unconditional side gets no control.
+"""
+from __future__ import annotations
+
+from enum import Enum
+from typing import Optional
+
+from .residuals import ControlResiduals, soft_weights
+
+
+class ControlMode(str, Enum):
+    BALANCED = "balanced"
+    PROMPT = "prompt is more important"
+    CONTROLNET = "ControlNet is more important"
+    CFG_RESOLUTION = "CFG resolution weighting"
+
+    @property
+    def applies_to_uncond(self) -> bool:
+        return self is not ControlMode.CONTROLNET
+
+    @classmethod
+    def parse(cls, value: "str | ControlMode") -> "ControlMode":
+        if isinstance(value, ControlMode):
+            return value
+        for m in cls:
+            if value in (m.value, m.name, m.name.lower()):
+                return m
+        raise ValueError(f"unknown control mode {value!r}; expected one of {[m.value for m in cls]}")
+
+
+def mode_block_scales(mode: "str | ControlMode", res: ControlResiduals) -> Optional[list[float]]:
+    """Per-site weights for `scale()`; None means all ones."""
+    mode = ControlMode.parse(mode)
+    n = len(res.down) if res.down else len(res.input)
+    if mode is ControlMode.BALANCED:
+        return None
+    if mode in (ControlMode.PROMPT, ControlMode.CONTROLNET):
+        return soft_weights(n + 1)
+    # CFG resolution weighting needs each site's height; T2I features sit at input-block sites
+    sites = res.down or res.input
+    heights = [t.shape[-2] for t in sites if t is not None]
+    top = heights[0] if heights else res.mid.shape[-2]
+    w = [top / t.shape[-2] if t is not None else 1.0 for t in sites]
+    return w + [top / res.mid.shape[-2] if res.mid is not None else 1.0]

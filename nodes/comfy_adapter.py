@@ -1,0 +1,191 @@
+"""The one place that knows ComfyUI's ControlNet protocol: a `ControlBase` subclass over `controlnet_core`.
+
+ComfyUI calls, per sampling run: `get_models`, `pre_run` (once per cond entry: must be idempotent),
+`get_control` once per step, then `cleanup`. `get_control` returns fresh lists every call, since
+the UNet pops them: 'output' in input-block order (popped from the end, matching the skip
+connections), 'middle' as [residual], 'input' reversed (T2I-Adapters). `t` is sigma.
+Works with ComfyUI a28a9dc (4-argument `get_control`) and 0.8.0 (5 arguments).
+"""
+from __future__ import annotations
+
+import logging
+from typing import Optional, Union
+
+import torch
+
+import comfy.controlnet
+import comfy.model_management
+import comfy.model_patcher
+
+from ..controlnet_core import (
+    BaseModelInfo, ControlMode, ControlResiduals, IncompatibleModelError, LoadedControl, ResizeMode, check_compatible,
+    mask_residuals, mode_block_scales, prepare_hint, scale,
+)
+from ..controlnet_core.t2i_adapter import T2IAdapterConfig
+
+log = logging.getLogger(__name__)
+
+ControlBase = comfy.controlnet.ControlBase
+
+
+def to_comfy(res: ControlResiduals) -> dict:
+    """Fresh lists in the order ComfyUI's UNet pops them."""
+    return {"input": list(reversed(res.input)), "middle": [res.mid] if res.mid is not None else [], "output": list(res.down)}
+
+
+def from_comfy(out: Optional[dict]) -> ControlResiduals:
+    if not out:
+        return ControlResiduals()
+    mid = out.get("middle") or [None]
+    return ControlResiduals(tuple(out.get("output") or ()), mid[0], tuple(reversed(out.get("input") or ())))
+
+
+def merge_with_previous(out: dict, prev: Optional[dict]) -> dict:
+    """Index-aligned sum with the previous control's output (new tensors: the UNet adds in place)."""
+    if not prev:
+        return out
+    for key in ("input", "middle", "output"):
+        mine, theirs = out.setdefault(key, []), prev.get(key) or []
+        for i, p in enumerate(theirs):
+            if i >= len(mine):
+                mine.append(p)
+            elif p is not None:
+                mine[i] = p if mine[i] is None else mine[i] + p
+    return out
+
+
+def base_info(model) -> Optional[BaseModelInfo]:
+    """What the compatibility check needs, from ComfyUI's BaseModel (None when it cannot tell)."""
+    cfg = getattr(getattr(model, "model_config", None), "unet_config", None)
+    if not cfg or "model_channels" not in cfg:
+        return None
+    name = type(getattr(model, "model_config", model)).__name__
+    return BaseModelInfo(cfg["model_channels"], cfg.get("in_channels", 4), cfg.get("context_dim"), cfg.get("adm_in_channels"), name=f"the {name} model")
+
+
+def make_patcher(model: torch.nn.Module) -> "comfy.model_patcher.ModelPatcher":
+    """Hand our weights to ComfyUI's memory manager, which loads and offloads them like its own."""
+    return comfy.model_patcher.ModelPatcher(
+        model, load_device=comfy.model_management.get_torch_device(), offload_device=comfy.model_management.unet_offload_device()
+    )
+
+
+class SuiteControl(ControlBase):
+    """One control unit: our loaded model (or ComfyUI's own ControlNet object) + hint, strength, range, mode, mask."""
+
+    def __init__(self, backend: Union[LoadedControl, ControlBase], patcher=None, *, mode=ControlMode.BALANCED,
+                 resize_mode=ResizeMode.CROP, mask: Optional[torch.Tensor] = None, name: str = "ControlNet"):
+        super().__init__()
+        self.backend = backend
+        self.patcher = patcher
+        self.mode = ControlMode.parse(mode)
+        self.resize_mode = ResizeMode.parse(resize_mode)
+        self.mask = mask
+        self.name = name
+        self.model_sampling_current = None
+        self._inner: Optional[ControlBase] = None  # configured copy of a foreign backend
+        self._prepared: Optional[tuple] = None  # (key, hint tensor) for the current latent size
+
+    @property
+    def is_foreign(self) -> bool:
+        return not isinstance(self.backend, LoadedControl)
+
+    # -- configuration (the stock apply nodes call copy().set_cond_hint(...)) --
+
+    def set_cond_hint(self, cond_hint, strength=1.0, timestep_percent_range=(0.0, 1.0), vae=None, extra_concat=None):
+        self.cond_hint_original = cond_hint
+        self.strength = strength
+        self.timestep_percent_range = timestep_percent_range
+        self.vae = vae
+        self._prepared = None
+        if self.is_foreign:  # the foreign control computes raw residuals; strength, range and mode are ours
+            inner = self.backend.copy()
+            kwargs = {}
+            if vae is not None or extra_concat:
+                kwargs = {"vae": vae, "extra_concat": list(extra_concat or [])}
+            inner.set_cond_hint(cond_hint, 1.0, (0.0, 1.0), **kwargs)
+            inner.set_previous_controlnet(None)
+            self._inner = inner
+        return self
+
+    def copy(self) -> "SuiteControl":
+        c = SuiteControl(self.backend, self.patcher, mode=self.mode, resize_mode=self.resize_mode, mask=self.mask, name=self.name)
+        self.copy_to(c)
+        c.vae = getattr(self, "vae", None)
+        if self._inner is not None:
+            c._inner = self._inner.copy()
+        return c
+
+    # -- sampling lifecycle --
+
+    def pre_run(self, model, percent_to_timestep_function):
+        super().pre_run(model, percent_to_timestep_function)
+        self.model_sampling_current = model.model_sampling
+        if self._inner is not None:
+            self._inner.pre_run(model, percent_to_timestep_function)
+        elif not self.is_foreign:
+            info = base_info(model)
+            if info is not None:
+                check_compatible(self.backend.config, info, control_name=self.name)
+
+    def cleanup(self):
+        self.model_sampling_current = None
+        self._prepared = None
+        if self._inner is not None:
+            self._inner.cleanup()
+        elif not self.is_foreign:
+            self.backend.model.clear_hint_cache()
+        super().cleanup()
+
+    def get_models(self):
+        out = super().get_models()
+        if self.patcher is not None:
+            out.append(self.patcher)
+        if self._inner is not None:
+            out += self._inner.get_models()
+        return out
+
+    # -- the step --
+
+    def get_control(self, x_noisy, t, cond, batched_number, transformer_options=None):
+        prev = None
+        if self.previous_controlnet is not None:
+            if transformer_options is None:  # ComfyUI a28a9dc passes 4 arguments
+                prev = self.previous_controlnet.get_control(x_noisy, t, cond, batched_number)
+            else:
+                prev = self.previous_controlnet.get_control(x_noisy, t, cond, batched_number, transformer_options)
+        if self.timestep_range is not None and (t[0] > self.timestep_range[0] or t[0] < self.timestep_range[1]):
+            return prev
+        if self.strength == 0:
+            return prev
+        res = self._raw_residuals(x_noisy, t, cond, batched_number, transformer_options)
+        res = scale(res, self.strength, mode_block_scales(self.mode, res))
+        res = mask_residuals(res, self.mask, batched_number)
+        res = res.to(x_noisy.dtype)
+        return merge_with_previous(to_comfy(res), prev)
+
+    def _hint_for(self, x_noisy, batched_number) -> torch.Tensor:
+        cfg = self.backend.config
+        h, w = x_noisy.shape[-2] * 8, x_noisy.shape[-1] * 8
+        if isinstance(cfg, T2IAdapterConfig):
+            u = cfg.unshuffle
+            h, w = -(-h // u) * u, -(-w // u) * u
+        key = (x_noisy.shape[0], h, w, batched_number)
+        if self._prepared is None or self._prepared[0] != key:
+            hint = prepare_hint(self.cond_hint_original, h, w, cfg.hint_channels, x_noisy.shape[0], self.resize_mode, batched_number)
+            self._prepared = (key, hint.to(x_noisy.device))
+        return self._prepared[1]
+
+    def _raw_residuals(self, x_noisy, t, cond, batched_number, transformer_options) -> ControlResiduals:
+        if self._inner is not None:
+            if transformer_options is None:
+                return from_comfy(self._inner.get_control(x_noisy, t, cond, batched_number))
+            return from_comfy(self._inner.get_control(x_noisy, t, cond, batched_number, transformer_options))
+        ms = self.model_sampling_current
+        timesteps = ms.timestep(t).float()
+        x_in = ms.calculate_input(t, x_noisy)
+        context = cond.get("crossattn_controlnet", cond["c_crossattn"])
+        return self.backend.residuals(x_in, self._hint_for(x_noisy, batched_number), timesteps, context, cond.get("y"))
+
+
+__all__ = ["SuiteControl", "to_comfy", "from_comfy", "merge_with_previous", "make_patcher", "base_info", "IncompatibleModelError"]

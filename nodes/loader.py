@@ -1,0 +1,69 @@
+"""Load ControlNet (Suite): any supported ControlNet / T2I-Adapter file from the `controlnet` model folders."""
+from __future__ import annotations
+
+import logging
+from pathlib import Path
+
+import comfy.model_management
+import folder_paths
+
+from ..controlnet_core import ControlNetError, load_control
+from ..controlnet_core.checkpoint import DictSource
+from .comfy_adapter import SuiteControl, make_patcher
+
+log = logging.getLogger(__name__)
+
+GAP_CHOICES = ["auto", "on", "off"]
+
+
+def _compute_dtype():
+    try:
+        return comfy.model_management.unet_dtype()
+    except Exception:  # very old hosts: keep the stored dtype
+        return None
+
+
+class ControlNetSuiteLoader:
+    DESCRIPTION = (
+        "Loads a ControlNet or T2I-Adapter in any common format: original v1.0/v1.1 .pth/.safetensors, diffusers, "
+        "'diff' ControlNets, Stability control-LoRAs and T2I-Adapters. The layout is detected from the file's tensors. "
+        "Diff ControlNets and control-LoRAs need the base model connected to 'model'."
+    )
+    CATEGORY = "loaders"
+    RETURN_TYPES = ("CONTROL_NET",)
+    RETURN_NAMES = ("control_net",)
+    OUTPUT_TOOLTIPS = ("The control model, usable by this suite's apply/stack nodes and by ComfyUI's own Apply ControlNet.",)
+    FUNCTION = "load"
+
+    @classmethod
+    def INPUT_TYPES(cls):
+        return {
+            "required": {
+                "control_net_name": (folder_paths.get_filename_list("controlnet"), {
+                    "tooltip": "A file from models/controlnet (or models/t2i_adapter, or any folder registered for 'controlnet')."}),
+            },
+            "optional": {
+                "model": ("MODEL", {"tooltip": "The base model. Needed only for 'diff' ControlNets and control-LoRAs, which store weights relative to it."}),
+                "global_average_pooling": (GAP_CHOICES, {"default": "auto", "tooltip": (
+                    "Shuffle ControlNets average their residuals over the image. 'auto' detects it from the file "
+                    "(metadata, config, or 'shuffle' in the official file's name).")}),
+            },
+        }
+
+    def load(self, control_net_name, model=None, global_average_pooling="auto"):
+        path = folder_paths.get_full_path("controlnet", control_net_name)
+        if path is None:
+            raise FileNotFoundError(
+                f"Load ControlNet (Suite): '{control_net_name}' was not found in the controlnet model folders "
+                f"{folder_paths.get_folder_paths('controlnet')}. Put the file there and refresh."
+            )
+        base = None
+        if model is not None:
+            base = DictSource(model.model.diffusion_model.state_dict(), name=f"base model of {control_net_name}")
+        gap = {"auto": None, "on": True, "off": False}[global_average_pooling]
+        try:
+            loaded = load_control(path, base_unet=base, dtype=_compute_dtype(), device=comfy.model_management.unet_offload_device(),
+                                  global_average_pooling=gap)
+        except ControlNetError as e:
+            raise ControlNetError(f"Load ControlNet (Suite): {e}") from None
+        return (SuiteControl(loaded, make_patcher(loaded.model), name=Path(control_net_name).name),)

@@ -1,0 +1,94 @@
+"""Test-only ComfyUI nodes: conditioning without CLIP, synthetic images, latent capture, and a UNet spy."""
+import torch
+
+CAPTURED: dict = {}
+SPY: list = []
+
+
+class SuiteTestConditioning:
+    CATEGORY = "testing"
+    RETURN_TYPES = ("CONDITIONING",)
+    FUNCTION = "make"
+
+    @classmethod
+    def INPUT_TYPES(cls):
+        return {"required": {"seed": ("INT", {"default": 0, "min": 0, "max": 2**31}), "width": ("INT", {"default": 768, "min": 8, "max": 4096})}}
+
+    def make(self, seed, width):
+        g = torch.Generator().manual_seed(seed)
+        return ([[torch.randn(1, 77, width, generator=g), {}]],)
+
+
+class SuiteTestImage:
+    """A smooth synthetic image batch (values in [0, 1]); channels 1, 3 or 4."""
+
+    CATEGORY = "testing"
+    RETURN_TYPES = ("IMAGE",)
+    FUNCTION = "make"
+
+    @classmethod
+    def INPUT_TYPES(cls):
+        return {"required": {"width": ("INT", {"default": 64, "min": 1, "max": 8192}), "height": ("INT", {"default": 64, "min": 1, "max": 8192}),
+                             "channels": ("INT", {"default": 3, "min": 1, "max": 4}), "batch": ("INT", {"default": 1, "min": 1, "max": 64}),
+                             "seed": ("INT", {"default": 0, "min": 0, "max": 2**31})}}
+
+    def make(self, width, height, channels, batch, seed):
+        g = torch.Generator().manual_seed(seed)
+        img = torch.rand(batch, channels, max(1, height // 8), max(1, width // 8), generator=g)
+        img = torch.nn.functional.interpolate(img, size=(height, width), mode="bilinear", align_corners=False)
+        return (img.movedim(1, -1).clamp(0, 1),)
+
+
+class SuiteTestCapture:
+    CATEGORY = "testing"
+    RETURN_TYPES = ()
+    OUTPUT_NODE = True
+    FUNCTION = "capture"
+
+    @classmethod
+    def INPUT_TYPES(cls):
+        return {"required": {"samples": ("LATENT",), "key": ("STRING", {"default": "out"})}}
+
+    def capture(self, samples, key):
+        CAPTURED[key] = samples["samples"].clone()
+        return {}
+
+
+class SuiteTestSpy:
+    """Wraps the model so every UNet call's cond/uncond layout, control residuals and output are recorded in SPY."""
+
+    CATEGORY = "testing"
+    RETURN_TYPES = ("MODEL",)
+    FUNCTION = "wrap"
+
+    @classmethod
+    def INPUT_TYPES(cls):
+        return {"required": {"model": ("MODEL",), "tag": ("STRING", {"default": "run"})}}
+
+    def wrap(self, model, tag):
+        m = model.clone()
+
+        def wrapper(apply_model, args):
+            c = args["c"]
+            ctrl = c.get("control")  # snapshot first: the UNet pops these lists
+            ctrl = None if ctrl is None else {k: [None if t is None else t.clone() for t in v] for k, v in ctrl.items()}
+            out = apply_model(args["input"], args["timestep"], **c)
+            SPY.append({
+                "tag": tag,
+                "cond_or_uncond": list(args["cond_or_uncond"]),
+                "sigma": float(args["timestep"][0]),
+                "control": ctrl,
+                "output": out.clone(),
+            })
+            return out
+
+        m.set_model_unet_function_wrapper(wrapper)
+        return (m,)
+
+
+NODE_CLASS_MAPPINGS = {
+    "SuiteTestConditioning": SuiteTestConditioning,
+    "SuiteTestImage": SuiteTestImage,
+    "SuiteTestCapture": SuiteTestCapture,
+    "SuiteTestSpy": SuiteTestSpy,
+}

@@ -1,0 +1,154 @@
+"""Run real prompts through ComfyUI's own PromptExecutor, with this repository loaded as a custom node.
+
+Works with ComfyUI a28a9dc (embedded) and 0.8.0 (COMFYUI_PATH); one host per interpreter.
+"""
+from __future__ import annotations
+
+import asyncio
+import itertools
+import os
+import sys
+import uuid
+from pathlib import Path
+
+import torch
+
+from comfy_host import import_comfy, is_new_comfy
+from factories import ControlNetConfig, comfy_unet, randomize_, save
+
+ROOT = Path(__file__).resolve().parents[1]
+TINY_UNET = ControlNetConfig(model_channels=320, channel_mult=(1,), num_res_blocks=(1,), transformer_depth=(1,), context_dim=768)
+
+
+class Stub:
+    """The bits of PromptServer the executor touches when headless."""
+
+    client_id = None
+    last_node_id = None
+    last_prompt_id = None
+    sockets_metadata: dict = {}
+
+    def send_sync(self, event, data, sid=None):
+        pass
+
+    def queue_updated(self):
+        pass
+
+
+def make_tiny_checkpoint(path: Path, seed: int = 0) -> Path:
+    """SD1.5-shaped (320 channels, one level, context 768) UNet plus a TAESD VAE, random weights."""
+    import comfy.taesd.taesd
+
+    unet = comfy_unet(TINY_UNET, seed=seed)
+    vae = randomize_(comfy.taesd.taesd.TAESD(), seed + 1)
+    sd = {"model.diffusion_model." + k: v for k, v in unet.state_dict().items()}
+    sd.update({"first_stage_model." + k: v for k, v in vae.state_dict().items()})
+    return save(path, sd)
+
+
+class Host:
+    def __init__(self, workdir: Path):
+        self.root = import_comfy()
+        self.new = is_new_comfy()
+        import folder_paths
+
+        self.dirs = {n: workdir / n for n in ("checkpoints", "controlnet", "custom_nodes", "output", "input")}
+        for d in self.dirs.values():
+            d.mkdir(parents=True, exist_ok=True)
+        (self.dirs["custom_nodes"] / "controlnet-suite").symlink_to(ROOT, target_is_directory=True)
+        (self.dirs["custom_nodes"] / "suite_test_nodes").symlink_to(ROOT / "tests" / "comfy_test_nodes", target_is_directory=True)
+        exts = folder_paths.supported_pt_extensions
+        for name in ("checkpoints", "controlnet"):
+            folder_paths.folder_names_and_paths[name] = ([str(self.dirs[name])], exts)
+        folder_paths.folder_names_and_paths["custom_nodes"] = ([str(self.dirs["custom_nodes"])], set())
+        folder_paths.set_output_directory(str(self.dirs["output"]))
+        folder_paths.set_input_directory(str(self.dirs["input"]))
+        import nodes
+        import execution
+
+        self.nodes, self.execution = nodes, execution
+        if hasattr(nodes, "init_extra_nodes"):
+            asyncio.run(nodes.init_extra_nodes(init_custom_nodes=True, init_api_nodes=False))
+        else:
+            nodes.init_custom_nodes()
+        missing = [n for n in ("ControlNetSuiteApply", "SuiteTestCapture") if n not in nodes.NODE_CLASS_MAPPINGS]
+        if missing:
+            raise RuntimeError(f"custom nodes failed to load: {missing}")
+        self.test_nodes = sys.modules[nodes.NODE_CLASS_MAPPINGS["SuiteTestCapture"].__module__]
+        self.server = Stub()
+        self.checkpoint = make_tiny_checkpoint(self.dirs["checkpoints"] / "tiny_sd15.safetensors").name
+
+    # -- running prompts --
+
+    def validate(self, prompt: dict):
+        if self.new:
+            return asyncio.run(self.execution.validate_prompt(str(uuid.uuid4()), prompt, None))
+        return self.execution.validate_prompt(prompt)
+
+    def run(self, prompt: dict) -> dict:
+        """Execute; returns the captured latents (SuiteTestCapture). Raises with ComfyUI's error on failure."""
+        self.test_nodes.CAPTURED.clear()
+        ok, err, outputs, node_errors = self.validate(prompt)
+        if not ok:
+            raise PromptInvalid(err, node_errors)
+        pid = str(uuid.uuid4())
+        # a fresh executor per prompt: no outputs cached from an earlier test can stand in for a run
+        if self.new:
+            self.executor = self.execution.PromptExecutor(self.server, cache_type=self.execution.CacheType.CLASSIC, cache_args={"lru": 0, "ram": 0})
+        else:
+            self.executor = self.execution.PromptExecutor(self.server)
+        self.executor.execute(prompt, pid, {}, outputs)
+        if not self.executor.success:
+            msgs = [m for m in self.executor.status_messages if m[0] == "execution_error"]
+            raise PromptFailed(msgs[-1][1] if msgs else self.executor.status_messages)
+        return dict(self.test_nodes.CAPTURED)
+
+    @property
+    def spy(self) -> list:
+        return self.test_nodes.SPY
+
+
+class PromptInvalid(Exception):
+    def __init__(self, err, node_errors):
+        super().__init__(f"{err} {node_errors}")
+        self.err, self.node_errors = err, node_errors
+
+
+class PromptFailed(Exception):
+    def __init__(self, info):
+        msg = info.get("exception_message", info) if isinstance(info, dict) else info
+        super().__init__(str(msg))
+        self.info = info
+
+
+class Graph:
+    """A tiny API-format prompt builder: g.add('KSampler', seed=1, model=(node, 0)) -> node id."""
+
+    def __init__(self):
+        self.prompt: dict = {}
+        self._ids = itertools.count(1)
+
+    def add(self, class_type: str, **inputs) -> str:
+        nid = str(next(self._ids))
+        self.prompt[nid] = {"class_type": class_type, "inputs": {k: ([v[0], v[1]] if isinstance(v, tuple) else v) for k, v in inputs.items()}}
+        return nid
+
+
+def base_graph(host: Host, *, seed: int = 7, steps: int = 4, cfg: float = 6.0, size: int = 64, batch: int = 1, spy_tag: str | None = None):
+    """Checkpoint -> (spy) -> conditioning -> empty latent; returns (graph, model, pos, neg, latent)."""
+    g = Graph()
+    ckpt = g.add("CheckpointLoaderSimple", ckpt_name=host.checkpoint)
+    model = (ckpt, 0)
+    if spy_tag:
+        model = (g.add("SuiteTestSpy", model=model, tag=spy_tag), 0)
+    pos = (g.add("SuiteTestConditioning", seed=1, width=768), 0)
+    neg = (g.add("SuiteTestConditioning", seed=2, width=768), 0)
+    latent = (g.add("EmptyLatentImage", width=size, height=size, batch_size=batch), 0)
+    return g, model, pos, neg, latent
+
+
+def finish(g: Graph, model, pos, neg, latent, *, seed: int = 7, steps: int = 4, cfg: float = 6.0, key: str = "out") -> dict:
+    ks = g.add("KSampler", model=model, seed=seed, steps=steps, cfg=cfg, sampler_name="euler", scheduler="normal",
+               positive=pos, negative=neg, latent_image=latent, denoise=1.0)
+    g.add("SuiteTestCapture", samples=(ks, 0), key=key)
+    return g.prompt
