@@ -17,6 +17,20 @@ def comfy():
     return import_comfy()
 
 
+@pytest.fixture(scope="session")
+def host(tmp_path_factory):
+    """ComfyUI with this repository as a custom node, a tiny SD1.5-shaped checkpoint and tiny ldm ControlNets."""
+    from factories import SDXL_TINY, random_controlnet, save
+    from host import TINY_UNET, Host
+
+    h = Host(tmp_path_factory.mktemp("comfy"))
+    cn = h.dirs["controlnet"]
+    save(cn / "cn_a.safetensors", {"control_model." + k: v * 0.5 for k, v in random_controlnet(TINY_UNET, seed=1).state_dict().items()})
+    save(cn / "cn_b.safetensors", random_controlnet(TINY_UNET, seed=2).state_dict())
+    save(cn / "cn_sdxl.safetensors", random_controlnet(SDXL_TINY, seed=3).state_dict())
+    return h
+
+
 @pytest.fixture(autouse=True)
 def _deterministic():
     torch.manual_seed(0)

@@ -2,20 +2,9 @@
 import pytest
 import torch
 
-from factories import SDXL_TINY, random_controlnet, save
-from host import TINY_UNET, Graph, Host, PromptFailed, PromptInvalid, base_graph, finish
+from host import PromptFailed, PromptInvalid, base_graph, finish
 
 MODES = ["balanced", "prompt is more important", "ControlNet is more important", "CFG resolution weighting"]
-
-
-@pytest.fixture(scope="session")
-def host(tmp_path_factory):
-    h = Host(tmp_path_factory.mktemp("comfy"))
-    cn = h.dirs["controlnet"]
-    save(cn / "cn_a.safetensors", {"control_model." + k: v * 0.5 for k, v in random_controlnet(TINY_UNET, seed=1).state_dict().items()})
-    save(cn / "cn_b.safetensors", random_controlnet(TINY_UNET, seed=2).state_dict())
-    save(cn / "cn_sdxl.safetensors", random_controlnet(SDXL_TINY, seed=3).state_dict())
-    return h
 
 
 def image(g, w=64, h=64, channels=3, batch=1, seed=0):
