@@ -6,9 +6,10 @@ set -euo pipefail
 cd "$(dirname "$0")/.."
 ROOT=$(pwd)
 VENV=${VENV:-.venv}
+case "$VENV" in /*) ;; *) VENV="$ROOT/$VENV" ;; esac
 export VENV
 bash scripts/setup_test_env.sh
-PY="$ROOT/$VENV/bin/python"
+PY="$VENV/bin/python"
 RUN=${CNS_RUN_DIR:-$ROOT/.comfyui}
 if [ -n "${COMFYUI_PATH:-}" ]; then
   COMFY=$(cd "$COMFYUI_PATH" && pwd)
