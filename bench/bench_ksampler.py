@@ -31,7 +31,7 @@ def main() -> None:
     from host import TINY_UNET, Host
 
     with tempfile.TemporaryDirectory() as d:
-        host = Host(Path(d))
+        host = Host(Path(d), cpu=args.device == "cpu")
         M = host.nodes.NODE_CLASS_MAPPINGS
         names = []
         for i in range(3):

@@ -47,8 +47,8 @@ def make_tiny_checkpoint(path: Path, seed: int = 0) -> Path:
 
 
 class Host:
-    def __init__(self, workdir: Path):
-        self.root = import_comfy()
+    def __init__(self, workdir: Path, cpu: bool = True):
+        self.root = import_comfy(cpu=cpu)
         self.new = is_new_comfy()
         import folder_paths
 

@@ -214,3 +214,24 @@ def test_node_metadata_tooltips_and_descriptions(host):
         for section in cls.INPUT_TYPES().values():
             for inp, spec in section.items():
                 assert len(spec) > 1 and spec[1].get("tooltip"), f"{name}.{inp} has no tooltip"
+
+
+def test_diff_controlnet_through_the_loader_needs_and_uses_the_model(host):
+    from safetensors.torch import load_file
+
+    from factories import save
+
+    base = {k[len("model.diffusion_model."):]: v for k, v in load_file(host.dirs["checkpoints"] / host.checkpoint).items()
+            if k.startswith("model.diffusion_model.")}
+    absolute = load_file(host.dirs["controlnet"] / "cn_b.safetensors")
+    diff = {"control_model." + k: (v - base[k] if k in base else v) for k, v in absolute.items()}
+    diff["difference"] = torch.tensor([])
+    save(host.dirs["controlnet"] / "diff_cn_b.safetensors", diff)
+
+    with pytest.raises(PromptFailed, match="base model"):
+        run_one(host, name="diff_cn_b.safetensors")
+    g, model, pos, neg, latent = base_graph(host)
+    cn = (g.add("ControlNetSuiteLoader", control_net_name="diff_cn_b.safetensors", model=model), 0)
+    pos, neg = apply(g, pos, neg, cn, image(g))
+    via_diff = host.run(finish(g, model, pos, neg, latent))["out"]
+    torch.testing.assert_close(via_diff, run_one(host, name="cn_b.safetensors"), rtol=1e-4, atol=1e-4)
