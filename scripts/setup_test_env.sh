@@ -16,7 +16,7 @@ $PIP install -q --upgrade pip 2>&1 | grep -v "^WARNING: Location" || true
 $PIP install -q torch==2.14.1 torchvision==0.29.1
 $PIP install -q -r requirements.txt
 # Test-only: pytest, the diffusers oracle, and ComfyUI's own requirements.
-$PIP install -q pytest diffusers psutil
+$PIP install -q pytest diffusers psutil "controlnet-aux==0.0.10" timm scikit-image matplotlib
 if [ -n "${COMFYUI_PATH:-}" ]; then
   # torch/torchvision stay the pinned pair above; torchaudio is left out (ComfyUI's audio nodes then fail to load, harmlessly)
   grep -vE '^(torch|torchvision|torchaudio)([^a-z_-]|$)' "$COMFYUI_PATH/requirements.txt" > "$VENV/comfy-requirements.txt"
