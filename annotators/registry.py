@@ -54,7 +54,7 @@ def load_all() -> dict[str, AnnotatorInfo]:
     """Import every annotator module (a module whose import fails is skipped with its error kept)."""
     for m in MODULES:
         try:
-            importlib.import_module(f"{__package__}.{m}")
+            importlib.import_module(f".{m}", __package__)
         except ModuleNotFoundError as e:
             if e.name != f"{__package__}.{m}":
                 raise

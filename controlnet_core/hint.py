@@ -105,7 +105,7 @@ def prepare_hint(image: torch.Tensor, height: int, width: int, channels: int, ba
         raise ControlNetError("hint image batch is empty.")
     image = to_channels(image.float(), channels)
     image = resize(image, height, width, mode)
-    return match_batch(image, batch, "hint", batched_number).clamp(0, 1)
+    return match_batch(image, batch, "hint", batched_number)  # not clamped: inpaint hints mark masked pixels with -1
 
 
 def mask_residuals(res: ControlResiduals, mask: Optional[torch.Tensor], batched_number: int = 1) -> ControlResiduals:

@@ -1,5 +1,6 @@
 """ComfyUI node classes. Thin: every node calls `controlnet_core` through `comfy_adapter`."""
 from .apply import ControlNetSuiteApply, ControlNetSuiteApplyStack, ControlNetSuiteStack
+from .annotator_nodes import node_mappings
 from .loader import ControlNetSuiteLoader
 
 NODE_CLASS_MAPPINGS: dict[str, type] = {
@@ -14,3 +15,7 @@ NODE_DISPLAY_NAME_MAPPINGS: dict[str, str] = {
     "ControlNetSuiteStack": "ControlNet Stack (Suite)",
     "ControlNetSuiteApplyStack": "Apply ControlNet Stack (Suite)",
 }
+
+_annotator_classes, _annotator_names = node_mappings()
+NODE_CLASS_MAPPINGS.update(_annotator_classes)
+NODE_DISPLAY_NAME_MAPPINGS.update(_annotator_names)

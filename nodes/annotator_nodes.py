@@ -1,0 +1,186 @@
+"""One ComfyUI node per annotator, generated from the annotator registry, plus an "any annotator" node.
+
+Every node takes an IMAGE batch (video frames too), runs it through the annotator in chunks with a
+progress bar, and returns an IMAGE batch of the same length (pose nodes also return keypoints).
+Weights come from the `annotators` model folder(s); neural networks are built once and handed to
+ComfyUI's model manager, which loads and offloads them.
+"""
+from __future__ import annotations
+
+import logging
+import os
+
+import torch
+
+import comfy.model_management
+import comfy.model_patcher
+import comfy.utils
+import folder_paths
+
+from ..annotators import registry
+from ..annotators.base import as_rgb, chunks, detect_size, resize_to
+
+log = logging.getLogger(__name__)
+
+CATEGORY = "image/preprocessors/ControlNet Suite"
+MAX_RES = 16384
+
+if "annotators" not in folder_paths.folder_names_and_paths:
+    folder_paths.folder_names_and_paths["annotators"] = ([os.path.join(folder_paths.models_dir, "annotators")], set(folder_paths.supported_pt_extensions))
+
+
+def annotator_dirs() -> list:
+    return list(folder_paths.get_folder_paths("annotators"))
+
+
+def pixel_perfect_resolution(height: int, width: int, resolution: int, pixel_perfect: bool, target_latent) -> int:
+    """Detect resolution; with pixel_perfect, the one at which the map needs no further resampling for the target."""
+    if not pixel_perfect:
+        return resolution
+    if target_latent is None:
+        return min(height, width)
+    th, tw = (s * 8 for s in target_latent["samples"].shape[-2:])
+    return int(round(min(height, width) * max(th / height, tw / width)))
+
+
+_patchers: dict = {}
+
+
+def _networks(det) -> list[torch.nn.Module]:
+    if isinstance(det, torch.nn.Module):
+        return [det]
+    return [v for v in vars(det).values() if isinstance(v, torch.nn.Module)]
+
+
+def _prepare_device(det) -> torch.device:
+    """Let ComfyUI load the annotator's networks onto its device; returns where the input should go."""
+    nets = _networks(det)
+    if not nets:
+        return torch.device("cpu")
+    key = id(det)
+    if key not in _patchers:
+        _patchers[key] = [comfy.model_patcher.ModelPatcher(n, load_device=comfy.model_management.get_torch_device(),
+                                                           offload_device=comfy.model_management.unet_offload_device()) for n in nets]
+    comfy.model_management.load_models_gpu(_patchers[key])
+    p = next(nets[0].parameters(), None)
+    return p.device if p is not None else torch.device("cpu")
+
+
+def run_annotator(key: str, image: torch.Tensor, resolution: int, pixel_perfect: bool, target_latent=None, chunk_size: int = 8, **params):
+    """IMAGE (B,H,W,C) -> (IMAGE, keypoints or None); the shared body of every annotator node."""
+    info = registry.load_all()[key]
+    x = as_rgb(image.movedim(-1, 1), info.title)
+    h, w = x.shape[-2:]
+    res = pixel_perfect_resolution(h, w, resolution, pixel_perfect, target_latent)
+    dh, dw = detect_size(h, w, res, 8)
+    det = registry.load(key, device=comfy.model_management.unet_offload_device(), dirs=annotator_dirs())
+    dev = _prepare_device(det)
+    if any(p.name == "resolution" for p in info.params):
+        params["resolution"] = res
+    pbar = comfy.utils.ProgressBar(x.shape[0])
+    maps, keypoints = [], []
+    for part in chunks(x, chunk_size):
+        part = resize_to(part, dh, dw).to(dev)
+        if info.keypoints:
+            m, kp = det.detect(part, **params)
+            keypoints += kp
+        else:
+            m = det(part, chunk_size=chunk_size, **params)
+        maps.append(m.float().cpu())
+        pbar.update(part.shape[0])
+    out = torch.cat(maps).movedim(1, -1).contiguous()
+    return out, (keypoints if info.keypoints else None)
+
+
+def _param_spec(p: registry.Param) -> tuple:
+    opts = {"default": p.default, "tooltip": p.tooltip or p.name}
+    if p.kind == "COMBO":
+        return (list(p.choices), opts)
+    for k in ("min", "max", "step"):
+        if getattr(p, k) is not None:
+            opts[k] = getattr(p, k)
+    return (p.kind, opts)
+
+
+COMMON = {
+    "resolution": ("INT", {"default": 512, "min": 64, "max": MAX_RES, "step": 8,
+                           "tooltip": "Detect resolution (short side). The output has this size, keeping the aspect ratio."}),
+    "pixel_perfect": ("BOOLEAN", {"default": False, "tooltip": "Pick the resolution for you: the target latent's pixel size when connected, else the image's own."}),
+}
+OPTIONAL = {"target_latent": ("LATENT", {"tooltip": "The latent the map is for; with pixel_perfect the map is made at its exact pixel size."})}
+
+
+def make_node(info: registry.AnnotatorInfo) -> type:
+    own = {p.name: _param_spec(p) for p in info.params if p.name != "resolution"}
+    has_res = any(p.name == "resolution" for p in info.params)
+
+    class AnnotatorNode:
+        DESCRIPTION = (info.description or info.title) + (f" Weights: {', '.join(info.weights)} in models/annotators. Licence: {info.licence}." if info.weights else "")
+        FUNCTION = "run"
+        RETURN_TYPES = ("IMAGE", "POSE_KEYPOINT") if info.keypoints else ("IMAGE",)
+        RETURN_NAMES = ("image", "keypoints") if info.keypoints else ("image",)
+
+        @classmethod
+        def INPUT_TYPES(cls):
+            req = {"image": ("IMAGE", {"tooltip": "Image batch (video frames too) to annotate."}), **own}
+            if has_res:
+                req.update(COMMON)
+            return {"required": req, "optional": dict(OPTIONAL) if has_res else {}}
+
+        def run(self, image, resolution=512, pixel_perfect=False, target_latent=None, **params):
+            out, kp = run_annotator(info.key, image, resolution, pixel_perfect, target_latent, **params)
+            return (out, kp) if info.keypoints else (out,)
+
+    AnnotatorNode.CATEGORY = CATEGORY
+    AnnotatorNode.__name__ = AnnotatorNode.__qualname__ = f"Annotator_{info.key}"
+    return AnnotatorNode
+
+
+class AnyAnnotator:
+    DESCRIPTION = "Runs any of the suite's annotators, picked from a list, with its default settings."
+    CATEGORY = CATEGORY
+    FUNCTION = "run"
+    RETURN_TYPES = ("IMAGE",)
+    RETURN_NAMES = ("image",)
+
+    @classmethod
+    def INPUT_TYPES(cls):
+        keys = sorted(registry.load_all())
+        return {"required": {"image": ("IMAGE", {"tooltip": "Image batch to annotate."}),
+                             "annotator": (keys, {"default": "canny" if "canny" in keys else keys[0], "tooltip": "Which annotator to run."}),
+                             **COMMON},
+                "optional": dict(OPTIONAL)}
+
+    def run(self, image, annotator, resolution=512, pixel_perfect=False, target_latent=None):
+        return (run_annotator(annotator, image, resolution, pixel_perfect, target_latent)[0],)
+
+
+class InpaintHint:
+    DESCRIPTION = "Prepares the input of inpaint ControlNets: the image with the masked pixels set to -1."
+    CATEGORY = CATEGORY
+    FUNCTION = "run"
+    RETURN_TYPES = ("IMAGE",)
+    RETURN_NAMES = ("image",)
+
+    @classmethod
+    def INPUT_TYPES(cls):
+        return {"required": {"image": ("IMAGE", {"tooltip": "The image to inpaint."}),
+                             "mask": ("MASK", {"tooltip": "White (1) where new content should be generated."})}}
+
+    def run(self, image, mask):
+        from ..annotators.classical import inpaint_hint
+
+        return (inpaint_hint(image.movedim(-1, 1), mask).movedim(1, -1).contiguous(),)
+
+
+def node_mappings() -> tuple[dict, dict]:
+    classes, names = {}, {}
+    for key, info in sorted(registry.load_all().items()):
+        node_id = f"ControlNetSuiteAnnotator_{key}"
+        classes[node_id] = make_node(info)
+        names[node_id] = f"{info.title} (Suite)"
+    classes["ControlNetSuiteAnyAnnotator"] = AnyAnnotator
+    names["ControlNetSuiteAnyAnnotator"] = "Any Annotator (Suite)"
+    classes["ControlNetSuiteInpaintHint"] = InpaintHint
+    names["ControlNetSuiteInpaintHint"] = "Inpaint Hint (Suite)"
+    return classes, names
