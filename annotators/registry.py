@@ -6,6 +6,7 @@ the annotator, finding its weight files through `weights.find`.
 from __future__ import annotations
 
 import importlib
+import logging
 import threading
 from dataclasses import dataclass, field
 from typing import Any, Callable, Optional, Sequence
@@ -42,6 +43,7 @@ class AnnotatorInfo:
 ANNOTATORS: dict[str, AnnotatorInfo] = {}
 MODULES = ("classical", "hed", "pidinet", "mlsd", "lineart", "openpose", "depth", "segmentation")
 _cache: dict = {}
+log = logging.getLogger(__name__)
 _lock = threading.Lock()
 
 
@@ -50,14 +52,23 @@ def register(info: AnnotatorInfo) -> AnnotatorInfo:
     return info
 
 
+FAILED: dict[str, str] = {}  # module -> why it could not be imported
+
+
 def load_all() -> dict[str, AnnotatorInfo]:
-    """Import every annotator module (a module whose import fails is skipped with its error kept)."""
+    """Import every annotator module once. One broken module (a missing optional dependency, say) must not
+    take the other annotators down with it: its error is logged and kept in FAILED."""
     for m in MODULES:
+        if m in FAILED:
+            continue
         try:
             importlib.import_module(f".{m}", __package__)
-        except ModuleNotFoundError as e:
-            if e.name != f"{__package__}.{m}":
-                raise
+        except Exception as e:  # noqa: BLE001 - reported, not swallowed
+            if isinstance(e, ModuleNotFoundError) and e.name == f"{__package__}.{m}":
+                FAILED[m] = "not installed"
+                continue
+            FAILED[m] = f"{type(e).__name__}: {e}"
+            log.warning("annotator module '%s' failed to import and is unavailable: %s", m, FAILED[m])
     return ANNOTATORS
 
 

@@ -52,13 +52,13 @@ class Host:
         self.new = is_new_comfy()
         import folder_paths
 
-        self.dirs = {n: workdir / n for n in ("checkpoints", "controlnet", "custom_nodes", "output", "input")}
+        self.dirs = {n: workdir / n for n in ("checkpoints", "controlnet", "annotators", "custom_nodes", "output", "input")}
         for d in self.dirs.values():
             d.mkdir(parents=True, exist_ok=True)
         (self.dirs["custom_nodes"] / "controlnet-suite").symlink_to(ROOT, target_is_directory=True)
         (self.dirs["custom_nodes"] / "suite_test_nodes").symlink_to(ROOT / "tests" / "comfy_test_nodes", target_is_directory=True)
         exts = folder_paths.supported_pt_extensions
-        for name in ("checkpoints", "controlnet"):
+        for name in ("checkpoints", "controlnet", "annotators"):
             folder_paths.folder_names_and_paths[name] = ([str(self.dirs[name])], exts)
         folder_paths.folder_names_and_paths["custom_nodes"] = ([str(self.dirs["custom_nodes"])], set())
         folder_paths.set_output_directory(str(self.dirs["output"]))

@@ -54,6 +54,21 @@ class SuiteTestCapture:
         return {}
 
 
+class SuiteTestCaptureImage:
+    CATEGORY = "testing"
+    RETURN_TYPES = ()
+    OUTPUT_NODE = True
+    FUNCTION = "capture"
+
+    @classmethod
+    def INPUT_TYPES(cls):
+        return {"required": {"image": ("IMAGE",), "key": ("STRING", {"default": "image"})}}
+
+    def capture(self, image, key):
+        CAPTURED[key] = image.clone()
+        return {}
+
+
 class SuiteTestSpy:
     """Wraps the model so every UNet call's cond/uncond layout, control residuals and output are recorded in SPY."""
 
@@ -91,4 +106,5 @@ NODE_CLASS_MAPPINGS = {
     "SuiteTestImage": SuiteTestImage,
     "SuiteTestCapture": SuiteTestCapture,
     "SuiteTestSpy": SuiteTestSpy,
+    "SuiteTestCaptureImage": SuiteTestCaptureImage,
 }

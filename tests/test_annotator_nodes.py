@@ -1,0 +1,85 @@
+"""Annotator nodes inside the real ComfyUI: generated per annotator, batched, pixel-perfect, clear weight errors."""
+import pytest
+import torch
+
+from host import Graph, PromptFailed
+
+
+def image_graph(w=96, h=64, batch=3, channels=3):
+    g = Graph()
+    img = g.add("SuiteTestImage", width=w, height=h, channels=channels, batch=batch, seed=0)
+    return g, (img, 0)
+
+
+def test_every_registered_annotator_has_a_node_with_tooltips(host):
+    from annotators import registry
+
+    M = host.nodes.NODE_CLASS_MAPPINGS
+    keys = set(registry.load_all())
+    assert {"canny", "hough_lines", "scribble_xdog", "lineart_standard", "shuffle", "tile", "normal_from_depth", "seg_colors"} <= keys
+    for k in keys:
+        cls = M[f"ControlNetSuiteAnnotator_{k}"]
+        assert cls.DESCRIPTION and cls.CATEGORY.startswith("image/preprocessors")
+        for section in cls.INPUT_TYPES().values():
+            for name, spec in section.items():
+                assert spec[1].get("tooltip"), (k, name)
+    assert "ControlNetSuiteAnyAnnotator" in M and "ControlNetSuiteInpaintHint" in M
+    assert not registry.FAILED or set(registry.FAILED.values()) == {"not installed"}, registry.FAILED
+
+
+@pytest.mark.parametrize("channels", [1, 3, 4])
+def test_canny_node_keeps_the_batch_and_uses_the_detect_resolution(host, channels):
+    g, img = image_graph(channels=channels)
+    n = g.add("ControlNetSuiteAnnotator_canny", image=img, low_threshold=50, high_threshold=100, resolution=128, pixel_perfect=False)
+    g.add("SuiteTestCaptureImage", image=(n, 0), key="img")
+    out = host.run(g.prompt)["img"]
+    assert out.shape == (3, 128, 192, 3) and out.min() >= 0 and out.max() <= 1
+
+
+def test_pixel_perfect_matches_the_target_latent(host):
+    g, img = image_graph(w=300, h=200, batch=2)
+    lat = g.add("EmptyLatentImage", width=96, height=64, batch_size=2)
+    n = g.add("ControlNetSuiteAnnotator_lineart_standard", image=img, gaussian_sigma=6.0, intensity_threshold=8, resolution=512,
+              pixel_perfect=True, target_latent=(lat, 0))
+    g.add("SuiteTestCaptureImage", image=(n, 0), key="img")
+    assert host.run(g.prompt)["img"].shape == (2, 64, 96, 3)
+
+
+def test_any_annotator_node_and_inpaint_hint(host):
+    g, img = image_graph(batch=2)
+    a = g.add("ControlNetSuiteAnyAnnotator", image=img, annotator="tile", resolution=64, pixel_perfect=True)
+    mask = g.add("SolidMask", value=1.0, width=32, height=32)
+    ip = g.add("ControlNetSuiteInpaintHint", image=img, mask=(mask, 0))
+    g.add("SuiteTestCaptureImage", image=(a, 0), key="any")
+    g.add("SuiteTestCaptureImage", image=(ip, 0), key="inpaint")
+    out = host.run(g.prompt)
+    assert out["any"].shape == (2, 64, 96, 3)
+    assert (out["inpaint"] == -1).all()
+
+
+def test_missing_neural_weights_name_the_file_the_folder_and_the_command(host):
+    from annotators import registry
+
+    neural = [k for k, i in registry.load_all().items() if i.weights]
+    if not neural:
+        pytest.skip("no neural annotator installed")
+    info = registry.ANNOTATORS[neural[0]]
+    g, img = image_graph(batch=1)
+    cls = host.nodes.NODE_CLASS_MAPPINGS[f"ControlNetSuiteAnnotator_{info.key}"]
+    kw = {name: spec[1]["default"] for name, spec in cls.INPUT_TYPES()["required"].items() if name != "image"}
+    n = g.add(f"ControlNetSuiteAnnotator_{info.key}", image=img, **kw)
+    g.add("SuiteTestCaptureImage", image=(n, 0), key="img")
+    with pytest.raises(PromptFailed) as e:
+        host.run(g.prompt)
+    msg = str(e.value)
+    assert info.weights[0] in msg and str(host.dirs["annotators"]) in msg and "python -m annotators fetch" in msg
+
+
+def test_weight_file_with_the_wrong_hash_is_refused(host, tmp_path):
+    from annotators import weights
+
+    spec = weights.WeightFile("fake_model.pth", "https://example.invalid/fake_model.pth", "0" * 64, 10, "none", "fake")
+    weights.register(spec)
+    (host.dirs["annotators"] / "fake_model.pth").write_bytes(b"not the real file")
+    with pytest.raises(weights.AnnotatorWeightsError, match="does not match"):
+        weights.find("fake_model.pth", [host.dirs["annotators"]])
