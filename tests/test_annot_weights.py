@@ -40,7 +40,7 @@ def test_offline_mode_refuses_to_download(published, tmp_path, monkeypatch):
     monkeypatch.setenv("CNS_OFFLINE", "1")
     with pytest.raises(weights.AnnotatorWeightsError, match="offline"):
         weights.fetch("tiny_model.pth", tmp_path)
-    with pytest.raises(weights.AnnotatorWeightsError, match="not found"):
+    with pytest.raises(weights.AnnotatorWeightsError, match="offline"):
         weights.find("tiny_model.pth", [tmp_path], auto_download=True)
 
 
