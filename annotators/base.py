@@ -38,7 +38,10 @@ def as_rgb(images: torch.Tensor, what: str = "annotator") -> torch.Tensor:
         x = x.expand(-1, 3, -1, -1)
     elif c != 3:
         raise AnnotatorError(f"{what}: images have {c} channels; expected 1 (gray), 3 (RGB) or 4 (RGBA).")
-    return torch.nan_to_num(x, nan=0.0, posinf=1.0, neginf=0.0).clamp(0, 1).contiguous()
+    lo, hi = torch.aminmax(x)  # one pass; NaN makes both comparisons false
+    if not (lo >= 0 and hi <= 1):
+        x = torch.nan_to_num(x, nan=0.0, posinf=1.0, neginf=0.0).clamp(0, 1)
+    return x
 
 
 def resize_to(images: torch.Tensor, height: int, width: int, mode: str = "bilinear") -> torch.Tensor:

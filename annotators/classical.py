@@ -21,19 +21,18 @@ RES = Param("resolution", "INT", 512, 64, 4096, 64, tooltip="Detect resolution: 
 
 
 def to_uint8(images: torch.Tensor) -> list[np.ndarray]:
-    """(B,3,H,W) [0,1] -> list of HxWx3 uint8 RGB arrays."""
-    arr = (images.clamp(0, 1) * 255.0).round().to(torch.uint8).permute(0, 2, 3, 1).cpu().numpy()
-    return [np.ascontiguousarray(a) for a in arr]
+    """(B,3,H,W) in [0,1] (as_rgb has clamped it) -> list of HxWx3 uint8 RGB arrays, in one fused pass."""
+    arr = images.mul(255.0).add_(0.5).to(torch.uint8).permute(0, 2, 3, 1).contiguous().cpu().numpy()
+    return list(arr)  # contiguous HxWx3 views: OpenCV would copy strided ones
 
 
 def from_uint8(maps: list[np.ndarray], like: torch.Tensor) -> torch.Tensor:
-    """HxW or HxWxC uint8 maps -> (B,3,H,W) float [0,1] on like's device."""
-    out = []
-    for m in maps:
-        if m.ndim == 2:
-            m = np.repeat(m[:, :, None], 3, axis=2)
-        out.append(torch.from_numpy(np.ascontiguousarray(m)).permute(2, 0, 1))
-    return torch.stack(out).to(device=like.device, dtype=torch.float32) / 255.0
+    """HxW (broadcast to 3 channels, no copy) or HxWx3 uint8 maps -> (B,3,H,W) float [0,1] on like's device."""
+    arr = torch.from_numpy(np.stack(maps))
+    out = arr.to(device=like.device, dtype=torch.float32).div_(255.0)
+    if out.ndim == 3:
+        return out[:, None].expand(-1, 3, -1, -1)
+    return out.permute(0, 3, 1, 2)
 
 
 class PerImage(Annotator):
@@ -46,7 +45,8 @@ class PerImage(Annotator):
         dh, dw = detect_size(h, w, resolution, self.multiple)
         x = resize_to(images, dh, dw)
         maps = [self.one(a, **params) for a in to_uint8(x)]
-        return resize_to(from_uint8(maps, images), h, w).clamp(0, 1)
+        out = from_uint8(maps, images)
+        return out if (dh, dw) == (h, w) else resize_to(out, h, w).clamp(0, 1)
 
     def one(self, rgb: np.ndarray, **params) -> np.ndarray:
         raise AnnotatorError(f"{type(self).__name__} does not implement one()")
