@@ -24,6 +24,7 @@ import torch.nn.functional as F
 from torch import nn
 
 from . import weights
+from ._core import ControlNetError
 from .base import Annotator, AnnotatorError
 from .registry import AnnotatorInfo, Param, register
 
@@ -295,8 +296,17 @@ class DepthAnythingV2Detector(Annotator):
 
     @classmethod
     def from_file(cls, path: os.PathLike, *, device: torch.device | str = "cpu", dtype: torch.dtype = torch.float32) -> "DepthAnythingV2Detector":
-        """Load the official `depth_anything_v2_vits.pth` (strict: wrong keys or shapes name the file)."""
-        sd = weights.load_state_dict(path)
+        """Load the official `depth_anything_v2_vits.pth`.
+
+        Strict: a file that is not a weight file, or has other keys or shapes, raises
+        `weights.AnnotatorWeightsError` naming the file.
+        """
+        try:
+            sd = weights.load_state_dict(path)
+        except weights.AnnotatorWeightsError:
+            raise
+        except ControlNetError as e:  # not a weight file at all (HTML page, LFS pointer, truncated): same class as a wrong one
+            raise weights.AnnotatorWeightsError(f"{e} Expected the Depth-Anything-V2-Small file {FILENAME}.") from None
         model = DepthAnythingV2()
         weights.load_into(model, sd, path, "Depth-Anything-V2-Small")
         model.to(device=device, dtype=dtype).eval().requires_grad_(False)

@@ -77,38 +77,69 @@ def safe_step(x: torch.Tensor, step: int = 2) -> torch.Tensor:
     return torch.floor(x * (step + 1)) / step
 
 
-def _gaussian_kernel(sigma: float, size: int, device, dtype) -> torch.Tensor:
-    """cv2.getGaussianKernel(size, sigma): sampled, normalised Gaussian."""
-    r = torch.arange(size, device=device, dtype=torch.float64) - (size - 1) / 2
-    k = torch.exp(-(r * r) / (2 * sigma * sigma))
-    return (k / k.sum()).to(dtype)
+def _gaussian_taps(sigma: float, size: int) -> list[float]:
+    """Normalised Gaussian samples, as cv2.getGaussianKernel(size, sigma)."""
+    g = [math.exp(-((i - (size - 1) / 2) ** 2) / (2 * sigma * sigma)) for i in range(size)]
+    total = sum(g)
+    return [v / total for v in g]
 
 
-def gaussian_blur(x: torch.Tensor, sigma: float, size: int) -> torch.Tensor:
-    """Separable Gaussian blur of (B, 1, H, W) with mirrored borders (cv2.BORDER_REFLECT_101).
+def _fixed_point_taps(sigma: float, size: int) -> list[int]:
+    """OpenCV's bit-exact uint8 Gaussian kernel in 1/256 units (error-diffused rounding, centre takes the rest)."""
+    g = _gaussian_taps(sigma, size)
+    taps, err = [0] * size, 0.0
+    for i in range(size // 2):
+        v = g[i] * 256 + err
+        taps[i] = taps[size - 1 - i] = int(round(v))
+        err = v - taps[i]
+    taps[size // 2] = 256 - 2 * sum(taps[: size // 2])
+    return taps
 
-    `size` is passed explicitly because OpenCV derives it from the *dtype*: 8*sigma+1 for float, 6*sigma+1 for uint8.
+
+def _separable(x: torch.Tensor, taps: list[float]) -> torch.Tensor:
+    """Separable filter of (B, 1, H, W) with mirrored borders (cv2.BORDER_REFLECT_101).
+
+    Weighted sums of shifted slices rather than conv2d: exact IEEE arithmetic on every device (no TF32),
+    which the fixed-point emulation below relies on.
     """
-    k = _gaussian_kernel(sigma, size, x.device, x.dtype)
-    pad = size // 2
-    mode = "reflect" if min(x.shape[-2:]) > pad else "replicate"
-    x = F.conv2d(F.pad(x, (pad, pad, 0, 0), mode=mode), k.view(1, 1, 1, -1))
-    return F.conv2d(F.pad(x, (0, 0, pad, pad), mode=mode), k.view(1, 1, -1, 1))
+    pad = len(taps) // 2
+    mode = "reflect" if min(x.shape[-2:]) > pad else "replicate"  # reflect needs pad < size
+    h, w = x.shape[-2:]
+    p = F.pad(x, (pad, pad, 0, 0), mode=mode)
+    x = sum(t * p[..., :, j : j + w] for j, t in enumerate(taps))
+    p = F.pad(x, (0, 0, pad, pad), mode=mode)
+    return sum(t * p[..., j : j + h, :] for j, t in enumerate(taps))
 
 
 def _cv_kernel_size(sigma: float, integer_image: bool) -> int:
-    """OpenCV's automatic Gaussian size for ksize=(0, 0)."""
+    """OpenCV's automatic Gaussian size for ksize=(0, 0): 6*sigma+1 for uint8 images, 8*sigma+1 for float ones."""
     return int(round(sigma * (3 if integer_image else 4) * 2 + 1)) | 1
 
 
+def gaussian_blur(x: torch.Tensor, sigma: float) -> torch.Tensor:
+    """cv2.GaussianBlur(float32 image, (0, 0), sigma) of a (B, 1, H, W) tensor."""
+    return _separable(x, _gaussian_taps(sigma, _cv_kernel_size(sigma, integer_image=False)))
+
+
+def gaussian_blur_uint8(x: torch.Tensor, sigma: float) -> torch.Tensor:
+    """cv2.GaussianBlur(uint8 image, (0, 0), sigma), bit-exact, of a (B, 1, H, W) tensor holding integers 0-255.
+
+    OpenCV blurs uint8 in fixed point (8-bit taps, one rounding at the end); a float blur differs by up to 2
+    grey levels, enough to move the scribble threshold. All sums are integers below 2**24, exact in float32.
+    """
+    taps = _fixed_point_taps(sigma, _cv_kernel_size(sigma, integer_image=True))
+    v = _separable(x.float(), [float(t) for t in taps])  # in 1/65536 units
+    return torch.floor((v + 32768.0) / 65536.0)
+
+
 def fake_scribble(edge255: torch.Tensor, threshold: float = 127.0, sigma: float = 3.0) -> torch.Tensor:
-    """ControlNet 1.1 fake scribble of a (B, 1, H, W) 0-255 edge map -> binary (B, 1, H, W) in {0, 1}.
+    """ControlNet 1.1 fake scribble of a (B, 1, H, W) 0-255 integer edge map -> binary (B, 1, H, W) in {0, 1}.
 
     `nms`: blur, keep pixels that are maxima along at least one of the four 3-pixel lines through them and
-    brighter than `threshold`; then blur the thin result again and keep everything above 4 (of 255), which
-    thickens the strokes. The 4.5 cut-off is where OpenCV's uint8 blur rounds up to 5.
+    brighter than `threshold`; then blur the thin result again (as uint8) and keep everything above 4,
+    which thickens the strokes.
     """
-    x = gaussian_blur(edge255, sigma, _cv_kernel_size(sigma, integer_image=False))
+    x = gaussian_blur(edge255.float(), sigma)
     p = F.pad(x, (1, 1, 1, 1), value=-math.inf)  # cv2.dilate ignores the border
     h, w = x.shape[-2:]
 
@@ -119,9 +150,8 @@ def fake_scribble(edge255: torch.Tensor, threshold: float = 127.0, sigma: float 
     is_max = torch.zeros_like(x, dtype=torch.bool)
     for a, b in lines:
         is_max |= (x >= at(*a)) & (x >= at(*b))
-    thin = ((x > threshold) & is_max).to(x.dtype) * 255.0
-    thick = gaussian_blur(thin, sigma, _cv_kernel_size(sigma, integer_image=True))
-    return (thick > 4.5).to(x.dtype)
+    thin = ((x > threshold) & is_max).float() * 255.0
+    return (gaussian_blur_uint8(thin, sigma) > 4).float()
 
 
 def resize_input(images: torch.Tensor, height: int, width: int) -> torch.Tensor:
@@ -149,6 +179,7 @@ class HEDDetector(Annotator):
         sd = weights.load_state_dict(path, strip_prefixes=("module.",))
         model = weights.load_into(ControlNetHED(), sd, path, "ControlNetHED (HED soft edge)")
         model.to(device=device, dtype=dtype).eval().requires_grad_(False)
+        log.debug("HED weights loaded from %s on %s (%s)", path, device, dtype)
         return cls(model)
 
     @property
@@ -182,8 +213,10 @@ class HEDDetector(Annotator):
                 edge = safe_step(edge)
             edge = edge.clamp(0, 1)
             if scribble:
-                # The reference thresholds the uint8 map after resizing it to the output size.
-                edge255 = resize_to(torch.floor(edge * 255.0), H, W)
+                # As the reference: the uint8 map, resized to the output size (cv2.INTER_LINEAR, rounded), then NMS.
+                edge255 = torch.floor(edge * 255.0)
+                if (h, w) != (H, W):
+                    edge255 = F.interpolate(edge255, size=(H, W), mode="bilinear", align_corners=False).round()
                 out = fake_scribble(edge255)
             else:
                 out = resize_to(edge, H, W).clamp(0, 1)

@@ -169,7 +169,7 @@ class HeadBlock(nn.Module):
 class MLSDLarge(nn.Module):
     """M-LSD large (`mlsd_large_512_fp32.pth`, 1,533,680 parameters).
 
-    (B, 4, H, W) in [-1, 1], H and W multiples of 32 -> TP map (B, 9, H/2, W/2): channel 0 the
+    (B, 4, H, W) in [-1, 1], H and W multiples of 16 -> TP map (B, 9, H/2, W/2): channel 0 the
     centre logits, 1:5 the (x_start, y_start, x_end, y_end) displacements in TP-map pixels.
     """
 
@@ -271,10 +271,17 @@ class MLSDDetector(Annotator):
 
     @classmethod
     def from_file(cls, path: os.PathLike, *, device: torch.device | str = "cpu", dtype: torch.dtype = torch.float32) -> "MLSDDetector":
-        """Load the official flat state dict (a `module.` prefix is tolerated); strict, with a clear error."""
+        """Load the official flat state dict (a `module.` prefix is tolerated); strict, with a clear error.
+
+        float32 is recommended whatever the device: the model is small, and the decoding (3x3 peak test,
+        top-200 cut, endpoint truncation) turns half-precision rounding into different segments.
+        """
         sd = weights.load_state_dict(path, strip_prefixes=("module.",))
         model = weights.load_into(cls.network(), sd, path, cls.model_name)
         model.to(device=device, dtype=dtype).eval().requires_grad_(False)
+        if dtype != torch.float32:
+            log.warning("%s: running in %s changes which line segments are found; float32 is recommended.", cls.name, dtype)
+        log.debug("%s: loaded %s on %s (%s)", cls.name, path, device, dtype)
         return cls(model)
 
     @property
@@ -339,8 +346,11 @@ weights.register(
 
 _PARAMS = (
     Param("resolution", "INT", 512, min=64, max=2048, step=64, tooltip="Short side the image is resized to before detection (rounded to a multiple of 64)."),
-    Param("value_threshold", "FLOAT", 0.1, min=0.01, max=2.0, step=0.01, tooltip="Minimum line-centre score (0-1): higher keeps only confident lines; above 1 keeps none."),
-    Param("distance_threshold", "FLOAT", 0.1, min=0.01, max=20.0, step=0.01, tooltip="Minimum segment length, in pixels of the half-resolution line map: higher drops short lines."),
+    # ranges and defaults as the ControlNet demo sliders (gradio_hough2image.py, sd-webui-controlnet)
+    Param("value_threshold", "FLOAT", 0.1, min=0.01, max=2.0, step=0.01,
+          tooltip="Minimum line-centre score (0-1): higher keeps only confident lines; above 1 keeps none."),
+    Param("distance_threshold", "FLOAT", 0.1, min=0.01, max=20.0, step=0.01,
+          tooltip="Minimum segment length, in pixels of the half-resolution line map: higher drops short lines."),
 )
 
 register(

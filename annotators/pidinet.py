@@ -184,6 +184,7 @@ class PiDiNetDetector(Annotator):
         sd = weights.load_state_dict(path, strip_prefixes=("module.",))
         model = weights.load_into(PiDiNet(), sd, path, "PiDiNet (table5_pidinet)")
         model.to(device=device, dtype=dtype).eval().requires_grad_(False)
+        log.debug("PiDiNet weights loaded from %s on %s (%s)", path, device, dtype)
         return cls(model)
 
     @property

@@ -1,0 +1,171 @@
+"""Realistic line art (fine and coarse): white lines on black, the condition of the lineart ControlNets.
+
+Network: the "Informative Drawings" generator `Generator(3, 1, n_residual_blocks=3)` (Chan, Durand,
+Isola, CVPR 2022, https://arxiv.org/abs/2203.12691; code github.com/carolineec/informative-drawings,
+MIT): reflection-padded 7x7 stem, two stride-2 downsamplings, three residual blocks at 256 channels,
+two transposed-conv upsamplings, 7x7 conv + sigmoid. Instance norms carry no weights.
+`sk_model.pth` gives fine lines, `sk_model2.pth` coarse ones; both have the same keys.
+
+Pipeline, as ControlNet 1.1 `annotator/lineart` + `gradio_lineart.py` and controlnet-aux `LineartDetector`:
+resize so the short side is `resolution` (multiple of 64), RGB / 255 -> network -> sigmoid map
+(dark lines on white) -> resize back -> `1 - x`, i.e. white lines on black, which is what the
+ControlNet lineart models were trained on. The reference quantises the map to uint8 before the
+inversion; here it stays float (at most 1/255 apart).
+"""
+from __future__ import annotations
+
+import logging
+import os
+
+import torch
+from torch import nn
+
+from . import weights
+from .base import Annotator, AnnotatorError, detect_size, resize_to
+from .registry import AnnotatorInfo, Param, register
+
+log = logging.getLogger(__name__)
+
+FINE_FILE = "sk_model.pth"
+COARSE_FILE = "sk_model2.pth"
+LICENCE = "MIT"
+
+
+class ResidualBlock(nn.Module):
+    """x + (pad, 3x3 conv, instance norm, ReLU, pad, 3x3 conv, instance norm)."""
+
+    def __init__(self, channels: int):
+        super().__init__()
+        self.conv_block = nn.Sequential(
+            nn.ReflectionPad2d(1),
+            nn.Conv2d(channels, channels, 3),
+            nn.InstanceNorm2d(channels),
+            nn.ReLU(inplace=True),
+            nn.ReflectionPad2d(1),
+            nn.Conv2d(channels, channels, 3),
+            nn.InstanceNorm2d(channels),
+        )
+
+    def forward(self, x: torch.Tensor) -> torch.Tensor:
+        return x + self.conv_block(x)
+
+
+def _down(cin: int, cout: int) -> list[nn.Module]:
+    return [nn.Conv2d(cin, cout, 3, stride=2, padding=1), nn.InstanceNorm2d(cout), nn.ReLU(inplace=True)]
+
+
+def _up(cin: int, cout: int) -> list[nn.Module]:
+    return [nn.ConvTranspose2d(cin, cout, 3, stride=2, padding=1, output_padding=1), nn.InstanceNorm2d(cout), nn.ReLU(inplace=True)]
+
+
+class LineartGenerator(nn.Module):
+    """Informative-drawings generator, 4,290,945 parameters.
+
+    RGB (B, 3, H, W) in [0, 1], H and W multiples of 4 -> line map (B, 1, H, W) in (0, 1), lines dark.
+    The `model0`..`model4` attribute names are the checkpoint's key prefixes.
+    """
+
+    def __init__(self, in_channels: int = 3, out_channels: int = 1, residual_blocks: int = 3):
+        super().__init__()
+        self.model0 = nn.Sequential(nn.ReflectionPad2d(3), nn.Conv2d(in_channels, 64, 7), nn.InstanceNorm2d(64), nn.ReLU(inplace=True))
+        self.model1 = nn.Sequential(*_down(64, 128), *_down(128, 256))
+        self.model2 = nn.Sequential(*[ResidualBlock(256) for _ in range(residual_blocks)])
+        self.model3 = nn.Sequential(*_up(256, 128), *_up(128, 64))
+        self.model4 = nn.Sequential(nn.ReflectionPad2d(3), nn.Conv2d(64, out_channels, 7), nn.Sigmoid())
+
+    def forward(self, x: torch.Tensor) -> torch.Tensor:
+        return self.model4(self.model3(self.model2(self.model1(self.model0(x)))))
+
+
+class LineartDetector(Annotator):
+    """Fine realistic line art: images (B, 3, H, W) in [0, 1] -> white lines on black (B, 3, H, W) in [0, 1]."""
+
+    name = "lineart"
+    model_name = "line art (informative-drawings Generator(3, 1, 3))"
+
+    def __init__(self, model: LineartGenerator):
+        self.model = model
+
+    @classmethod
+    def from_file(cls, path: os.PathLike, *, device: torch.device | str = "cpu", dtype: torch.dtype = torch.float32) -> "LineartDetector":
+        """Load the official flat state dict (a `module.` prefix is tolerated); strict, with a clear error."""
+        sd = weights.load_state_dict(path, strip_prefixes=("module.",))
+        model = weights.load_into(LineartGenerator(), sd, path, cls.model_name)
+        model.to(device=device, dtype=dtype).eval().requires_grad_(False)
+        log.debug("%s: loaded %s on %s (%s)", cls.name, path, device, dtype)
+        return cls(model)
+
+    @property
+    def device(self) -> torch.device:
+        return next(self.model.parameters()).device
+
+    @property
+    def dtype(self) -> torch.dtype:
+        return next(self.model.parameters()).dtype
+
+    def annotate(self, images: torch.Tensor, resolution: int = 512) -> torch.Tensor:
+        """Clean RGB batch (B, 3, H, W) in [0, 1] -> `1 - line map` at the input size, 3 channels."""
+        if resolution < 1:
+            raise AnnotatorError(f"{self.name}: resolution must be positive; got {resolution}.")
+        height, width = images.shape[-2:]
+        dh, dw = detect_size(height, width, resolution)
+        x = resize_to(images, dh, dw).to(self.device, self.dtype)
+        with torch.inference_mode():
+            line = self.model(x).float()
+        line = resize_to(line, height, width).to(images.device)
+        return (1.0 - line).clamp(0, 1).expand(-1, 3, -1, -1).contiguous()
+
+
+class CoarseLineartDetector(LineartDetector):
+    """Coarse realistic line art (`sk_model2.pth`): bolder, simpler strokes; same network and outputs."""
+
+    name = "lineart_coarse"
+
+
+# ---------------------------------------------------------------- registration
+
+weights.register(
+    weights.WeightFile(
+        filename=FINE_FILE,
+        url=f"https://huggingface.co/lllyasviel/Annotators/resolve/main/{FINE_FILE}",
+        sha256="c686ced2a666b4850b4bb6ccf0748031c3eda9f822de73a34b8979970d90f0c6",
+        size=17_173_511,
+        licence=LICENCE,
+        model="lineart",
+    ),
+    weights.WeightFile(
+        filename=COARSE_FILE,
+        url=f"https://huggingface.co/lllyasviel/Annotators/resolve/main/{COARSE_FILE}",
+        sha256="30a534781061f34e83bb9406b4335da4ff2616c95d22a585c1245aa8363e74e0",
+        size=17_173_511,
+        licence=LICENCE,
+        model="lineart_coarse",
+    ),
+)
+
+_PARAMS = (
+    Param("resolution", "INT", 512, min=64, max=2048, step=64, tooltip="Short side the image is resized to before detection (rounded to a multiple of 64)."),
+)
+
+register(
+    AnnotatorInfo(
+        key="lineart",
+        title="Line art (realistic)",
+        build=lambda paths, device, dtype: LineartDetector.from_file(paths[FINE_FILE], device=device, dtype=dtype),
+        params=_PARAMS,
+        weights=[FINE_FILE],
+        description="Fine line drawing of a photo, white lines on black: for the lineart ControlNets.",
+        licence=LICENCE,
+    )
+)
+register(
+    AnnotatorInfo(
+        key="lineart_coarse",
+        title="Line art (realistic, coarse)",
+        build=lambda paths, device, dtype: CoarseLineartDetector.from_file(paths[COARSE_FILE], device=device, dtype=dtype),
+        params=_PARAMS,
+        weights=[COARSE_FILE],
+        description="Coarser, bolder line drawing of a photo, white lines on black: for the lineart ControlNets.",
+        licence=LICENCE,
+    )
+)
