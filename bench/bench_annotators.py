@@ -45,13 +45,111 @@ def bench_canny(reps: int) -> tuple[float, float]:
     return t_ours, t_cv
 
 
-NEURAL = {}  # key -> callable(tmpdir, imgs, batch, reps) -> (ours_s, theirs_s); filled by the sections below
+def _rand(module: torch.nn.Module) -> torch.nn.Module:
+    from factories import randomize_
+
+    return randomize_(module, 0).eval()
+
+
+DEV = torch.device("cpu")
+
+
+def _sync():
+    if DEV.type == "cuda":
+        torch.cuda.synchronize()
+
+
+def _pair(ours_det, theirs_call, imgs, batch, reps, **ours_kw):
+    """(our batched time, their per-image loop time) on the same images."""
+    b = batch.to(DEV)
+    t_ours = best(lambda: (ours_det(b, chunk_size=N, **ours_kw), _sync()), reps)
+    t_theirs = best(lambda: [theirs_call(i) for i in imgs], reps)
+    return t_ours, t_theirs
+
+
+def hed(d, imgs, batch, reps):
+    from controlnet_aux.hed import ControlNetHED_Apache2, HEDdetector
+
+    from annotators.hed import ControlNetHED, HEDDetector
+
+    sd = _rand(ControlNetHED()).state_dict()
+    torch.save(sd, d / "ControlNetHED.pth")
+    net = ControlNetHED_Apache2()
+    net.load_state_dict(sd)
+    theirs = HEDdetector(net.float().eval()).to(DEV)
+    return _pair(HEDDetector.from_file(d / "ControlNetHED.pth", device=DEV), lambda i: theirs(i, detect_resolution=SIZE, image_resolution=SIZE, output_type="np"),
+                 imgs, batch, reps, resolution=SIZE)
+
+
+def pidinet(d, imgs, batch, reps):
+    from controlnet_aux.pidi import PidiNetDetector
+    from controlnet_aux.pidi.model import pidinet as their_pidinet
+
+    from annotators.pidinet import PiDiNet, PiDiNetDetector
+
+    sd = _rand(PiDiNet()).state_dict()
+    torch.save({"state_dict": {"module." + k: v for k, v in sd.items()}}, d / "table5_pidinet.pth")
+    net = their_pidinet()
+    net.load_state_dict(sd)
+    theirs = PidiNetDetector(net.eval()).to(DEV)
+    return _pair(PiDiNetDetector.from_file(d / "table5_pidinet.pth", device=DEV), lambda i: theirs(i, detect_resolution=SIZE, image_resolution=SIZE, output_type="np"),
+                 imgs, batch, reps, resolution=SIZE)
+
+
+def mlsd(d, imgs, batch, reps):
+    from controlnet_aux.mlsd import MLSDdetector
+    from controlnet_aux.mlsd.models.mbv2_mlsd_large import MobileV2_MLSD_Large
+
+    from annotators.mlsd import MLSDDetector, MLSDLarge
+
+    sd = _rand(MLSDLarge()).state_dict()
+    torch.save(sd, d / "mlsd_large_512_fp32.pth")
+    net = MobileV2_MLSD_Large()
+    net.load_state_dict(sd)
+    theirs = MLSDdetector(net.eval()).to(DEV)
+    return _pair(MLSDDetector.from_file(d / "mlsd_large_512_fp32.pth", device=DEV), lambda i: theirs(i, detect_resolution=SIZE, image_resolution=SIZE, output_type="np"),
+                 imgs, batch, reps, resolution=SIZE)
+
+
+def lineart(d, imgs, batch, reps):
+    from controlnet_aux.lineart import Generator, LineartDetector as TheirLineart
+
+    from annotators.lineart import LineartDetector, LineartGenerator
+
+    sd = _rand(LineartGenerator()).state_dict()
+    torch.save(sd, d / "sk_model.pth")
+    net = Generator(3, 1, 3)
+    net.load_state_dict(sd)
+    theirs = TheirLineart(net.eval(), net).to(DEV)
+    return _pair(LineartDetector.from_file(d / "sk_model.pth", device=DEV), lambda i: theirs(i, detect_resolution=SIZE, image_resolution=SIZE, output_type="np"),
+                 imgs, batch, reps, resolution=SIZE)
+
+
+def openpose_body(d, imgs, batch, reps):
+    from controlnet_aux.open_pose import OpenposeDetector
+    from controlnet_aux.open_pose.body import Body
+
+    from annotators.openpose import BodyPoseNet, OpenPoseDetector
+
+    sd = _rand(BodyPoseNet()).state_dict()
+    torch.save({k.split(".", 1)[1]: v for k, v in sd.items()}, d / "body_pose_model.pth")
+    theirs = OpenposeDetector(Body(str(d / "body_pose_model.pth")))  # Body moves itself to CUDA when there is one
+    return _pair(OpenPoseDetector.from_file(d / "body_pose_model.pth", device=DEV),
+                 lambda i: theirs(i, detect_resolution=SIZE, image_resolution=SIZE, include_body=True, include_hand=False, include_face=False, output_type="np"),
+                 imgs, batch, reps, resolution=SIZE, include_body=True, include_hand=False, include_face=False)
+
+
+NEURAL = {"hed": hed, "pidinet": pidinet, "mlsd": mlsd, "lineart": lineart, "openpose body": openpose_body}
 
 
 def main() -> None:
     ap = argparse.ArgumentParser()
     ap.add_argument("--reps", type=int, default=3)
+    ap.add_argument("--device", default="cpu")
+    ap.add_argument("--only", nargs="*", help="run only these neural annotators")
     args = ap.parse_args()
+    global DEV
+    DEV = torch.device(args.device)
     torch.manual_seed(0)
     print(f"# annotators, {N} images {SIZE}x{SIZE}, per-image ms (best of {args.reps}); {machine()}")
     t_ours, t_cv = bench_canny(args.reps)
@@ -59,6 +157,8 @@ def main() -> None:
     imgs, batch = images()
     with tempfile.TemporaryDirectory() as d:
         for key, fn in NEURAL.items():
+            if args.only and key not in args.only:
+                continue
             try:
                 o, t = fn(Path(d), imgs, batch, args.reps)
             except Exception as e:  # noqa: BLE001 - a missing annotator is reported, the others still run
