@@ -60,10 +60,7 @@ def test_any_annotator_node_and_inpaint_hint(host):
 def test_missing_neural_weights_name_the_file_the_folder_and_the_command(host):
     from annotators import registry
 
-    neural = [k for k, i in registry.load_all().items() if i.weights]
-    if not neural:
-        pytest.skip("no neural annotator installed")
-    info = registry.ANNOTATORS[neural[0]]
+    info = registry.load_all()["depth_anything_v2"]
     g, img = image_graph(batch=1)
     cls = host.nodes.NODE_CLASS_MAPPINGS[f"ControlNetSuiteAnnotator_{info.key}"]
     kw = {name: spec[1]["default"] for name, spec in cls.INPUT_TYPES()["required"].items() if name != "image"}
@@ -83,3 +80,16 @@ def test_weight_file_with_the_wrong_hash_is_refused(host, tmp_path):
     (host.dirs["annotators"] / "fake_model.pth").write_bytes(b"not the real file")
     with pytest.raises(weights.AnnotatorWeightsError, match="does not match"):
         weights.find("fake_model.pth", [host.dirs["annotators"]])
+
+
+def test_a_neural_annotator_node_runs_with_weights_from_the_annotators_folder(host):
+    """HED with random weights in the official layout, found in ComfyUI's 'annotators' folder, run as a node."""
+    from annotators.hed import ControlNetHED
+    from factories import randomize_
+
+    torch.save(randomize_(ControlNetHED(), 0).state_dict(), host.dirs["annotators"] / "ControlNetHED.pth")
+    g, img = image_graph(w=80, h=64, batch=3)
+    n = g.add("ControlNetSuiteAnnotator_hed", image=img, safe=False, scribble=False, resolution=64, pixel_perfect=False)
+    g.add("SuiteTestCaptureImage", image=(n, 0), key="img")
+    out = host.run(g.prompt)["img"]
+    assert out.shape == (3, 64, 80, 3) and torch.isfinite(out).all() and 0 <= out.min() and out.max() <= 1
