@@ -176,9 +176,7 @@ class HEDDetector(Annotator):
     @classmethod
     def from_file(cls, path: os.PathLike, *, device: torch.device | str = "cpu", dtype: torch.dtype = torch.float32) -> "HEDDetector":
         """Load `ControlNetHED.pth` (a flat state dict; a 'module.' prefix is tolerated)."""
-        sd = weights.load_state_dict(path, strip_prefixes=("module.",))
-        model = weights.load_into(ControlNetHED(), sd, path, "ControlNetHED (HED soft edge)")
-        model.to(device=device, dtype=dtype).eval().requires_grad_(False)
+        model = weights.load_network(ControlNetHED(), path, "ControlNetHED (HED soft edge)", device=device, dtype=dtype)
         log.debug("HED weights loaded from %s on %s (%s)", path, device, dtype)
         return cls(model)
 

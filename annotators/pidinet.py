@@ -181,9 +181,7 @@ class PiDiNetDetector(Annotator):
     @classmethod
     def from_file(cls, path: os.PathLike, *, device: torch.device | str = "cpu", dtype: torch.dtype = torch.float32) -> "PiDiNetDetector":
         """Load `table5_pidinet.pth`: {'state_dict': {'module.' + key: tensor}} (a DataParallel training checkpoint)."""
-        sd = weights.load_state_dict(path, strip_prefixes=("module.",))
-        model = weights.load_into(PiDiNet(), sd, path, "PiDiNet (table5_pidinet)")
-        model.to(device=device, dtype=dtype).eval().requires_grad_(False)
+        model = weights.load_network(PiDiNet(), path, "PiDiNet (table5_pidinet)", device=device, dtype=dtype)
         log.debug("PiDiNet weights loaded from %s on %s (%s)", path, device, dtype)
         return cls(model)
 

@@ -167,3 +167,11 @@ def load_into(module: torch.nn.Module, sd: dict[str, torch.Tensor], path: os.Pat
         )
     module.load_state_dict(sd, strict=True)
     return module
+
+
+def load_network(module: torch.nn.Module, path: os.PathLike, what: str, *, strip_prefixes: Iterable[str] = ("module.",),
+                 device="cpu", dtype: torch.dtype = torch.float32) -> torch.nn.Module:
+    """Read `path` safely, load it strictly into `module`, and make it an inference network on device/dtype."""
+    sd = load_state_dict(path, strip_prefixes=strip_prefixes)
+    load_into(module, sd, path, what)
+    return module.to(device=device, dtype=dtype).eval().requires_grad_(False)
