@@ -11,6 +11,8 @@ bench:  ## run the benchmarks in bench/ (slow; full SD1.5 shapes)
 	bash scripts/setup_test_env.sh
 	.venv/bin/python bench/bench_load_memory.py
 	.venv/bin/python bench/bench_step.py
+	.venv/bin/python bench/bench_ksampler.py
+	.venv/bin/python bench/bench_annotators.py
 
 clean:
 	rm -rf .venv .venv-new .comfyui .pytest_cache
