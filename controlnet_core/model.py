@@ -93,6 +93,9 @@ class ControlNet(nn.Module):
         """(B, hint_channels, 8h, 8w) in [0, 1] -> (B, model_channels, h, w). Cached while hint, dtype and size stay the same."""
         dtype = self.input_hint_block[0].weight.dtype
         device = self.input_hint_block[0].weight.device
+        if torch.is_grad_enabled() and self.training:  # training: a cached result would carry a stale autograd graph
+            self._hint_cache = None
+            return self.input_hint_block(hint.to(device=device, dtype=dtype))
         key = (id(hint), tensor_version(hint), tuple(hint.shape), dtype, device)
         if self._hint_cache is not None and self._hint_cache[0] is hint and self._hint_cache[1] == key:
             return self._hint_cache[2]

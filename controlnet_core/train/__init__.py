@@ -1,0 +1,9 @@
+"""ControlNet training (paper section 3.3): `Trainer`, `TrainConfig`, `ControlDataset`.
+
+Not yet here (see the project's issue on training): the CLI, torchrun/DDP and FSDP, mixed precision and
+gradient checkpointing, EMA, caching, bucketing, the ComfyUI node, the toy world and the demo.
+"""
+from .data import ControlDataset, DatasetError, drop_prompts, scan
+from .trainer import TrainConfig, Trainer, sd_alphas_cumprod
+
+__all__ = ["ControlDataset", "DatasetError", "drop_prompts", "scan", "TrainConfig", "Trainer", "sd_alphas_cumprod"]

@@ -1,0 +1,175 @@
+"""Training a ControlNet as the paper does: locked base, zero-initialised copy, epsilon loss, 50% empty prompts.
+
+The trainer is model-agnostic about text and image encoders (callables), so the same code trains on a
+real SD checkpoint or on the toy world. Checkpoints hold everything a resumed run needs to continue
+bit for bit: ControlNet (and unlocked base) weights, optimizer, step, data order and position, RNG states.
+"""
+from __future__ import annotations
+
+import logging
+import math
+import os
+import random
+import signal
+from dataclasses import asdict, dataclass
+from pathlib import Path
+from typing import Callable, Optional
+
+import torch
+import torch.nn.functional as F
+
+from ..errors import ControlNetError
+from ..model import ControlNet
+from ..residuals import ControlResiduals
+from ..unet import UNetModel
+from .data import drop_prompts
+
+log = logging.getLogger(__name__)
+
+
+def sd_alphas_cumprod(steps: int = 1000, beta_start: float = 0.00085, beta_end: float = 0.012) -> torch.Tensor:
+    """Stable Diffusion's "scaled linear" schedule: betas linear in sqrt space."""
+    betas = torch.linspace(beta_start**0.5, beta_end**0.5, steps, dtype=torch.float64) ** 2
+    return torch.cumprod(1.0 - betas, 0).float()
+
+
+@dataclass
+class TrainConfig:
+    lr: float = 1e-5  # the paper's learning rate
+    batch_size: int = 4
+    empty_prompt_rate: float = 0.5  # the paper replaces 50% of prompts with "" (section 3.3)
+    sd_locked: bool = True  # False also trains the base decoder (output blocks + out), as the original `sd_locked=False`
+    only_mid_control: bool = False  # inject only the middle-block residual
+    prediction: str = "eps"  # "eps" (SD1.x, SD2-base) or "v" (SD2-v)
+    seed: int = 0
+    weight_decay: float = 0.0
+
+
+class Trainer:
+    def __init__(self, unet: UNetModel, controlnet: ControlNet, encode_text: Callable[[list[str]], torch.Tensor],
+                 encode_image: Callable[[torch.Tensor], torch.Tensor], dataset, config: TrainConfig = TrainConfig()):
+        if config.prediction not in ("eps", "v"):
+            raise ControlNetError(f"prediction must be 'eps' or 'v', not {config.prediction!r}.")
+        if len(dataset) < config.batch_size:
+            raise ControlNetError(f"the dataset has {len(dataset)} samples, fewer than one batch of {config.batch_size}.")
+        self.unet, self.controlnet, self.config = unet, controlnet, config
+        self.encode_text, self.encode_image, self.dataset = encode_text, encode_image, dataset
+        unet.requires_grad_(False).eval()
+        params = list(controlnet.parameters())
+        if not config.sd_locked:
+            decoder = list(unet.output_blocks.parameters()) + list(unet.out.parameters())
+            for p in decoder:
+                p.requires_grad_(True)
+            params += decoder
+        controlnet.requires_grad_(True).train()
+        self.optimizer = torch.optim.AdamW(params, lr=config.lr, weight_decay=config.weight_decay)
+        self.alphas = sd_alphas_cumprod()
+        self.step = 0
+        self.epoch, self.position = 0, 0
+        self.gen = torch.Generator().manual_seed(config.seed)
+        self.prompt_rng = random.Random(config.seed)
+        self._order = self._permutation(0)
+
+    # -- data order: a seeded permutation per epoch, so a resumed run sees the same batches --
+
+    def _permutation(self, epoch: int) -> torch.Tensor:
+        return torch.randperm(len(self.dataset), generator=torch.Generator().manual_seed(self.config.seed * 100003 + epoch))
+
+    def next_batch(self) -> dict:
+        idx = []
+        while len(idx) < self.config.batch_size:
+            if self.position >= len(self._order):
+                self.epoch, self.position = self.epoch + 1, 0
+                self._order = self._permutation(self.epoch)
+            idx.append(int(self._order[self.position]))
+            self.position += 1
+        items = [self.dataset[i] for i in idx]
+        return {"hint": torch.stack([it["hint"] for it in items]), "target": torch.stack([it["target"] for it in items]),
+                "prompt": [it["prompt"] for it in items]}
+
+    # -- one optimisation step --
+
+    def loss(self, batch: dict) -> torch.Tensor:
+        device = next(self.controlnet.parameters()).device
+        with torch.no_grad():
+            latents = self.encode_image(batch["target"].to(device))
+            prompts = drop_prompts(batch["prompt"], self.config.empty_prompt_rate, self.prompt_rng)
+            context = self.encode_text(prompts)
+        b = latents.shape[0]
+        t = torch.randint(0, len(self.alphas), (b,), generator=self.gen)
+        noise = torch.randn(latents.shape, generator=self.gen).to(device)
+        a = self.alphas[t].to(device).view(b, 1, 1, 1)
+        x_t = a.sqrt() * latents + (1 - a).sqrt() * noise
+        res = self.controlnet(x_t, batch["hint"].to(device), t.to(device).float(), context)
+        if self.config.only_mid_control:
+            res = ControlResiduals(mid=res.mid)
+        pred = self.unet(x_t, t.to(device).float(), context, control=res)
+        target = noise if self.config.prediction == "eps" else a.sqrt() * noise - (1 - a).sqrt() * latents
+        return F.mse_loss(pred.float(), target.float())
+
+    def train_step(self) -> float:
+        loss = self.loss(self.next_batch())
+        self.optimizer.zero_grad(set_to_none=True)
+        loss.backward()
+        self.optimizer.step()
+        self.step += 1
+        if not math.isfinite(loss.item()):
+            raise ControlNetError(f"loss became {loss.item()} at step {self.step}; lower the learning rate.")
+        return loss.item()
+
+    def train(self, steps: int, checkpoint: Optional[Path] = None, save_every: int = 0,
+              on_step: Optional[Callable[[int, float], None]] = None) -> list[float]:
+        """Run `steps` more steps; Ctrl-C (SIGINT) finishes the current step, saves, and stops."""
+        stop = {"now": False}
+        previous = signal.getsignal(signal.SIGINT) if checkpoint else None
+        if checkpoint:
+            signal.signal(signal.SIGINT, lambda *a: stop.update(now=True))
+        losses = []
+        try:
+            for _ in range(steps):
+                losses.append(self.train_step())
+                if on_step:
+                    on_step(self.step, losses[-1])
+                if checkpoint and (stop["now"] or (save_every and self.step % save_every == 0)):
+                    self.save_checkpoint(checkpoint)
+                if stop["now"]:
+                    log.info("interrupted at step %d; checkpoint saved to %s", self.step, checkpoint)
+                    break
+        finally:
+            if checkpoint:
+                signal.signal(signal.SIGINT, previous)
+        if checkpoint:
+            self.save_checkpoint(checkpoint)
+        return losses
+
+    # -- checkpoints: written atomically, resumed exactly --
+
+    def state(self) -> dict:
+        s = {"controlnet": self.controlnet.state_dict(), "optimizer": self.optimizer.state_dict(), "step": self.step,
+             "epoch": self.epoch, "position": self.position, "gen": self.gen.get_state(),
+             "prompt_rng": torch.tensor(self.prompt_rng.getstate()[1], dtype=torch.int64),
+             "prompt_rng_gauss": self.prompt_rng.getstate()[2],
+             "config": {k: v for k, v in asdict(self.config).items()}}
+        if not self.config.sd_locked:
+            s["unet"] = self.unet.state_dict()
+        return s
+
+    def save_checkpoint(self, path: Path) -> None:
+        path = Path(path)
+        path.parent.mkdir(parents=True, exist_ok=True)
+        tmp = path.with_name(path.name + ".part")
+        torch.save(self.state(), tmp)
+        os.replace(tmp, path)
+
+    def load_checkpoint(self, path: Path) -> None:
+        s = torch.load(path, map_location="cpu", weights_only=True)
+        if s["config"] != asdict(self.config):
+            raise ControlNetError(f"{path}: saved with settings {s['config']}, resumed with {asdict(self.config)}; resume with the same settings.")
+        self.controlnet.load_state_dict(s["controlnet"])
+        if "unet" in s:
+            self.unet.load_state_dict(s["unet"])
+        self.optimizer.load_state_dict(s["optimizer"])
+        self.step, self.epoch, self.position = s["step"], s["epoch"], s["position"]
+        self._order = self._permutation(self.epoch)
+        self.gen.set_state(s["gen"])
+        self.prompt_rng.setstate((3, tuple(int(v) for v in s["prompt_rng"].tolist()), s["prompt_rng_gauss"]))

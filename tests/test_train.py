@@ -1,0 +1,172 @@
+"""Training as the paper does it, on a tiny model and a fill50k-like folder made here."""
+import json
+import random
+
+import cv2
+import numpy as np
+import pytest
+import torch
+from torch import nn
+
+from controlnet_core import ControlNetConfig, create_from_unet, load_control, save_ldm
+from controlnet_core.train import ControlDataset, DatasetError, TrainConfig, Trainer, drop_prompts
+from controlnet_core.unet import UNetConfig, UNetModel
+from factories import randomize_
+
+CFG = ControlNetConfig(model_channels=64, channel_mult=(1, 2), num_res_blocks=(1, 1), transformer_depth=(1, 1), context_dim=32)
+COLOURS = {"red": (255, 0, 0), "green": (0, 255, 0), "blue": (0, 0, 255), "yellow": (255, 255, 0)}
+
+
+def make_fill50k(root, n=12, size=64, seed=0):
+    """Condition: a circle outline; target: the filled circle on a coloured background; prompt: the colours."""
+    rng = random.Random(seed)
+    (root / "source").mkdir(parents=True)
+    (root / "target").mkdir()
+    lines = []
+    for i in range(n):
+        fg, bg = rng.sample(sorted(COLOURS), 2)
+        c, r = (rng.randint(16, 48), rng.randint(16, 48)), rng.randint(6, 14)
+        cond = np.zeros((size, size, 3), np.uint8)
+        cv2.circle(cond, c, r, (255, 255, 255), 1)
+        tgt = np.full((size, size, 3), COLOURS[bg], np.uint8)
+        cv2.circle(tgt, c, r, COLOURS[fg], -1)
+        cv2.imwrite(str(root / "source" / f"{i}.png"), cond[:, :, ::-1])
+        cv2.imwrite(str(root / "target" / f"{i}.png"), tgt[:, :, ::-1])
+        lines.append(json.dumps({"source": f"source/{i}.png", "target": f"target/{i}.png", "prompt": f"{fg} circle with {bg} background"}))
+    (root / "prompt.json").write_text("\n".join(lines) + "\n")
+    return root
+
+
+class ToyText(nn.Module):
+    """Bytes -> fixed random embeddings: a deterministic stand-in for CLIP."""
+
+    def __init__(self, dim=32, tokens=8):
+        super().__init__()
+        self.tokens = tokens
+        self.table = nn.Embedding(256, dim)
+        torch.nn.init.normal_(self.table.weight, generator=torch.Generator().manual_seed(9))
+
+    def forward(self, prompts):
+        ids = torch.zeros(len(prompts), self.tokens, dtype=torch.long)
+        for i, p in enumerate(prompts):
+            b = list(p.encode()[: self.tokens])
+            ids[i, : len(b)] = torch.tensor(b, dtype=torch.long)
+        return self.table(ids)
+
+
+def toy_vae(images):
+    """(B,3,64,64) in [-1,1] -> (B,4,8,8): area downsampling plus a fixed channel mix (a stand-in for the VAE)."""
+    x = torch.nn.functional.avg_pool2d(images, 8)
+    return torch.cat([x, x.mean(1, keepdim=True)], 1)
+
+
+def build(tmp_path, config=TrainConfig(lr=1e-3, batch_size=4), seed=0):
+    unet = randomize_(UNetModel(UNetConfig(CFG)), seed).eval()
+    cn = create_from_unet(unet.state_dict(), seed=seed)
+    ds = ControlDataset(tmp_path / "fill") if (tmp_path / "fill").exists() else ControlDataset(make_fill50k(tmp_path / "fill"))
+    return Trainer(unet, cn, ToyText(), toy_vae, ds, config)
+
+
+def test_only_controlnet_parameters_learn_when_locked(tmp_path):
+    tr = build(tmp_path)
+    before = {k: v.clone() for k, v in tr.unet.state_dict().items()}
+    cn_before = {k: v.clone() for k, v in tr.controlnet.state_dict().items()}
+    tr.train_step()
+    assert all(torch.equal(v, tr.unet.state_dict()[k]) for k, v in before.items())
+    assert all(p.grad is None for p in tr.unet.parameters())
+    changed = [k for k, v in cn_before.items() if not torch.equal(v, tr.controlnet.state_dict()[k])]
+    # paper section 3.1: with zero convs at 0, the first step moves only the zero convs (the copy gets zero gradient) ...
+    assert any(k.startswith("zero_convs") for k in changed) and not any(k.startswith("input_blocks") for k in changed)
+    tr.train_step()
+    # ... and from the second step on the trainable copy learns too
+    assert any(not torch.equal(v, tr.controlnet.state_dict()[k]) for k, v in cn_before.items() if k.startswith("input_blocks"))
+
+
+def test_unlocked_base_trains_the_decoder_only(tmp_path):
+    tr = build(tmp_path, TrainConfig(lr=1e-3, sd_locked=False))
+    enc = tr.unet.input_blocks[1][0].in_layers[2].weight.clone()
+    dec = tr.unet.output_blocks[0][0].in_layers[2].weight.clone()
+    tr.train_step()
+    assert torch.equal(enc, tr.unet.input_blocks[1][0].in_layers[2].weight)
+    assert not torch.equal(dec, tr.unet.output_blocks[0][0].in_layers[2].weight)
+
+
+def test_half_of_the_prompts_are_emptied_over_a_pass():
+    rng = random.Random(3)
+    out = drop_prompts(["a prompt"] * 4000, 0.5, rng)
+    share = out.count("") / len(out)
+    assert abs(share - 0.5) < 0.03  # 4000 draws: 3 % is > 3.5 standard deviations
+    assert drop_prompts(["x"] * 50, 0.0, rng) == ["x"] * 50
+
+
+def test_the_trainer_empties_prompts_at_the_configured_rate(tmp_path):
+    tr = build(tmp_path)
+    seen = []
+    tr.encode_text = lambda prompts: (seen.extend(prompts), ToyText()(prompts))[1]
+    for _ in range(15):
+        tr.loss(tr.next_batch())
+    assert 0.3 < seen.count("") / len(seen) < 0.7
+
+
+def test_a_few_steps_reduce_the_loss_on_a_fixed_batch(tmp_path):
+    tr = build(tmp_path, TrainConfig(lr=3e-4, batch_size=4, empty_prompt_rate=0.0))
+    batch = tr.next_batch()
+
+    def fixed_loss():
+        g = tr.gen.get_state()
+        tr.gen.manual_seed(123)
+        v = tr.loss(batch)
+        tr.gen.set_state(g)
+        return v
+
+    first = fixed_loss().item()
+    for _ in range(8):
+        loss = fixed_loss()
+        tr.optimizer.zero_grad()
+        loss.backward()
+        tr.optimizer.step()
+    assert fixed_loss().item() < first
+
+
+def test_resume_gives_the_same_weights_as_an_uninterrupted_run(tmp_path):
+    straight = build(tmp_path)
+    straight.train(6)
+    first = build(tmp_path)
+    first.train(3, checkpoint=tmp_path / "ckpt.pt")
+    resumed = build(tmp_path)
+    resumed.load_checkpoint(tmp_path / "ckpt.pt")
+    resumed.train(3)
+    for k, v in straight.controlnet.state_dict().items():
+        assert torch.equal(v, resumed.controlnet.state_dict()[k]), k
+    assert not (tmp_path / "ckpt.pt.part").exists()
+
+
+def test_the_trained_controlnet_loads_in_our_loader_and_comfys(comfy, tmp_path):
+    import comfy.controlnet
+
+    tr = build(tmp_path)
+    tr.train(2)
+    path = save_ldm(tr.controlnet, tmp_path / "trained.safetensors")
+    assert load_control(path).config.model_channels == 64
+    assert comfy.controlnet.load_controlnet(str(path)) is not None
+
+
+def test_bad_data_gets_clear_errors(tmp_path):
+    with pytest.raises(DatasetError, match="no such dataset folder"):
+        ControlDataset(tmp_path / "nope")
+    (tmp_path / "empty").mkdir()
+    (tmp_path / "empty" / "prompt.json").write_text("\n")
+    with pytest.raises(DatasetError, match="prompt file is empty"):
+        ControlDataset(tmp_path / "empty")
+    root = make_fill50k(tmp_path / "d", n=3)
+    (root / "target" / "1.png").unlink()
+    with pytest.raises(DatasetError, match="do not exist"):
+        ControlDataset(root)
+    root = make_fill50k(tmp_path / "e", n=3)
+    (root / "target" / "1.png").write_bytes(b"not a png")
+    with pytest.raises(DatasetError, match="not a readable image"):
+        ControlDataset(root)[1]
+    root = make_fill50k(tmp_path / "f", n=3)
+    cv2.imwrite(str(root / "source" / "2.png"), np.zeros((32, 32, 3), np.uint8))
+    with pytest.raises(DatasetError, match="must have its image's size"):
+        ControlDataset(root)[2]
