@@ -64,6 +64,14 @@ class Trainer:
         controlnet.requires_grad_(True).train()
         self.optimizer = torch.optim.AdamW(params, lr=config.lr, weight_decay=config.weight_decay)
         self.alphas = sd_alphas_cumprod()
+        # torchrun / DistributedDataParallel: each process takes its slice of a global batch of
+        # batch_size * world_size; noise, timesteps and empty prompts are drawn for the global batch
+        # (same RNG on every rank), so N processes compute exactly what one process with N times the batch would.
+        dist = torch.distributed
+        self.rank, self.world = (dist.get_rank(), dist.get_world_size()) if dist.is_available() and dist.is_initialized() else (0, 1)
+        self.net = controlnet
+        if self.world > 1:
+            self.net = torch.nn.parallel.DistributedDataParallel(controlnet)
         self.step = 0
         self.epoch, self.position = 0, 0
         self.gen = torch.Generator().manual_seed(config.seed)
@@ -77,13 +85,14 @@ class Trainer:
 
     def next_batch(self) -> dict:
         idx = []
-        while len(idx) < self.config.batch_size:
+        while len(idx) < self.config.batch_size * self.world:
             if self.position >= len(self._order):
                 self.epoch, self.position = self.epoch + 1, 0
                 self._order = self._permutation(self.epoch)
             idx.append(int(self._order[self.position]))
             self.position += 1
-        items = [self.dataset[i] for i in idx]
+        b = self.config.batch_size
+        items = [self.dataset[i] for i in idx[self.rank * b : (self.rank + 1) * b]]
         return {"hint": torch.stack([it["hint"] for it in items]), "target": torch.stack([it["target"] for it in items]),
                 "prompt": [it["prompt"] for it in items]}
 
@@ -91,16 +100,17 @@ class Trainer:
 
     def loss(self, batch: dict) -> torch.Tensor:
         device = next(self.controlnet.parameters()).device
+        b = batch["target"].shape[0]
+        mine = slice(self.rank * b, (self.rank + 1) * b)
         with torch.no_grad():
             latents = self.encode_image(batch["target"].to(device))
-            prompts = drop_prompts(batch["prompt"], self.config.empty_prompt_rate, self.prompt_rng)
-            context = self.encode_text(prompts)
-        b = latents.shape[0]
-        t = torch.randint(0, len(self.alphas), (b,), generator=self.gen)
-        noise = torch.randn(latents.shape, generator=self.gen).to(device)
+            keep = drop_prompts(["x"] * (b * self.world), self.config.empty_prompt_rate, self.prompt_rng)[mine]
+            context = self.encode_text([p if k else "" for p, k in zip(batch["prompt"], keep)])
+        t = torch.randint(0, len(self.alphas), (b * self.world,), generator=self.gen)[mine]
+        noise = torch.randn((b * self.world, *latents.shape[1:]), generator=self.gen)[mine].to(device)
         a = self.alphas[t].to(device).view(b, 1, 1, 1)
         x_t = a.sqrt() * latents + (1 - a).sqrt() * noise
-        res = self.controlnet(x_t, batch["hint"].to(device), t.to(device).float(), context)
+        res = self.net(x_t, batch["hint"].to(device), t.to(device).float(), context)
         if self.config.only_mid_control:
             res = ControlResiduals(mid=res.mid)
         pred = self.unet(x_t, t.to(device).float(), context, control=res)
@@ -155,6 +165,8 @@ class Trainer:
         return s
 
     def save_checkpoint(self, path: Path) -> None:
+        if self.rank != 0:  # every rank holds the same weights; one writes
+            return
         path = Path(path)
         path.parent.mkdir(parents=True, exist_ok=True)
         tmp = path.with_name(path.name + ".part")
