@@ -1,67 +1,24 @@
 """Training as the paper does it, on a tiny model and a fill50k-like folder made here."""
-import json
 import random
 
 import cv2
 import numpy as np
 import pytest
 import torch
-from torch import nn
 
-from controlnet_core import ControlNetConfig, create_from_unet, load_control, save_ldm
+from controlnet_core import create_from_unet, load_control, save_ldm
 from controlnet_core.train import ControlDataset, DatasetError, TrainConfig, Trainer, drop_prompts
-from controlnet_core.unet import UNetConfig, UNetModel
+from controlnet_core.train.toy import TOY_UNET, ToyTextEncoder, make_fill50k, toy_encode_image
+from controlnet_core.unet import UNetModel
 from factories import randomize_
 
-CFG = ControlNetConfig(model_channels=64, channel_mult=(1, 2), num_res_blocks=(1, 1), transformer_depth=(1, 1), context_dim=32)
-COLOURS = {"red": (255, 0, 0), "green": (0, 255, 0), "blue": (0, 0, 255), "yellow": (255, 255, 0)}
-
-
-def make_fill50k(root, n=12, size=64, seed=0):
-    """Condition: a circle outline; target: the filled circle on a coloured background; prompt: the colours."""
-    rng = random.Random(seed)
-    (root / "source").mkdir(parents=True)
-    (root / "target").mkdir()
-    lines = []
-    for i in range(n):
-        fg, bg = rng.sample(sorted(COLOURS), 2)
-        c, r = (rng.randint(16, 48), rng.randint(16, 48)), rng.randint(6, 14)
-        cond = np.zeros((size, size, 3), np.uint8)
-        cv2.circle(cond, c, r, (255, 255, 255), 1)
-        tgt = np.full((size, size, 3), COLOURS[bg], np.uint8)
-        cv2.circle(tgt, c, r, COLOURS[fg], -1)
-        cv2.imwrite(str(root / "source" / f"{i}.png"), cond[:, :, ::-1])
-        cv2.imwrite(str(root / "target" / f"{i}.png"), tgt[:, :, ::-1])
-        lines.append(json.dumps({"source": f"source/{i}.png", "target": f"target/{i}.png", "prompt": f"{fg} circle with {bg} background"}))
-    (root / "prompt.json").write_text("\n".join(lines) + "\n")
-    return root
-
-
-class ToyText(nn.Module):
-    """Bytes -> fixed random embeddings: a deterministic stand-in for CLIP."""
-
-    def __init__(self, dim=32, tokens=8):
-        super().__init__()
-        self.tokens = tokens
-        self.table = nn.Embedding(256, dim)
-        torch.nn.init.normal_(self.table.weight, generator=torch.Generator().manual_seed(9))
-
-    def forward(self, prompts):
-        ids = torch.zeros(len(prompts), self.tokens, dtype=torch.long)
-        for i, p in enumerate(prompts):
-            b = list(p.encode()[: self.tokens])
-            ids[i, : len(b)] = torch.tensor(b, dtype=torch.long)
-        return self.table(ids)
-
-
-def toy_vae(images):
-    """(B,3,64,64) in [-1,1] -> (B,4,8,8): area downsampling plus a fixed channel mix (a stand-in for the VAE)."""
-    x = torch.nn.functional.avg_pool2d(images, 8)
-    return torch.cat([x, x.mean(1, keepdim=True)], 1)
+CFG = TOY_UNET.encoder
+ToyText = ToyTextEncoder
+toy_vae = toy_encode_image
 
 
 def build(tmp_path, config=TrainConfig(lr=1e-3, batch_size=4), seed=0):
-    unet = randomize_(UNetModel(UNetConfig(CFG)), seed).eval()
+    unet = randomize_(UNetModel(TOY_UNET), seed).eval()
     cn = create_from_unet(unet.state_dict(), seed=seed)
     ds = ControlDataset(tmp_path / "fill") if (tmp_path / "fill").exists() else ControlDataset(make_fill50k(tmp_path / "fill"))
     return Trainer(unet, cn, ToyText(), toy_vae, ds, config)
