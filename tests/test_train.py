@@ -166,3 +166,25 @@ def test_two_process_ddp_equals_one_process_with_the_doubled_batch(tmp_path):
     half.train(3)  # the test can fail: one process with only one rank's batch ends elsewhere
     assert max((half.controlnet.state_dict()[k] - v).abs().max().item() for k, v in single.controlnet.state_dict().items()) > 1e-3
     assert (tmp_path / "ddp.pt").is_file()  # rank 0 saved the checkpoint
+
+
+def test_gradient_accumulation_is_one_step_over_the_averaged_micro_batches(tmp_path):
+    acc = build(tmp_path, TrainConfig(lr=1e-3, batch_size=2, grad_accum=2))
+    ref = build(tmp_path, TrainConfig(lr=1e-3, batch_size=2))
+    acc.train_step()
+    ref.optimizer.zero_grad()
+    for _ in range(2):
+        (ref.loss(ref.next_batch()) / 2).backward()
+    ref.optimizer.step()
+    assert acc.step == 1 and acc.position == ref.position == 4
+    for k, v in ref.controlnet.state_dict().items():
+        assert torch.equal(v, acc.controlnet.state_dict()[k]), k
+
+
+def test_bf16_mixed_precision_stores_the_locked_base_in_bf16_and_trains(tmp_path):
+    tr = build(tmp_path, TrainConfig(lr=1e-3, batch_size=2, mixed_precision="bf16"))
+    assert all(p.dtype == torch.bfloat16 for p in tr.unet.parameters())
+    assert all(p.dtype == torch.float32 for p in tr.controlnet.parameters())  # trainable weights keep fp32 masters
+    before = tr.controlnet.zero_convs[0][0].weight.clone()
+    losses = tr.train(2)
+    assert all(torch.isfinite(torch.tensor(losses))) and not torch.equal(before, tr.controlnet.zero_convs[0][0].weight)

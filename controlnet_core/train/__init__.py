@@ -1,6 +1,6 @@
 """ControlNet training (paper section 3.3): `Trainer`, `TrainConfig`, `ControlDataset`, the toy world (`toy`).
 
-Not yet here (see the project's issue on training): a CLI for real checkpoints, FSDP, mixed precision and
+Not yet here (see the project's issue on training): a CLI for real checkpoints, FSDP,
 gradient checkpointing, EMA, caching, bucketing, the ComfyUI node, the toy base model and the demo.
 """
 from .data import ControlDataset, DatasetError, drop_prompts, scan

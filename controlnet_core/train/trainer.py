@@ -43,6 +43,8 @@ class TrainConfig:
     prediction: str = "eps"  # "eps" (SD1.x, SD2-base) or "v" (SD2-v)
     seed: int = 0
     weight_decay: float = 0.0
+    grad_accum: int = 1  # micro-batches per optimizer step
+    mixed_precision: str = "no"  # "fp16" / "bf16": autocast, and the locked base stored in that dtype
 
 
 class Trainer:
@@ -50,11 +52,20 @@ class Trainer:
                  encode_image: Callable[[torch.Tensor], torch.Tensor], dataset, config: TrainConfig = TrainConfig()):
         if config.prediction not in ("eps", "v"):
             raise ControlNetError(f"prediction must be 'eps' or 'v', not {config.prediction!r}.")
+        if config.mixed_precision not in ("no", "fp16", "bf16"):
+            raise ControlNetError(f"mixed_precision must be 'no', 'fp16' or 'bf16', not {config.mixed_precision!r}.")
+        if config.grad_accum < 1:
+            raise ControlNetError(f"grad_accum must be >= 1, not {config.grad_accum}.")
         if len(dataset) < config.batch_size:
             raise ControlNetError(f"the dataset has {len(dataset)} samples, fewer than one batch of {config.batch_size}.")
         self.unet, self.controlnet, self.config = unet, controlnet, config
         self.encode_text, self.encode_image, self.dataset = encode_text, encode_image, dataset
         unet.requires_grad_(False).eval()
+        self.amp_dtype = {"no": None, "fp16": torch.float16, "bf16": torch.bfloat16}[config.mixed_precision]
+        if self.amp_dtype is not None and config.sd_locked:
+            unet.to(self.amp_dtype)  # the locked base needs no fp32 master weights: half the memory
+        device = next(controlnet.parameters()).device
+        self.scaler = torch.amp.GradScaler("cuda") if config.mixed_precision == "fp16" and device.type == "cuda" else None
         params = list(controlnet.parameters())
         if not config.sd_locked:
             decoder = list(unet.output_blocks.parameters()) + list(unet.out.parameters())
@@ -117,15 +128,30 @@ class Trainer:
         target = noise if self.config.prediction == "eps" else a.sqrt() * noise - (1 - a).sqrt() * latents
         return F.mse_loss(pred.float(), target.float())
 
+    def _forward_loss(self, batch: dict) -> torch.Tensor:
+        if self.amp_dtype is None:
+            return self.loss(batch)
+        device = next(self.controlnet.parameters()).device
+        with torch.autocast(device.type, dtype=self.amp_dtype):
+            return self.loss(batch)
+
     def train_step(self) -> float:
-        loss = self.loss(self.next_batch())
+        """One optimizer step over `grad_accum` micro-batches; returns their mean loss."""
         self.optimizer.zero_grad(set_to_none=True)
-        loss.backward()
-        self.optimizer.step()
+        total = 0.0
+        for _ in range(self.config.grad_accum):
+            loss = self._forward_loss(self.next_batch()) / self.config.grad_accum
+            (self.scaler.scale(loss) if self.scaler else loss).backward()
+            total += loss.item()
+        if self.scaler:
+            self.scaler.step(self.optimizer)
+            self.scaler.update()
+        else:
+            self.optimizer.step()
         self.step += 1
-        if not math.isfinite(loss.item()):
-            raise ControlNetError(f"loss became {loss.item()} at step {self.step}; lower the learning rate.")
-        return loss.item()
+        if not math.isfinite(total):
+            raise ControlNetError(f"loss became {total} at step {self.step}; lower the learning rate.")
+        return total
 
     def train(self, steps: int, checkpoint: Optional[Path] = None, save_every: int = 0,
               on_step: Optional[Callable[[int, float], None]] = None) -> list[float]:
