@@ -108,8 +108,11 @@ def prepare_hint(image: torch.Tensor, height: int, width: int, channels: int, ba
     return match_batch(image, batch, "hint", batched_number)  # not clamped: inpaint hints mark masked pixels with -1
 
 
-def mask_residuals(res: ControlResiduals, mask: Optional[torch.Tensor], batched_number: int = 1) -> ControlResiduals:
-    """Multiply every residual by the mask resized (area-averaged) to its own resolution; None = everywhere."""
+def mask_residuals(res: ControlResiduals, mask: Optional[torch.Tensor], batched_number: int = 1, cache: Optional[dict] = None) -> ControlResiduals:
+    """Multiply every residual by the mask resized (area-averaged) to its own resolution; None = everywhere.
+
+    `cache`: a dict the caller keeps across sampling steps, so each site's resized mask is made once.
+    """
     if mask is None:
         return res
     if mask.ndim == 2:
@@ -117,10 +120,10 @@ def mask_residuals(res: ControlResiduals, mask: Optional[torch.Tensor], batched_
     if mask.ndim != 3:
         raise ControlNetError(f"mask must be (batch, height, width) or (height, width); got shape {tuple(mask.shape)}.")
     m = mask[:, None].float()
-    cache: dict = {}
+    cache = {} if cache is None else cache
 
     def apply(t: torch.Tensor) -> torch.Tensor:
-        key = (t.shape[0], t.shape[-2], t.shape[-1], t.device, t.dtype)
+        key = (t.shape[0], t.shape[-2], t.shape[-1], t.device, t.dtype, batched_number)
         if key not in cache:
             r = F.interpolate(m.to(t.device), size=t.shape[-2:], mode="bilinear", align_corners=False, antialias=True)
             cache[key] = match_batch(r, t.shape[0], "mask", batched_number).to(t.dtype)

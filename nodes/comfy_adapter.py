@@ -85,6 +85,7 @@ class SuiteControl(ControlBase):
         self.model_sampling_current = None
         self._inner: Optional[ControlBase] = None  # configured copy of a foreign backend
         self._prepared: Optional[tuple] = None  # (key, hint tensor) for the current latent size
+        self._mask_cache: dict = {}  # resized masks per site, kept across sampling steps
 
     @property
     def is_foreign(self) -> bool:
@@ -131,6 +132,7 @@ class SuiteControl(ControlBase):
     def cleanup(self):
         self.model_sampling_current = None
         self._prepared = None
+        self._mask_cache = {}
         if self._inner is not None:
             self._inner.cleanup()
         elif not self.is_foreign:
@@ -160,7 +162,7 @@ class SuiteControl(ControlBase):
             return prev
         res = self._raw_residuals(x_noisy, t, cond, batched_number, transformer_options)
         res = scale(res, self.strength, mode_block_scales(self.mode, res))
-        res = mask_residuals(res, self.mask, batched_number)
+        res = mask_residuals(res, self.mask, batched_number, self._mask_cache)
         res = res.to(x_noisy.dtype)
         return merge_with_previous(to_comfy(res), prev)
 
