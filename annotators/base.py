@@ -19,8 +19,12 @@ class AnnotatorError(ControlNetError):
     """Bad input to an annotator (empty batch, wrong shape...)."""
 
 
-def as_rgb(images: torch.Tensor, what: str = "annotator") -> torch.Tensor:
-    """Validate and normalise a (B, C, H, W) batch to float RGB in [0, 1]."""
+def as_rgb(images: torch.Tensor, what: str = "annotator", sanitize: bool = True) -> torch.Tensor:
+    """Validate and normalise a (B, C, H, W) batch to float RGB in [0, 1].
+
+    `sanitize=False` skips the NaN/range pass (a full read of the batch) for callers whose next step
+    saturates anyway, such as the uint8 conversion of the OpenCV annotators.
+    """
     if not isinstance(images, torch.Tensor) or images.ndim != 4:
         shape = tuple(images.shape) if isinstance(images, torch.Tensor) else type(images).__name__
         raise AnnotatorError(f"{what}: expected an image batch (batch, channels, height, width); got {shape}.")
@@ -38,6 +42,11 @@ def as_rgb(images: torch.Tensor, what: str = "annotator") -> torch.Tensor:
         x = x.expand(-1, 3, -1, -1)
     elif c != 3:
         raise AnnotatorError(f"{what}: images have {c} channels; expected 1 (gray), 3 (RGB) or 4 (RGBA).")
+    return sanitized(x) if sanitize else x
+
+
+def sanitized(x: torch.Tensor) -> torch.Tensor:
+    """NaN -> 0, +inf -> 1, -inf -> 0, everything clamped to [0, 1]; a no-copy check when already clean."""
     lo, hi = torch.aminmax(x)  # one pass; NaN makes both comparisons false
     if not (lo >= 0 and hi <= 1):
         x = torch.nan_to_num(x, nan=0.0, posinf=1.0, neginf=0.0).clamp(0, 1)
@@ -68,19 +77,35 @@ class Annotator(abc.ABC):
     """Callable annotator: `__call__(images (B,C,H,W) in [0,1]) -> (B,C',H,W) in [0,1]`, same H, W as the input."""
 
     name: str = "annotator"
+    sanitizes_input: bool = False  # True: annotate() copes with NaN / out-of-range values itself
 
     @abc.abstractmethod
     def annotate(self, images: torch.Tensor, **params) -> torch.Tensor:
         """Clean RGB batch (B, 3, H, W) in [0, 1] -> condition maps (B, C, H, W) in [0, 1], same H and W."""
 
     def __call__(self, images: torch.Tensor, chunk_size: int = 8, progress: Optional[Callable[[int], None]] = None, **params) -> torch.Tensor:
-        x = as_rgb(images, self.name)
+        x = as_rgb(images, self.name, sanitize=not self.sanitizes_input)
         outs = []
         for part in chunks(x, chunk_size):
             outs.append(self.annotate(part, **params))
             if progress is not None:
                 progress(part.shape[0])
-        return torch.cat(outs, 0)
+        return outs[0] if len(outs) == 1 else torch.cat(outs, 0)  # cat would materialise expanded 3-channel views
+
+
+def inference_network(module: torch.nn.Module, device: torch.device | str = "cpu", dtype: torch.dtype = torch.float32) -> torch.nn.Module:
+    """Frozen, eval-mode network on device/dtype in the channels-last layout.
+
+    oneDNN (CPU) and cuDNN pick their fastest convolution kernels for NHWC weights and activations
+    (on CPUs with AMX, bf16 convolutions run several times faster than in NCHW); the layout then
+    propagates from layer to layer. Only for convolutional networks: `.view` on NHWC activations fails.
+    """
+    return module.to(device=device, dtype=dtype, memory_format=torch.channels_last).eval().requires_grad_(False)
+
+
+def network_input(x: torch.Tensor, device: torch.device, dtype: torch.dtype) -> torch.Tensor:
+    """The network's input on its device and dtype, channels-last to match `inference_network`."""
+    return x.to(device=device, dtype=dtype).contiguous(memory_format=torch.channels_last)
 
 
 def gaussian_kernel(sigma: float) -> int:

@@ -14,15 +14,24 @@ import cv2
 import numpy as np
 import torch
 
-from .base import Annotator, AnnotatorError, as_rgb, detect_size, resize_to
+from .base import Annotator, AnnotatorError, as_rgb, detect_size, resize_to, sanitized
 from .registry import AnnotatorInfo, Param, register
 
 RES = Param("resolution", "INT", 512, 64, 4096, 64, tooltip="Detect resolution: the short side the image is processed at.")
 
 
+_HALF = torch.tensor(0.5)
+
+
 def to_uint8(images: torch.Tensor) -> list[np.ndarray]:
-    """(B,3,H,W) in [0,1] (as_rgb has clamped it) -> list of HxWx3 uint8 RGB arrays, in one fused pass."""
-    arr = images.mul(255.0).add_(0.5).to(torch.uint8).permute(0, 2, 3, 1).contiguous().cpu().numpy()
+    """(B,3,H,W) float -> list of HxWx3 uint8 RGB arrays, rounded and saturated (NaN and -inf -> 0, +inf -> 255).
+
+    Saturating here is what lets PerImage skip as_rgb's separate range pass: on a 512x512 image the two
+    memory passes cost about as much as cv2.Canny itself. Working on the channels-last view avoids a copy
+    when the batch came from a ComfyUI IMAGE (B,H,W,C) as it usually does.
+    """
+    hwc = images.permute(0, 2, 3, 1)
+    arr = torch.add(_HALF.to(images.device), hwc, alpha=255.0).clamp_(0, 255).to(torch.uint8).contiguous().cpu().numpy()
     return list(arr)  # contiguous HxWx3 views: OpenCV would copy strided ones
 
 
@@ -39,11 +48,12 @@ class PerImage(Annotator):
     """An OpenCV recipe applied image by image at the detect resolution, resized back to the input size."""
 
     multiple = 8
+    sanitizes_input = True  # to_uint8 saturates
 
     def annotate(self, images: torch.Tensor, resolution: int = 512, **params) -> torch.Tensor:
         h, w = images.shape[-2:]
         dh, dw = detect_size(h, w, resolution, self.multiple)
-        x = resize_to(images, dh, dw)
+        x = images if (dh, dw) == (h, w) else resize_to(sanitized(images), dh, dw)  # NaN must not spread in a resize
         maps = [self.one(a, **params) for a in to_uint8(x)]
         out = from_uint8(maps, images)
         return out if (dh, dw) == (h, w) else resize_to(out, h, w).clamp(0, 1)

@@ -18,7 +18,7 @@ import torch.nn as nn
 import torch.nn.functional as F
 
 from . import weights
-from .base import Annotator, detect_size, resize_to
+from .base import Annotator, detect_size, network_input, resize_to
 from .registry import AnnotatorInfo, Param, register
 
 log = logging.getLogger(__name__)
@@ -191,7 +191,7 @@ class HEDDetector(Annotator):
     def edges(self, images: torch.Tensor) -> torch.Tensor:
         """(B, 3, h, w) RGB in [0, 1] -> (B, 1, h, w) edge probability at the same size (the raw network output)."""
         h, w = images.shape[-2:]
-        x = (images * 255.0).to(self.device, self.dtype)
+        x = network_input(images * 255.0, self.device, self.dtype)
         sides = [
             F.interpolate(s.float(), size=(h, w), mode="bilinear", align_corners=False) for s in self.model(x)
         ]

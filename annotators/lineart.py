@@ -21,7 +21,7 @@ import torch
 from torch import nn
 
 from . import weights
-from .base import Annotator, AnnotatorError, detect_size, resize_to
+from .base import Annotator, AnnotatorError, detect_size, inference_network, network_input, resize_to
 from .registry import AnnotatorInfo, Param, register
 
 log = logging.getLogger(__name__)
@@ -91,7 +91,7 @@ class LineartDetector(Annotator):
         """Load the official flat state dict (a `module.` prefix is tolerated); strict, with a clear error."""
         sd = weights.load_state_dict(path, strip_prefixes=("module.",))
         model = weights.load_into(LineartGenerator(), sd, path, cls.model_name)
-        model.to(device=device, dtype=dtype).eval().requires_grad_(False)
+        inference_network(model, device, dtype)
         log.debug("%s: loaded %s on %s (%s)", cls.name, path, device, dtype)
         return cls(model)
 
@@ -109,7 +109,7 @@ class LineartDetector(Annotator):
             raise AnnotatorError(f"{self.name}: resolution must be positive; got {resolution}.")
         height, width = images.shape[-2:]
         dh, dw = detect_size(height, width, resolution)
-        x = resize_to(images, dh, dw).to(self.device, self.dtype)
+        x = network_input(resize_to(images, dh, dw), self.device, self.dtype)
         with torch.inference_mode():
             line = self.model(x).float()
         line = resize_to(line, height, width).to(images.device)

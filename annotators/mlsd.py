@@ -30,7 +30,7 @@ import torch.nn.functional as F
 from torch import nn
 
 from . import weights
-from .base import Annotator, AnnotatorError, detect_size, resize_to
+from .base import Annotator, AnnotatorError, detect_size, inference_network, network_input, resize_to
 from .registry import AnnotatorInfo, Param, register
 
 log = logging.getLogger(__name__)
@@ -278,7 +278,7 @@ class MLSDDetector(Annotator):
         """
         sd = weights.load_state_dict(path, strip_prefixes=("module.",))
         model = weights.load_into(cls.network(), sd, path, cls.model_name)
-        model.to(device=device, dtype=dtype).eval().requires_grad_(False)
+        inference_network(model, device, dtype)
         if dtype != torch.float32:
             log.warning("%s: running in %s changes which line segments are found; float32 is recommended.", cls.name, dtype)
         log.debug("%s: loaded %s on %s (%s)", cls.name, path, device, dtype)
@@ -298,7 +298,7 @@ class MLSDDetector(Annotator):
             raise AnnotatorError(f"{self.name}: resolution must be positive; got {resolution}.")
         height, width = images.shape[-2:]
         dh, dw = detect_size(height, width, resolution)
-        x = to_network_input(resize_to(images, dh, dw)).to(self.device, self.dtype)
+        x = network_input(to_network_input(resize_to(images, dh, dw)), self.device, self.dtype)
         with torch.inference_mode():
             tp_map = self.model(x)
         # TP-map pixels are half detect pixels; then detect -> input size

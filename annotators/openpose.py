@@ -41,7 +41,7 @@ import torch.nn.functional as F
 
 from . import weights
 from ._core import ControlNetError
-from .base import Annotator, AnnotatorError, as_rgb, chunks, detect_size, resize_to
+from .base import Annotator, AnnotatorError, as_rgb, chunks, detect_size, inference_network, network_input, resize_to
 from .registry import AnnotatorInfo, Param, register
 
 log = logging.getLogger(__name__)
@@ -206,7 +206,7 @@ def load_network(kind: str, path: PathLike, *, device: torch.device | str = "cpu
     if kind != "face":
         sd = official_to_module_keys(net, sd)
     weights.load_into(net, sd, path, what)
-    return net.to(device=device, dtype=dtype).eval().requires_grad_(False)
+    return inference_network(net, device, dtype)
 
 
 # --- image helpers (OpenCV, as the reference) -------------------------------------------------------------
@@ -253,7 +253,7 @@ def gaussian3(x: np.ndarray) -> np.ndarray:
 def _net_input(batch: np.ndarray, device: torch.device, dtype: torch.dtype) -> torch.Tensor:
     """(B, H, W, 3) uint8 BGR -> (B, 3, H, W) x/256 - 0.5 (exact in float32, then cast)."""
     x = torch.from_numpy(np.ascontiguousarray(batch)).to(device).permute(0, 3, 1, 2).float() / 256.0 - 0.5
-    return x.to(dtype)
+    return network_input(x, device, dtype)
 
 
 # --- body: peaks and limb assembly ------------------------------------------------------------------------

@@ -20,7 +20,7 @@ import torch.nn as nn
 import torch.nn.functional as F
 
 from . import weights
-from .base import Annotator, detect_size, resize_to
+from .base import Annotator, detect_size, network_input, resize_to
 from .hed import RESOLUTION, SAFE, resize_input, safe_step
 from .registry import AnnotatorInfo, register
 
@@ -195,7 +195,7 @@ class PiDiNetDetector(Annotator):
 
     def edges(self, images: torch.Tensor) -> torch.Tensor:
         """(B, 3, h, w) RGB in [0, 1] -> (B, 1, h, w) fused edge probability (the raw network output)."""
-        bgr = images.flip(1).to(self.device, self.dtype)  # trained on OpenCV (BGR) images
+        bgr = network_input(images.flip(1), self.device, self.dtype)  # trained on OpenCV (BGR) images
         return self.model(bgr)[-1].float()
 
     def annotate(self, images: torch.Tensor, resolution: int = 512, safe: bool = False) -> torch.Tensor:

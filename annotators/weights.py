@@ -174,4 +174,6 @@ def load_network(module: torch.nn.Module, path: os.PathLike, what: str, *, strip
     """Read `path` safely, load it strictly into `module`, and make it an inference network on device/dtype."""
     sd = load_state_dict(path, strip_prefixes=strip_prefixes)
     load_into(module, sd, path, what)
-    return module.to(device=device, dtype=dtype).eval().requires_grad_(False)
+    from .base import inference_network
+
+    return inference_network(module, device, dtype)

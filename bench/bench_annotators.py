@@ -52,6 +52,8 @@ def _rand(module: torch.nn.Module) -> torch.nn.Module:
 
 
 DEV = torch.device("cpu")
+DTYPES = ["float32"]  # our precisions; controlnet-aux always runs float32
+CHUNK = N
 
 
 def _sync():
@@ -59,10 +61,13 @@ def _sync():
         torch.cuda.synchronize()
 
 
-def _pair(ours_det, theirs_call, imgs, batch, reps, **ours_kw):
-    """(our batched time, their per-image loop time) on the same images."""
+def _pair(make_ours, theirs_call, imgs, batch, reps, **ours_kw):
+    """({dtype name: our batched time}, their per-image loop time in float32) on the same images."""
     b = batch.to(DEV)
-    t_ours = best(lambda: (ours_det(b, chunk_size=N, **ours_kw), _sync()), reps)
+    t_ours = {}
+    for name in DTYPES:
+        det = make_ours(getattr(torch, name))
+        t_ours[name] = best(lambda: (det(b, chunk_size=CHUNK, **ours_kw), _sync()), reps)
     t_theirs = best(lambda: [theirs_call(i) for i in imgs], reps)
     return t_ours, t_theirs
 
@@ -77,7 +82,7 @@ def hed(d, imgs, batch, reps):
     net = ControlNetHED_Apache2()
     net.load_state_dict(sd)
     theirs = HEDdetector(net.float().eval()).to(DEV)
-    return _pair(HEDDetector.from_file(d / "ControlNetHED.pth", device=DEV), lambda i: theirs(i, detect_resolution=SIZE, image_resolution=SIZE, output_type="np"),
+    return _pair(lambda dt: HEDDetector.from_file(d / "ControlNetHED.pth", device=DEV, dtype=dt), lambda i: theirs(i, detect_resolution=SIZE, image_resolution=SIZE, output_type="np"),
                  imgs, batch, reps, resolution=SIZE)
 
 
@@ -92,7 +97,7 @@ def pidinet(d, imgs, batch, reps):
     net = their_pidinet()
     net.load_state_dict(sd)
     theirs = PidiNetDetector(net.eval()).to(DEV)
-    return _pair(PiDiNetDetector.from_file(d / "table5_pidinet.pth", device=DEV), lambda i: theirs(i, detect_resolution=SIZE, image_resolution=SIZE, output_type="np"),
+    return _pair(lambda dt: PiDiNetDetector.from_file(d / "table5_pidinet.pth", device=DEV, dtype=dt), lambda i: theirs(i, detect_resolution=SIZE, image_resolution=SIZE, output_type="np"),
                  imgs, batch, reps, resolution=SIZE)
 
 
@@ -107,7 +112,7 @@ def mlsd(d, imgs, batch, reps):
     net = MobileV2_MLSD_Large()
     net.load_state_dict(sd)
     theirs = MLSDdetector(net.eval()).to(DEV)
-    return _pair(MLSDDetector.from_file(d / "mlsd_large_512_fp32.pth", device=DEV), lambda i: theirs(i, detect_resolution=SIZE, image_resolution=SIZE, output_type="np"),
+    return _pair(lambda dt: MLSDDetector.from_file(d / "mlsd_large_512_fp32.pth", device=DEV, dtype=dt), lambda i: theirs(i, detect_resolution=SIZE, image_resolution=SIZE, output_type="np"),
                  imgs, batch, reps, resolution=SIZE)
 
 
@@ -121,7 +126,7 @@ def lineart(d, imgs, batch, reps):
     net = Generator(3, 1, 3)
     net.load_state_dict(sd)
     theirs = TheirLineart(net.eval(), net).to(DEV)
-    return _pair(LineartDetector.from_file(d / "sk_model.pth", device=DEV), lambda i: theirs(i, detect_resolution=SIZE, image_resolution=SIZE, output_type="np"),
+    return _pair(lambda dt: LineartDetector.from_file(d / "sk_model.pth", device=DEV, dtype=dt), lambda i: theirs(i, detect_resolution=SIZE, image_resolution=SIZE, output_type="np"),
                  imgs, batch, reps, resolution=SIZE)
 
 
@@ -134,7 +139,7 @@ def openpose_body(d, imgs, batch, reps):
     sd = _rand(BodyPoseNet()).state_dict()
     torch.save({k.split(".", 1)[1]: v for k, v in sd.items()}, d / "body_pose_model.pth")
     theirs = OpenposeDetector(Body(str(d / "body_pose_model.pth")))  # Body moves itself to CUDA when there is one
-    return _pair(OpenPoseDetector.from_file(d / "body_pose_model.pth", device=DEV),
+    return _pair(lambda dt: OpenPoseDetector.from_file(d / "body_pose_model.pth", device=DEV, dtype=dt),
                  lambda i: theirs(i, detect_resolution=SIZE, image_resolution=SIZE, include_body=True, include_hand=False, include_face=False, output_type="np"),
                  imgs, batch, reps, resolution=SIZE, include_body=True, include_hand=False, include_face=False)
 
@@ -147,9 +152,11 @@ def main() -> None:
     ap.add_argument("--reps", type=int, default=3)
     ap.add_argument("--device", default="cpu")
     ap.add_argument("--only", nargs="*", help="run only these neural annotators")
+    ap.add_argument("--dtypes", nargs="*", default=["float32", "bfloat16"], help="our precisions to time (torch dtype names)")
+    ap.add_argument("--chunk", type=int, default=N, help="images per network call for ours")
     args = ap.parse_args()
-    global DEV
-    DEV = torch.device(args.device)
+    global DEV, DTYPES, CHUNK
+    DEV, DTYPES, CHUNK = torch.device(args.device), args.dtypes, args.chunk
     torch.manual_seed(0)
     print(f"# annotators, {N} images {SIZE}x{SIZE}, per-image ms (best of {args.reps}); {machine()}")
     t_ours, t_cv = bench_canny(args.reps)
@@ -164,7 +171,8 @@ def main() -> None:
             except Exception as e:  # noqa: BLE001 - a missing annotator is reported, the others still run
                 print(f"{key:12} skipped: {type(e).__name__}: {e}")
                 continue
-            print(f"{key:12} ours {o / N * 1000:8.1f}  controlnet-aux {t / N * 1000:8.1f}  speed-up {t / o:.2f}x")
+            ours = "  ".join(f"ours {k} {v / N * 1000:8.1f} ({t / v:.2f}x)" for k, v in o.items())
+            print(f"{key:12} controlnet-aux float32 {t / N * 1000:8.1f}  {ours}   (speed-up = their time / ours)")
 
 
 if __name__ == "__main__":
