@@ -2,18 +2,21 @@
 from .apply import ControlNetSuiteApply, ControlNetSuiteApplyStack, ControlNetSuiteStack
 from .annotator_nodes import node_mappings
 from .loader import ControlNetSuiteLoader
+from .train_node import ControlNetSuiteTrain
 
 NODE_CLASS_MAPPINGS: dict[str, type] = {
     "ControlNetSuiteLoader": ControlNetSuiteLoader,
     "ControlNetSuiteApply": ControlNetSuiteApply,
     "ControlNetSuiteStack": ControlNetSuiteStack,
     "ControlNetSuiteApplyStack": ControlNetSuiteApplyStack,
+    "ControlNetSuiteTrain": ControlNetSuiteTrain,
 }
 NODE_DISPLAY_NAME_MAPPINGS: dict[str, str] = {
     "ControlNetSuiteLoader": "Load ControlNet (Suite)",
     "ControlNetSuiteApply": "Apply ControlNet (Suite)",
     "ControlNetSuiteStack": "ControlNet Stack (Suite)",
     "ControlNetSuiteApplyStack": "Apply ControlNet Stack (Suite)",
+    "ControlNetSuiteTrain": "Train ControlNet (Suite)",
 }
 
 _annotator_classes, _annotator_names = node_mappings()

@@ -30,6 +30,7 @@ SOCKETS = {
     "SaveImage": ([("images", "IMAGE")], []),
     "SolidMask": ([], [("MASK", "MASK")]),
     "MaskComposite": ([("destination", "MASK"), ("source", "MASK")], [("MASK", "MASK")]),
+    "ControlNetSuiteTrain": ([("model", "MODEL"), ("clip", "CLIP"), ("vae", "VAE")], [("control_net", "CONTROL_NET")]),
 }
 OPTIONAL = {("ControlNetSuiteLoader", "model"), ("ControlNetSuiteApply", "mask"), ("ControlNetSuiteApply", "vae"),
             ("ControlNetSuiteStack", "mask"), ("ControlNetSuiteStack", "stack"), ("ControlNetSuiteApplyStack", "vae")}
@@ -143,6 +144,21 @@ def regional():
     w.save("regional_two_masked_units")
 
 
+def train():
+    """Train a ControlNet on a folder, then try it at once: the trained CONTROL_NET feeds the apply node directly."""
+    w = Workflow("Train a ControlNet on a dataset folder, then sample with it")
+    ckpt, pos, neg = common(w, "a red circle on a blue background")
+    # dataset_folder, steps, learning_rate, batch_size, empty_prompt_rate, resolution, seed, (control_after_generate),
+    # output_name, resume, annotator, precision, gradient_checkpointing
+    trained = w.node("ControlNetSuiteTrain", ["controlnet_dataset", 1000, 1e-5, 4, 0.5, 512, 0, "fixed", "my_controlnet", True, "none",
+                                              "auto", True], (360, 300), model=(ckpt, 0), clip=(ckpt, 1), vae=(ckpt, 2))
+    img = w.node("LoadImage", ["condition_example.png", "image"], (360, 750), title="A condition to try it on")
+    app = w.node("ControlNetSuiteApply", [1.0, 0.0, 1.0, "balanced", "crop and resize"], (760, 0), positive=(pos, 0), negative=(neg, 0),
+                 control_net=(trained, 0), image=(img, 0))
+    sample(w, ckpt, (app, 0), (app, 1), "controlnet_trained")
+    w.save("train_controlnet")
+
+
 def main() -> None:
     OUT.mkdir(exist_ok=True)
     single("canny", "Canny edges (ComfyUI's Canny node) -> ControlNet", "a cozy living room, photo, detailed", "control_v11p_sd15_canny.safetensors",
@@ -158,6 +174,7 @@ def main() -> None:
                "canny_example.png", canny=True, mode=mode)
     multi()
     regional()
+    train()
 
 
 if __name__ == "__main__":

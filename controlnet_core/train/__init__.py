@@ -1,9 +1,12 @@
 """ControlNet training (paper section 3.3): `Trainer`, `TrainConfig`, `ControlDataset`, the toy world (`toy`).
 
-Not yet here (see the project's issue on training): a CLI for real checkpoints, FSDP,
-gradient checkpointing, EMA, caching, bucketing, the ComfyUI node, the toy base model and the demo.
+Next to them, one module per feature: `checkpointing` (gradient checkpointing), `ema`, `cache` (text
+embeddings and latents on disk), `buckets` (aspect-ratio bucketing), `conditions` (conditions from the
+annotators), `report` (loss curve and validation grid PNGs), `sampling` (DDIM for the grid), `fsdp`.
+Not yet here (see the project's issue on training): a CLI for real checkpoints, the toy base model and the demo.
 """
+from .buckets import Buckets
 from .data import ControlDataset, DatasetError, drop_prompts, scan
 from .trainer import TrainConfig, Trainer, sd_alphas_cumprod
 
-__all__ = ["ControlDataset", "DatasetError", "drop_prompts", "scan", "TrainConfig", "Trainer", "sd_alphas_cumprod"]
+__all__ = ["Buckets", "ControlDataset", "DatasetError", "drop_prompts", "scan", "TrainConfig", "Trainer", "sd_alphas_cumprod"]

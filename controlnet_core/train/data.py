@@ -4,6 +4,8 @@ Two layouts:
 - fill50k: `prompt.json` with one JSON object per line, {"source": cond path, "target": image path,
   "prompt": text}, paths relative to the folder (the paper's toy dataset format);
 - plain folders: `conditions/NAME.png`, `images/NAME.png`, `captions/NAME.txt` (a missing caption = "").
+With a `condition_fn` (an annotator, see conditions.py) conditions are derived from the images, and `images/`
+(+ `captions/`) is enough. Sizes: as stored, a square `size`, or aspect-ratio `buckets` (see buckets.py).
 Bad data is reported with the file and what to do, at construction (paths) or at read (pixels).
 """
 from __future__ import annotations
@@ -18,6 +20,9 @@ import numpy as np
 import torch
 
 from ..errors import ControlNetError
+from .buckets import Buckets, assign, epoch_order, fit, image_size
+from .cache import file_key
+from .conditions import ConditionFn
 
 IMAGE_EXTS = (".png", ".jpg", ".jpeg", ".webp", ".bmp")
 
@@ -42,7 +47,9 @@ def _read_image(path: Path) -> np.ndarray:
     return cv2.cvtColor(img, cv2.COLOR_BGR2RGB)
 
 
-def scan(root: Path) -> list[Sample]:
+def scan(root: Path, derive_conditions: bool = False) -> list[Sample]:
+    """The samples of a dataset folder. derive_conditions: conditions are computed from the images (an
+    annotator), so `images/` (+ `captions/`) is enough; each sample's condition path is then its image."""
     root = Path(root)
     if not root.is_dir():
         raise DatasetError(f"{root}: no such dataset folder.")
@@ -59,10 +66,10 @@ def scan(root: Path) -> list[Sample]:
                 raise DatasetError(f"{pj}, line {n}: expected {{\"source\": ..., \"target\": ..., \"prompt\": ...}} ({e}).") from None
         if not samples:
             raise DatasetError(f"{pj}: the prompt file is empty; it needs one JSON line per training pair.")
-    elif (root / "images").is_dir() and (root / "conditions").is_dir():
+    elif (root / "images").is_dir() and ((root / "conditions").is_dir() or derive_conditions):
         samples = []
         for img in sorted(p for p in (root / "images").iterdir() if p.suffix.lower() in IMAGE_EXTS):
-            conds = [root / "conditions" / (img.stem + e) for e in IMAGE_EXTS if (root / "conditions" / (img.stem + e)).is_file()]
+            conds = [img] if derive_conditions else [root / "conditions" / (img.stem + e) for e in IMAGE_EXTS if (root / "conditions" / (img.stem + e)).is_file()]
             if not conds:
                 raise DatasetError(f"{img}: no condition image conditions/{img.stem}.* for it.")
             cap = root / "captions" / (img.stem + ".txt")
@@ -70,7 +77,8 @@ def scan(root: Path) -> list[Sample]:
         if not samples:
             raise DatasetError(f"{root}/images: no images ({', '.join(IMAGE_EXTS)}).")
     else:
-        raise DatasetError(f"{root}: expected prompt.json (fill50k layout) or images/ + conditions/ (+ captions/) folders.")
+        raise DatasetError(f"{root}: expected prompt.json (fill50k layout) or images/ + conditions/ (+ captions/) folders "
+                           "(images/ alone is enough when an annotator derives the conditions).")
     missing = [str(p) for s in samples for p in (s.condition, s.target) if not p.is_file()]
     if missing:
         raise DatasetError(f"{root}: {len(missing)} listed image files do not exist, e.g. {missing[:3]}.")
@@ -80,27 +88,60 @@ def scan(root: Path) -> list[Sample]:
 class ControlDataset(torch.utils.data.Dataset):
     """Items: {"hint": (3,H,W) in [0,1], "target": (3,H,W) in [-1,1], "prompt": str} (the paper's value ranges)."""
 
-    def __init__(self, root: Path, size: Optional[int] = None):
-        self.samples = scan(root)
+    def __init__(self, root: Path, size: Optional[int] = None, *, buckets: Optional[Buckets] = None,
+                 condition_fn: Optional[ConditionFn] = None):
+        """size: resize every pair to size x size. buckets: aspect-ratio bucketing instead (see buckets.py);
+        batches then come from one bucket each, in `epoch_order`. condition_fn: derive each condition from its
+        (resized) target image, e.g. `conditions.annotator_condition("canny")`; condition files are then unused."""
+        if size and buckets:
+            raise DatasetError("ControlDataset: give either size (square resize) or buckets (aspect-ratio buckets), not both.")
+        self.samples = scan(root, derive_conditions=condition_fn is not None)
         self.size = size
+        self.buckets = buckets
+        self.condition_fn = condition_fn
+        self.bucket_of = assign([image_size(s.target) for s in self.samples], buckets) if buckets else None
 
     def __len__(self) -> int:
         return len(self.samples)
+
+    def epoch_order(self, epoch: int, seed: int, global_batch: int) -> Optional[torch.Tensor]:
+        """The bucketed sample order of an epoch (each global batch from one bucket); None without buckets."""
+        return epoch_order(self.bucket_of, epoch, seed, global_batch) if self.bucket_of else None
 
     def __getitem__(self, i: int) -> dict:
         import cv2
 
         s = self.samples[i]
-        cond, target = _read_image(s.condition), _read_image(s.target)
-        if cond.shape != target.shape:
+        target = _read_image(s.target)
+        cond = None if self.condition_fn else _read_image(s.condition)
+        if cond is not None and cond.shape != target.shape:
             raise DatasetError(f"{s.condition} is {cond.shape[1]}x{cond.shape[0]} but {s.target} is {target.shape[1]}x{target.shape[0]}; "
                                "a condition must have its image's size.")
-        if self.size:
-            cond = cv2.resize(cond, (self.size, self.size), interpolation=cv2.INTER_AREA)
+        resize = "stored"
+        if self.bucket_of:
+            bh, bw = self.bucket_of[i]
+            target, cond = fit(target, bh, bw), None if cond is None else fit(cond, bh, bw)
+            resize = "bucket"
+        elif self.size:
+            cond = None if cond is None else cv2.resize(cond, (self.size, self.size), interpolation=cv2.INTER_AREA)
             target = cv2.resize(target, (self.size, self.size), interpolation=cv2.INTER_AREA)
-        hint = torch.from_numpy(cond).permute(2, 0, 1).float() / 255.0
+            resize = "stretch"
         tgt = torch.from_numpy(target).permute(2, 0, 1).float() / 127.5 - 1.0
-        return {"hint": hint, "target": tgt, "prompt": s.prompt}
+        if self.condition_fn:
+            hint = self._derive(torch.from_numpy(target).permute(2, 0, 1).float()[None] / 255.0, s.target)
+        else:
+            hint = torch.from_numpy(cond).permute(2, 0, 1).float() / 255.0
+        # identifies the target tensor for the latent cache: file, its version, and how it was resized
+        key = f"{file_key(s.target, tgt.shape[-2:])}|{resize}"
+        return {"hint": hint, "target": tgt, "prompt": s.prompt, "key": key}
+
+    def _derive(self, image01: torch.Tensor, source: Path) -> torch.Tensor:
+        out = self.condition_fn(image01)
+        if out.ndim != 4 or out.shape[0] != 1 or out.shape[-2:] != image01.shape[-2:]:
+            raise DatasetError(f"{source}: the condition function returned shape {tuple(out.shape)}; expected (1, C, "
+                               f"{image01.shape[-2]}, {image01.shape[-1]}), a condition at the image's size.")
+        out = out[0].float()
+        return out.expand(3, -1, -1).contiguous() if out.shape[0] == 1 else out
 
 
 def drop_prompts(prompts: Sequence[str], rate: float, rng: random.Random) -> list[str]:

@@ -45,6 +45,14 @@ class TrainConfig:
     weight_decay: float = 0.0
     grad_accum: int = 1  # micro-batches per optimizer step
     mixed_precision: str = "no"  # "fp16" / "bf16": autocast, and the locked base stored in that dtype
+    gradient_checkpointing: bool = False  # recompute block activations in backward: less memory, ~1 extra forward
+    ema_decay: float = 0.0  # > 0 (e.g. 0.999): keep an EMA of the ControlNet weights, saved and exportable; 0: off
+    cache_dir: Optional[str] = None  # cache text embeddings and VAE latents on disk here (see cache.py)
+    distributed: str = "ddp"  # under torchrun: "ddp" (replicated) or "fsdp" (sharded; for SDXL-size models)
+
+    def __post_init__(self):
+        if self.cache_dir is not None:
+            self.cache_dir = str(self.cache_dir)  # checkpoints hold plain types only (weights_only loading)
 
 
 class Trainer:
@@ -66,6 +74,7 @@ class Trainer:
             unet.to(self.amp_dtype)  # the locked base needs no fp32 master weights: half the memory
         device = next(controlnet.parameters()).device
         self.scaler = torch.amp.GradScaler("cuda") if config.mixed_precision == "fp16" and device.type == "cuda" else None
+        self.fsdp = self._shard_if_fsdp(controlnet)  # before the optimizer sees the parameters
         params = list(controlnet.parameters())
         if not config.sd_locked:
             decoder = list(unet.output_blocks.parameters()) + list(unet.out.parameters())
@@ -81,17 +90,22 @@ class Trainer:
         dist = torch.distributed
         self.rank, self.world = (dist.get_rank(), dist.get_world_size()) if dist.is_available() and dist.is_initialized() else (0, 1)
         self.net = controlnet
-        if self.world > 1:
+        if self.world > 1 and not self.fsdp:
             self.net = torch.nn.parallel.DistributedDataParallel(controlnet)
         self.step = 0
         self.epoch, self.position = 0, 0
         self.gen = torch.Generator().manual_seed(config.seed)
         self.prompt_rng = random.Random(config.seed)
         self._order = self._permutation(0)
+        self._init_features()
 
     # -- data order: a seeded permutation per epoch, so a resumed run sees the same batches --
 
     def _permutation(self, epoch: int) -> torch.Tensor:
+        bucketed = getattr(self.dataset, "epoch_order", None)  # aspect-ratio buckets: one bucket per global batch
+        order = bucketed(epoch, self.config.seed, self.config.batch_size * self.world) if bucketed else None
+        if order is not None:
+            return order
         return torch.randperm(len(self.dataset), generator=torch.Generator().manual_seed(self.config.seed * 100003 + epoch))
 
     def next_batch(self) -> dict:
@@ -105,7 +119,7 @@ class Trainer:
         b = self.config.batch_size
         items = [self.dataset[i] for i in idx[self.rank * b : (self.rank + 1) * b]]
         return {"hint": torch.stack([it["hint"] for it in items]), "target": torch.stack([it["target"] for it in items]),
-                "prompt": [it["prompt"] for it in items]}
+                "prompt": [it["prompt"] for it in items], "keys": [it.get("key") for it in items]}
 
     # -- one optimisation step --
 
@@ -114,17 +128,18 @@ class Trainer:
         b = batch["target"].shape[0]
         mine = slice(self.rank * b, (self.rank + 1) * b)
         with torch.no_grad():
-            latents = self.encode_image(batch["target"].to(device))
+            latents = self._encode_latents(batch, device)
             keep = drop_prompts(["x"] * (b * self.world), self.config.empty_prompt_rate, self.prompt_rng)[mine]
-            context = self.encode_text([p if k else "" for p, k in zip(batch["prompt"], keep)])
+            context = self._encode_context(batch["prompt"], keep)
+        context, y = context if isinstance(context, tuple) else (context, None)  # SDXL's encoders also give the label vector y
         t = torch.randint(0, len(self.alphas), (b * self.world,), generator=self.gen)[mine]
         noise = torch.randn((b * self.world, *latents.shape[1:]), generator=self.gen)[mine].to(device)
         a = self.alphas[t].to(device).view(b, 1, 1, 1)
         x_t = a.sqrt() * latents + (1 - a).sqrt() * noise
-        res = self.net(x_t, batch["hint"].to(device), t.to(device).float(), context)
+        res = self.net(x_t, batch["hint"].to(device), t.to(device).float(), context, y)
         if self.config.only_mid_control:
             res = ControlResiduals(mid=res.mid)
-        pred = self.unet(x_t, t.to(device).float(), context, control=res)
+        pred = self.unet(x_t, t.to(device).float(), context, y, control=res)
         target = noise if self.config.prediction == "eps" else a.sqrt() * noise - (1 - a).sqrt() * latents
         return F.mse_loss(pred.float(), target.float())
 
@@ -148,6 +163,8 @@ class Trainer:
             self.scaler.update()
         else:
             self.optimizer.step()
+        if self.ema is not None:
+            self.ema.update()
         self.step += 1
         if not math.isfinite(total):
             raise ControlNetError(f"loss became {total} at step {self.step}; lower the learning rate.")
@@ -188,26 +205,117 @@ class Trainer:
              "config": {k: v for k, v in asdict(self.config).items()}}
         if not self.config.sd_locked:
             s["unet"] = self.unet.state_dict()
+        s.update(self._feature_state())
         return s
 
     def save_checkpoint(self, path: Path) -> None:
+        state = self.state() if self.fsdp else None  # gathering shards is collective: every rank takes part
         if self.rank != 0:  # every rank holds the same weights; one writes
             return
         path = Path(path)
         path.parent.mkdir(parents=True, exist_ok=True)
         tmp = path.with_name(path.name + ".part")
-        torch.save(self.state(), tmp)
+        torch.save(state if state is not None else self.state(), tmp)
         os.replace(tmp, path)
 
     def load_checkpoint(self, path: Path) -> None:
         s = torch.load(path, map_location="cpu", weights_only=True)
         if s["config"] != asdict(self.config):
             raise ControlNetError(f"{path}: saved with settings {s['config']}, resumed with {asdict(self.config)}; resume with the same settings.")
-        self.controlnet.load_state_dict(s["controlnet"])
+        if self.fsdp:
+            from .fsdp import load_full_state
+
+            load_full_state(self.controlnet, self.optimizer, s["controlnet"], s["optimizer"])
+        else:
+            self.controlnet.load_state_dict(s["controlnet"])
+        if self.ema is not None:
+            self.ema.load_state_dict(s["ema"])
         if "unet" in s:
             self.unet.load_state_dict(s["unet"])
-        self.optimizer.load_state_dict(s["optimizer"])
+        if not self.fsdp:
+            self.optimizer.load_state_dict(s["optimizer"])
         self.step, self.epoch, self.position = s["step"], s["epoch"], s["position"]
         self._order = self._permutation(self.epoch)
         self.gen.set_state(s["gen"])
         self.prompt_rng.setstate((3, tuple(int(v) for v in s["prompt_rng"].tolist()), s["prompt_rng_gauss"]))
+
+    # -- gradient checkpointing, EMA, caches, FSDP, export (the modules next to this one do the work) --
+
+    def _shard_if_fsdp(self, controlnet: ControlNet) -> bool:
+        if self.config.distributed not in ("ddp", "fsdp"):
+            raise ControlNetError(f"distributed must be 'ddp' or 'fsdp', not {self.config.distributed!r}.")
+        dist = torch.distributed
+        if self.config.distributed != "fsdp" or not (dist.is_available() and dist.is_initialized()):
+            return False  # one process: nothing to shard
+        from .fsdp import shard
+
+        shard(controlnet)
+        return True
+
+    def _init_features(self) -> None:
+        cfg = self.config
+        if cfg.gradient_checkpointing:
+            from .checkpointing import enable_for_training
+
+            enable_for_training(self.controlnet, self.unet)
+        self.ema = None
+        if cfg.ema_decay:
+            from .ema import EMA
+
+            self.ema = EMA(self.controlnet.named_parameters(), cfg.ema_decay)
+        self.text_cache = self.latent_cache = None
+        if cfg.cache_dir:
+            from .cache import LatentCache, TextCache
+
+            device = next(self.controlnet.parameters()).device
+            self.text_cache = TextCache(self.encode_text, cfg.cache_dir, device=device)
+            self.latent_cache = LatentCache(self.encode_image, cfg.cache_dir)
+
+    def _encode_latents(self, batch: dict, device) -> torch.Tensor:
+        keys = batch.get("keys")
+        if self.latent_cache is not None and keys and all(keys):
+            return self.latent_cache(batch["target"].to(device), keys)
+        return self.encode_image(batch["target"].to(device))
+
+    def _encode_context(self, prompts: list, keep: list) -> torch.Tensor:
+        if self.text_cache is not None:  # encodes the real prompts too, so later epochs find them all
+            return self.text_cache.encode_with_drop(prompts, keep)
+        return self.encode_text([p if k else "" for p, k in zip(prompts, keep)])
+
+    def _feature_state(self) -> dict:
+        s: dict = {}
+        if self.fsdp:
+            from .fsdp import full_model_state, full_optimizer_state
+
+            s["controlnet"] = full_model_state(self.controlnet)
+            s["optimizer"] = full_optimizer_state(self.controlnet, self.optimizer)
+        if self.ema is not None:
+            s["ema"] = self.ema.state_dict()
+        return s
+
+    def export_controlnet(self, ema: Optional[bool] = None) -> ControlNet:
+        """A plain (unsharded, not checkpointed) copy of the trained ControlNet; ema=None: the EMA weights when
+        EMA is on. Collective under FSDP (every rank must call it; the weights are complete on rank 0)."""
+        use_ema = self.ema is not None if ema is None else ema
+        if use_ema and self.ema is None:
+            raise ControlNetError("export_controlnet(ema=True): this run keeps no EMA; set TrainConfig(ema_decay=...).")
+        if self.fsdp:
+            from .fsdp import full_model_state
+
+            weights = full_model_state(self.controlnet)
+        else:
+            weights = {k: v.detach().clone() for k, v in self.controlnet.state_dict().items()}
+        if use_ema:
+            weights.update(self.ema.weights())
+        first = next(iter(self.controlnet.state_dict().values()))
+        out = ControlNet(self.controlnet.config, dtype=first.dtype, device="cpu" if self.fsdp else first.device)
+        if weights:  # FSDP ranks other than 0 receive no tensors
+            out.load_state_dict(weights)
+        return out.eval()
+
+    def save_controlnet(self, path: Path, ema: Optional[bool] = None) -> Optional[Path]:
+        """The v1.1-layout safetensors of `export_controlnet` (rank 0 writes; returns None elsewhere)."""
+        from ..export import save_ldm
+
+        model = self.export_controlnet(ema)
+        return save_ldm(model, path) if self.rank == 0 else None

@@ -1,0 +1,285 @@
+"""Train ControlNet (Suite): trains a ControlNet on a dataset folder inside ComfyUI, with `controlnet_core.train`.
+
+Why a node: the base model, text encoder and VAE are already loaded in ComfyUI, and the trained ControlNet
+can go straight into an Apply node to be tried. The node runs exactly the library's Trainer (the paper's
+recipe: locked base, zero convolutions, 50% empty prompts): it only supplies ComfyUI's CLIP and VAE as the
+encoders, ComfyUI's progress bar and its Cancel button (which saves a checkpoint before stopping).
+
+Files: `<output>/controlnet_training/<name>/` holds checkpoint.pt (resume), loss.png, losses.json and the
+encoder cache; the trained ControlNet goes to `<first controlnet folder>/<name>.safetensors` (v1.1 layout).
+"""
+from __future__ import annotations
+
+import logging
+import re
+from pathlib import Path
+from typing import Callable
+
+import torch
+
+import comfy.model_management
+import comfy.utils
+import folder_paths
+
+from ..controlnet_core import ControlNetError, create_from_unet, load_control
+from ..controlnet_core.train import ControlDataset, DatasetError, TrainConfig, Trainer
+from ..controlnet_core.train.buckets import Buckets
+from ..controlnet_core.train.cache import encoder_identity
+from ..controlnet_core.train.conditions import annotator_condition, annotator_names, annotator_params
+from ..controlnet_core.train.report import TrainingReport
+from ..controlnet_core.unet import UNetModel, unet_from_state_dict
+from .comfy_adapter import SuiteControl, make_patcher
+
+log = logging.getLogger(__name__)
+
+NODE = "Train ControlNet (Suite)"
+PRECISIONS = ["auto", "fp32", "bf16", "fp16"]
+SAVE_EVERY = 250  # steps between checkpoints (also saved at the end and on Cancel)
+TOKENS = 77  # one CLIP window: every prompt is encoded to the same length so a batch stacks
+
+
+class TrainNodeError(ControlNetError):
+    """A Train ControlNet input that cannot be used as it is."""
+
+
+def _error(msg: str) -> TrainNodeError:
+    return TrainNodeError(f"{NODE}: {msg}")
+
+
+def _loader_dtype():
+    try:
+        return comfy.model_management.unet_dtype()
+    except Exception:  # very old hosts: keep the stored dtype
+        return None
+
+
+def check_trainable(model) -> str:
+    """'eps' or 'v' for an SD1.x/SD2.x UNet model; a clear error for anything the trainer cannot train."""
+    base = getattr(model, "model", None)
+    dm = getattr(base, "diffusion_model", None)
+    family = type(getattr(base, "model_config", base)).__name__
+    arch = type(dm).__name__
+    if dm is None or not all(hasattr(dm, a) for a in ("input_blocks", "middle_block", "output_blocks")):
+        raise _error(f"the connected model is {family} ({arch}); ControlNet training supports SD1.x/SD2.x UNet models "
+                     "(the paper's architecture). SD3, Flux and other transformer models need their own ControlNet type. "
+                     "Connect an SD1.5 or SD2.x checkpoint.")
+    unet_config = getattr(getattr(base, "model_config", None), "unet_config", {}) or {}
+    if unet_config.get("adm_in_channels") or getattr(dm, "num_classes", None) is not None:
+        raise _error(f"the connected model is {family}, an SDXL-type UNet with a pooled-text/size input; the trainer does not "
+                     "feed that vector yet. Connect an SD1.x or SD2.x checkpoint.")
+    if getattr(dm, "in_channels", 4) != 4:
+        raise _error(f"the connected model is {family} with {dm.in_channels} input channels (an inpainting or other "
+                     "special model); train on a plain text-to-image SD1.x/SD2.x checkpoint.")
+    model_type = getattr(getattr(base, "model_type", None), "name", "EPS")
+    if model_type not in ("EPS", "V_PREDICTION"):
+        raise _error(f"the connected model {family} uses {model_type} sampling; only epsilon and v prediction are trained.")
+    return "v" if model_type == "V_PREDICTION" else "eps"
+
+
+def resolve_folder(text: str) -> Path:
+    """An absolute path, or one relative to ComfyUI's input folder."""
+    if not text.strip():
+        raise _error("dataset_folder is empty; give the path of a folder with prompt.json (fill50k layout) or "
+                     "images/ + conditions/ (+ captions/).")
+    p = Path(text.strip()).expanduser()
+    candidates = [p] if p.is_absolute() else [Path(folder_paths.get_input_directory()) / p, p]
+    for c in candidates:
+        if c.is_dir():
+            return c
+    raise _error(f"dataset folder '{text}' does not exist (looked in {', '.join(str(c) for c in candidates)}). "
+                 "Give an absolute path or a folder inside ComfyUI's input folder.")
+
+
+def output_stem(name: str) -> str:
+    stem = name.strip()
+    if stem.lower().endswith(".safetensors"):
+        stem = stem[: -len(".safetensors")]
+    if not stem or not re.fullmatch(r"[\w.\- ]+", stem) or stem.startswith("."):
+        raise _error(f"output_name '{name}' is not a plain file name; use letters, digits, '-', '_', '.' or spaces (no folders).")
+    return stem
+
+
+def text_encoder(clip, device: torch.device) -> Callable[[list[str]], torch.Tensor]:
+    """prompts -> (B, 77, width) with ComfyUI's CLIP, as CLIPTextEncode encodes them (clip layer included)."""
+    memory: dict[str, torch.Tensor] = {}
+
+    def encode(prompts: list[str]) -> torch.Tensor:
+        rows = []
+        for p in prompts:
+            if p not in memory:
+                cond = clip.encode_from_tokens(clip.tokenize(p))
+                if cond.shape[1] > TOKENS:
+                    log.warning("%s: prompt longer than %d tokens, truncated for training: %.60s...", NODE, TOKENS, p)
+                memory[p] = cond[0, :TOKENS].detach().float().cpu().clone()  # clone: out of inference mode
+            rows.append(memory[p])
+        return torch.stack(rows).to(device)
+
+    layer = getattr(clip, "layer_idx", None)
+    encode.cache_identity = f"comfy-clip:{encoder_identity(clip.cond_stage_model)}:layer{layer}"
+    return encode
+
+
+def image_encoder(vae, model, device: torch.device) -> Callable[[torch.Tensor], torch.Tensor]:
+    """(B, 3, H, W) in [-1, 1] -> the latents the UNet sees (VAE encode, then the model's latent scaling)."""
+    base = model.model
+
+    def encode(images: torch.Tensor) -> torch.Tensor:
+        pixels = ((images.detach().float().cpu() + 1) / 2).clamp(0, 1).movedim(1, -1)  # IMAGE: BHWC in [0, 1]
+        latents = base.process_latent_in(vae.encode(pixels).float())
+        return latents.detach().float().clone().to(device)
+
+    encode.cache_identity = f"comfy-vae:{encoder_identity(vae.first_stage_model)}:{type(base.latent_format).__name__}"
+    return encode
+
+
+def base_unet(model, device: torch.device) -> tuple[UNetModel, dict]:
+    """Our UNet with the model's current weights (patches such as LoRAs applied), in float32, on `device`."""
+    comfy.model_management.load_models_gpu([model])
+    dm = model.model.diffusion_model
+    sd = {k: v.detach().to(device=device, dtype=torch.float32).clone() for k, v in dm.state_dict().items()}
+    cfg = getattr(model.model.model_config, "unet_config", {}) or {}
+    heads = {k: cfg[k] for k in ("num_heads", "num_head_channels") if isinstance(cfg.get(k), int) and cfg[k] > 0}
+    try:
+        unet = unet_from_state_dict(sd, **heads).to(device)
+    except ControlNetError as e:
+        raise _error(f"could not rebuild the connected model's UNet for training: {e}") from None
+    # ComfyUI's copy is no longer needed while training (our copy has the weights): free its memory. CLIP and the
+    # VAE load themselves again when they encode; the next sampler loads the model again.
+    comfy.model_management.unload_all_models()
+    return unet, heads
+
+
+class ControlNetSuiteTrain:
+    DESCRIPTION = (
+        "Trains a ControlNet on a folder of (condition, image, caption) triples, as the ControlNet paper does: the base "
+        "model is locked, a trainable copy of its encoder starts from zero convolutions, and a share of the captions is "
+        "replaced by the empty prompt. Images of any size are grouped into aspect-ratio buckets of about resolution² "
+        "pixels. Cancel saves a checkpoint; queue again with resume on to continue. The result is saved to the "
+        "controlnet models folder and returned, ready for the Apply ControlNet nodes."
+    )
+    CATEGORY = "conditioning/controlnet"
+    RETURN_TYPES = ("CONTROL_NET",)
+    RETURN_NAMES = ("control_net",)
+    OUTPUT_TOOLTIPS = ("The trained ControlNet (also saved as models/controlnet/<output_name>.safetensors).",)
+    FUNCTION = "train"
+    OUTPUT_NODE = True  # it writes a model file: run even when nothing uses the output
+
+    @classmethod
+    def INPUT_TYPES(cls):
+        return {
+            "required": {
+                "model": ("MODEL", {"tooltip": "The base model (SD1.x or SD2.x). It stays locked; the ControlNet is created from its UNet."}),
+                "clip": ("CLIP", {"tooltip": "The base model's text encoder: captions are encoded with it, as CLIPTextEncode does."}),
+                "vae": ("VAE", {"tooltip": "The base model's VAE: training images are encoded to latents with it."}),
+                "dataset_folder": ("STRING", {"default": "", "tooltip": (
+                    "Folder with prompt.json (fill50k layout: one JSON line per pair, source/target/prompt) or images/ + "
+                    "conditions/ (+ captions/NAME.txt). images/ alone is enough with an annotator. Absolute, or relative "
+                    "to ComfyUI's input folder.")}),
+                "steps": ("INT", {"default": 1000, "min": 1, "max": 10_000_000, "tooltip": (
+                    "Total optimizer steps. A resumed run continues up to this number.")}),
+                "learning_rate": ("FLOAT", {"default": 1e-5, "min": 1e-8, "max": 1e-2, "step": 1e-6, "round": False, "tooltip": (
+                    "AdamW learning rate. The paper uses 1e-5.")}),
+                "batch_size": ("INT", {"default": 4, "min": 1, "max": 512, "tooltip": "Images per step (from one aspect-ratio bucket)."}),
+                "empty_prompt_rate": ("FLOAT", {"default": 0.5, "min": 0.0, "max": 1.0, "step": 0.05, "tooltip": (
+                    "Share of captions replaced by the empty prompt, so the ControlNet learns to read the condition "
+                    "itself. The paper uses 0.5.")}),
+                "resolution": ("INT", {"default": 512, "min": 64, "max": 4096, "step": 64, "tooltip": (
+                    "Training images are resized and centre-cropped into aspect-ratio buckets of about resolution x "
+                    "resolution pixels (sides multiples of 64).")}),
+                "seed": ("INT", {"default": 0, "min": 0, "max": 2**31 - 1, "tooltip": (
+                    "Seed of the data order, noise, timesteps and empty-prompt draws: the same seed and data train the same "
+                    "model. Keep it fixed (control after generate: fixed): a checkpoint resumes only with the same seed.")}),
+                "output_name": ("STRING", {"default": "my_controlnet", "tooltip": (
+                    "File name of the result in models/controlnet (.safetensors is added) and of its training folder in output/controlnet_training.")}),
+                "resume": ("BOOLEAN", {"default": True, "tooltip": (
+                    "Continue from this output_name's last checkpoint (after a Cancel, or to train more steps). Off: start over.")}),
+            },
+            "optional": {
+                "annotator": (["none"] + annotator_names(), {"default": "none", "tooltip": (
+                    "Derive each condition image from its training image with this annotator (for folders with only images "
+                    "and captions); its detect resolution follows 'resolution'. none: use the dataset's condition images.")}),
+                "precision": (PRECISIONS, {"default": "auto", "tooltip": (
+                    "auto: bf16 mixed precision on GPUs that support it (fp16 on older ones), fp32 on the CPU. Mixed "
+                    "precision keeps the locked base in half precision and the trained weights in fp32.")}),
+                "gradient_checkpointing": ("BOOLEAN", {"default": True, "tooltip": (
+                    "Recompute activations in the backward pass: much less memory for about a third more time per step.")}),
+            },
+        }
+
+    def train(self, model, clip, vae, dataset_folder, steps, learning_rate, batch_size, empty_prompt_rate, resolution, seed,
+              output_name, resume, annotator="none", precision="auto", gradient_checkpointing=True):
+        # ComfyUI runs nodes under torch.inference_mode(); training needs autograd
+        with torch.inference_mode(False), torch.enable_grad():
+            return self._train(model, clip, vae, dataset_folder, steps, learning_rate, batch_size, empty_prompt_rate, resolution,
+                               seed, output_name, resume, annotator, precision, gradient_checkpointing)
+
+    def _train(self, model, clip, vae, dataset_folder, steps, learning_rate, batch_size, empty_prompt_rate, resolution, seed,
+               output_name, resume, annotator, precision, gradient_checkpointing):
+        prediction = check_trainable(model)
+        if clip is None:
+            raise _error("no CLIP connected (this checkpoint has no text encoder); connect the base model's CLIP, e.g. from a CLIPLoader.")
+        if vae is None:
+            raise _error("no VAE connected; connect the base model's VAE.")
+        stem = output_stem(output_name)
+        folder = resolve_folder(dataset_folder)
+        device = comfy.model_management.get_torch_device()
+        condition_fn = None
+        if annotator and annotator != "none":
+            from .annotator_nodes import annotator_dirs
+
+            params = {"resolution": resolution} if "resolution" in annotator_params(annotator) else {}
+            condition_fn = annotator_condition(annotator, device=device, dirs=annotator_dirs(), **params)
+        try:
+            dataset = ControlDataset(folder, buckets=Buckets(resolution=resolution), condition_fn=condition_fn)
+        except DatasetError as e:
+            raise _error(str(e)) from None
+        if len(dataset) < batch_size:
+            raise _error(f"{folder} has {len(dataset)} training pairs, fewer than one batch of {batch_size}; add data or lower batch_size.")
+
+        run_dir = Path(folder_paths.get_output_directory()) / "controlnet_training" / stem
+        ckpt = run_dir / "checkpoint.pt"
+        if precision == "auto":
+            precision = "fp32" if device.type != "cuda" else ("bf16" if torch.cuda.is_bf16_supported() else "fp16")
+        config = TrainConfig(lr=learning_rate, batch_size=batch_size, empty_prompt_rate=empty_prompt_rate, prediction=prediction,
+                             seed=seed, mixed_precision={"fp32": "no"}.get(precision, precision),
+                             gradient_checkpointing=gradient_checkpointing, cache_dir=str(run_dir / "cache"))
+        unet, heads = base_unet(model, device)
+        controlnet = create_from_unet(unet.state_dict(), seed=seed, device=device, **heads)
+        trainer = Trainer(unet, controlnet, text_encoder(clip, device), image_encoder(vae, model, device), dataset, config)
+        if resume and ckpt.is_file():
+            try:
+                trainer.load_checkpoint(ckpt)
+            except ControlNetError as e:
+                raise _error(f"cannot resume from {ckpt}: {e} Or turn resume off to start over.") from None
+            log.info("%s: resumed '%s' at step %d of %d", NODE, stem, trainer.step, steps)
+        report = TrainingReport(run_dir, every=max(1, min(100, steps // 20)), keep_history=bool(resume))
+        pbar = comfy.utils.ProgressBar(steps)
+        pbar.update_absolute(min(trainer.step, steps), steps)
+
+        def on_step(step: int, loss: float) -> None:
+            report(step, loss)
+            pbar.update_absolute(step, steps)
+            if step % SAVE_EVERY == 0:
+                trainer.save_checkpoint(ckpt)
+            comfy.model_management.throw_exception_if_processing_interrupted()
+
+        try:
+            # no checkpoint argument: Trainer.train would install a SIGINT handler, which only the main thread may
+            # do (ComfyUI runs prompts in a worker thread); saving happens here instead
+            trainer.train(max(0, steps - trainer.step), on_step=on_step)
+        except comfy.model_management.InterruptProcessingException:
+            trainer.save_checkpoint(ckpt)
+            report.finish(trainer.step)
+            log.info("%s: cancelled at step %d; checkpoint saved to %s (queue again with resume on to continue)", NODE, trainer.step, ckpt)
+            raise
+        trainer.save_checkpoint(ckpt)
+        report.finish(trainer.step)
+
+        out = Path(folder_paths.get_folder_paths("controlnet")[0]) / f"{stem}.safetensors"
+        out.parent.mkdir(parents=True, exist_ok=True)
+        trainer.save_controlnet(out)
+        log.info("%s: %d steps, saved %s", NODE, trainer.step, out)
+        del trainer, unet, controlnet
+        comfy.model_management.soft_empty_cache()
+        loaded = load_control(out, dtype=_loader_dtype(), device=comfy.model_management.unet_offload_device())
+        return (SuiteControl(loaded, make_patcher(loaded.model), name=out.name),)

@@ -1,0 +1,224 @@
+"""Train ControlNet (Suite) inside the real ComfyUI host: checkpoint loader -> train -> apply -> KSampler.
+
+The host's tiny SD1.5-shaped checkpoint has no text encoder, so the node's CLIP input comes from a second one
+with a full-size random CLIP-L (clip_checkpoint.py); the dataset is a tiny fill50k-like folder written here.
+"""
+import json
+
+import pytest
+import torch
+from safetensors.torch import load_file
+
+from clip_checkpoint import fp32_text_encoder, tiny_checkpoint_with_clip
+from host import Graph, PromptFailed
+
+STEPS = 3  # training steps; KSampler uses 2, so their progress-bar totals differ
+
+
+@pytest.fixture(scope="module", autouse=True)
+def _fp32_text_encoder(host):
+    with fp32_text_encoder():
+        yield
+
+
+@pytest.fixture(scope="module")
+def clip_checkpoint(host):
+    return tiny_checkpoint_with_clip(host)
+
+
+@pytest.fixture(scope="module")
+def dataset(tmp_path_factory):
+    from controlnet_core.train.toy import make_fill50k
+
+    return make_fill50k(tmp_path_factory.mktemp("train_data") / "fill", n=4, size=64, seed=1)
+
+
+def train_inputs(ckpt, dataset, **kw):
+    inputs = dict(model=(ckpt, 0), clip=(ckpt, 1), vae=(ckpt, 2), dataset_folder=str(dataset), steps=STEPS, learning_rate=1e-3,
+                  batch_size=2, empty_prompt_rate=0.5, resolution=64, seed=3, output_name="trained_cn", resume=False,
+                  gradient_checkpointing=False)
+    inputs.update(kw)
+    return inputs
+
+
+def sampled(g, ckpt, positive, negative, key="out"):
+    latent = g.add("EmptyLatentImage", width=64, height=64, batch_size=1)
+    ks = g.add("KSampler", model=(ckpt, 0), seed=7, steps=2, cfg=5.0, sampler_name="euler", scheduler="normal",
+               positive=positive, negative=negative, latent_image=(latent, 0), denoise=1.0)
+    g.add("SuiteTestCapture", samples=(ks, 0), key=key)
+
+
+def prompts(g, ckpt):
+    pos = g.add("CLIPTextEncode", text="red circle with blue background", clip=(ckpt, 1))
+    neg = g.add("CLIPTextEncode", text="", clip=(ckpt, 1))
+    return (pos, 0), (neg, 0)
+
+
+def hint(g):
+    return (g.add("SuiteTestImage", width=64, height=64, channels=3, batch=1, seed=4), 0)
+
+
+@pytest.fixture
+def progress_hook():
+    """Records ComfyUI progress-bar updates (the hook a real server installs); `interrupt_at` presses Cancel."""
+    import comfy.model_management
+    import comfy.utils
+
+    calls, state = [], {"interrupt_at": None}
+
+    def hook(value, total, preview=None, node_id=None):
+        calls.append((value, total))
+        if total == state.get("total") and value == state["interrupt_at"]:
+            comfy.model_management.interrupt_current_processing(True)
+
+    previous = comfy.utils.PROGRESS_BAR_HOOK
+    comfy.utils.set_progress_bar_global_hook(hook)
+    yield calls, state
+    comfy.utils.set_progress_bar_global_hook(previous)
+    comfy.model_management.interrupt_current_processing(False)
+
+
+def test_train_apply_sample_and_the_file_loads_in_comfys_own_loader(host, clip_checkpoint, dataset, progress_hook):
+    calls, _ = progress_hook
+    g = Graph()
+    ckpt = g.add("CheckpointLoaderSimple", ckpt_name=clip_checkpoint)
+    train = g.add("ControlNetSuiteTrain", **train_inputs(ckpt, dataset))
+    pos, neg = prompts(g, ckpt)
+    app = g.add("ControlNetSuiteApply", positive=pos, negative=neg, control_net=(train, 0), image=hint(g), strength=1.0,
+                start_percent=0.0, end_percent=1.0, control_mode="balanced", resize_mode="crop and resize")
+    sampled(g, ckpt, (app, 0), (app, 1), key="trained")
+    sampled(g, ckpt, pos, neg, key="plain")
+    out = host.run(g.prompt)
+    assert torch.isfinite(out["trained"]).all() and not torch.allclose(out["trained"], out["plain"], atol=1e-4)
+    assert [v for v, t in calls if t == STEPS][-STEPS:] == [1, 2, 3]  # ComfyUI's progress bar saw every step
+
+    path = host.dirs["controlnet"] / "trained_cn.safetensors"
+    sd = load_file(path)
+    assert "control_model.zero_convs.0.0.weight" in sd and "control_model.input_hint_block.0.weight" in sd  # v1.1 layout
+    zero = [k for k in sd if k.startswith(("control_model.zero_convs.", "control_model.middle_block_out."))]
+    assert zero and all(sd[k].abs().max() > 0 for k in zero if k.endswith("weight"))  # created at 0, moved by training
+    run = host.dirs["output"] / "controlnet_training" / "trained_cn"
+    assert (run / "loss.png").is_file() and (run / "checkpoint.pt").is_file()
+    assert sorted(map(int, json.loads((run / "losses.json").read_text()))) == [1, 2, 3]
+    assert any((run / "cache" / "latents").rglob("*.safetensors")) and any((run / "cache" / "text").rglob("*.safetensors"))
+
+    # the same file through ComfyUI's built-in ControlNetLoader and Apply ControlNet gives the same sample
+    g = Graph()
+    ckpt = g.add("CheckpointLoaderSimple", ckpt_name=clip_checkpoint)
+    pos, neg = prompts(g, ckpt)
+    cn = g.add("ControlNetLoader", control_net_name="trained_cn.safetensors")
+    app = g.add("ControlNetApplyAdvanced", positive=pos, negative=neg, control_net=(cn, 0), image=hint(g), strength=1.0,
+                start_percent=0.0, end_percent=1.0)
+    sampled(g, ckpt, (app, 0), (app, 1), key="builtin")
+    builtin = host.run(g.prompt)["builtin"]
+    torch.testing.assert_close(builtin, out["trained"], rtol=1e-4, atol=1e-4)
+
+
+def test_cancel_saves_a_checkpoint_and_resume_ends_where_an_uninterrupted_run_does(host, clip_checkpoint, dataset, progress_hook):
+    _, state = progress_hook
+
+    def graph(name, steps):
+        g = Graph()
+        ckpt = g.add("CheckpointLoaderSimple", ckpt_name=clip_checkpoint)
+        g.add("ControlNetSuiteTrain", **train_inputs(ckpt, dataset, steps=steps, output_name=name, resume=True, gradient_checkpointing=True))
+        return g.prompt
+
+    host.run(graph("straight_cn", 4))
+    state.update(total=4, interrupt_at=2)
+    with pytest.raises(PromptFailed):
+        host.run(graph("cancelled_cn", 4))
+    ckpt = host.dirs["output"] / "controlnet_training" / "cancelled_cn" / "checkpoint.pt"
+    assert torch.load(ckpt, weights_only=True)["step"] == 2
+    assert not (host.dirs["controlnet"] / "cancelled_cn.safetensors").exists()
+    state.update(interrupt_at=None)
+    host.run(graph("cancelled_cn", 4))
+    assert torch.load(ckpt, weights_only=True)["step"] == 4
+    a, b = load_file(host.dirs["controlnet"] / "straight_cn.safetensors"), load_file(host.dirs["controlnet"] / "cancelled_cn.safetensors")
+    assert a.keys() == b.keys() and all(torch.equal(a[k], b[k]) for k in a)
+
+
+def test_clear_errors_for_missing_folder_empty_dataset_and_too_little_data(host, clip_checkpoint, tmp_path):
+    def run(folder, **kw):
+        g = Graph()
+        ckpt = g.add("CheckpointLoaderSimple", ckpt_name=clip_checkpoint)
+        g.add("ControlNetSuiteTrain", **train_inputs(ckpt, folder, **{"output_name": "bad_cn", **kw}))
+        with pytest.raises(PromptFailed) as e:
+            host.run(g.prompt)
+        return str(e.value)
+
+    msg = run(tmp_path / "nope")
+    assert "Train ControlNet (Suite)" in msg and "does not exist" in msg and "nope" in msg
+    (tmp_path / "empty").mkdir()
+    (tmp_path / "empty" / "prompt.json").write_text("\n")
+    assert "prompt file is empty" in run(tmp_path / "empty")
+    (tmp_path / "bare").mkdir()
+    assert "expected prompt.json" in run(tmp_path / "bare")
+    from controlnet_core.train.toy import make_fill50k
+
+    one = make_fill50k(tmp_path / "one", n=1, size=64)
+    assert "fewer than one batch of 2" in run(one)
+    assert "not a plain file name" in run(one, output_name="../escape")
+
+
+def test_derived_conditions_from_an_annotator(host, clip_checkpoint, tmp_path):
+    import shutil
+
+    from controlnet_core.train.toy import make_fill50k
+
+    src = make_fill50k(tmp_path / "src", n=2, size=64, seed=2)
+    root = tmp_path / "images_only"
+    (root / "images").mkdir(parents=True)
+    (root / "captions").mkdir()
+    for i, line in enumerate(src.joinpath("prompt.json").read_text().splitlines()):
+        d = json.loads(line)
+        shutil.copy(src / d["target"], root / "images" / f"{i}.png")
+        (root / "captions" / f"{i}.txt").write_text(d["prompt"])
+    g = Graph()
+    ckpt = g.add("CheckpointLoaderSimple", ckpt_name=clip_checkpoint)
+    g.add("ControlNetSuiteTrain", **train_inputs(ckpt, root, steps=1, output_name="canny_cn", annotator="canny"))
+    host.run(g.prompt)
+    assert (host.dirs["controlnet"] / "canny_cn.safetensors").is_file()
+
+
+def _model_patcher(model):
+    import comfy.model_management as mm
+    import comfy.model_patcher
+
+    return comfy.model_patcher.ModelPatcher(model, load_device=mm.get_torch_device(), offload_device=mm.unet_offload_device())
+
+
+def test_unsupported_model_types_are_refused_with_their_name(host):
+    """Real ComfyUI model objects of other families: SDXL-type (tiny config) in both hosts, Flux in ComfyUI 0.8."""
+    import comfy.supported_models
+
+    from factories import SDXL_TINY, comfy_unet_kwargs
+
+    node = host.nodes.NODE_CLASS_MAPPINGS["ControlNetSuiteTrain"]()
+    args = dict(clip=None, vae=None, dataset_folder="x", steps=1, learning_rate=1e-4, batch_size=1, empty_prompt_rate=0.5,
+                resolution=64, seed=0, output_name="x", resume=False)
+    with torch.no_grad():
+        sdxl = comfy.supported_models.SDXL(comfy_unet_kwargs(SDXL_TINY)).get_model({})
+    with pytest.raises(ValueError, match="SDXL.*pooled-text/size input"):
+        node.train(_model_patcher(sdxl), **args)
+    if not host.new:
+        return  # ComfyUI a28a9dc (March 2024) predates Flux and SD3
+    flux_cfg = {"image_model": "flux", "in_channels": 16, "patch_size": 2, "out_channels": 16, "vec_in_dim": 32, "context_in_dim": 32,
+                "hidden_size": 64, "mlp_ratio": 2.0, "num_heads": 2, "depth": 1, "depth_single_blocks": 1, "axes_dim": [8, 12, 12],
+                "theta": 10000, "qkv_bias": True, "guidance_embed": False, "txt_ids_dims": []}
+    with torch.no_grad():
+        flux = comfy.supported_models.Flux(flux_cfg).get_model({})
+    with pytest.raises(ValueError, match=r"the connected model is Flux \(Flux\).*SD3, Flux"):
+        node.train(_model_patcher(flux), **args)
+
+
+def test_node_metadata(host):
+    cls = host.nodes.NODE_CLASS_MAPPINGS["ControlNetSuiteTrain"]
+    assert host.nodes.NODE_DISPLAY_NAME_MAPPINGS["ControlNetSuiteTrain"] == "Train ControlNet (Suite)"
+    assert cls.DESCRIPTION and cls.CATEGORY == "conditioning/controlnet" and cls.RETURN_TYPES == ("CONTROL_NET",)
+    spec = cls.INPUT_TYPES()
+    assert {"model", "clip", "vae", "dataset_folder", "steps", "learning_rate", "batch_size", "empty_prompt_rate", "seed",
+            "output_name", "resume"} <= set(spec["required"]) and "annotator" in spec["optional"]
+    assert "canny" in spec["optional"]["annotator"][0]
+    for section in spec.values():
+        for name, s in section.items():
+            assert len(s) > 1 and s[1].get("tooltip"), name
