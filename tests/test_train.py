@@ -98,6 +98,21 @@ def test_resume_gives_the_same_weights_as_an_uninterrupted_run(tmp_path):
     assert not (tmp_path / "ckpt.pt.part").exists()
 
 
+def test_a_checkpoint_from_before_newer_settings_existed_still_resumes(tmp_path):
+    first = build(tmp_path)
+    first.train(1, checkpoint=tmp_path / "ckpt.pt")
+    s = torch.load(tmp_path / "ckpt.pt", weights_only=True)
+    for new in ("gradient_checkpointing", "ema_decay", "cache_dir", "distributed"):  # added after the first release
+        del s["config"][new]
+    torch.save(s, tmp_path / "old.pt")
+    resumed = build(tmp_path)
+    resumed.load_checkpoint(tmp_path / "old.pt")
+    assert resumed.step == 1
+    changed = build(tmp_path, TrainConfig(lr=1e-3, batch_size=4, ema_decay=0.9))
+    with pytest.raises(Exception, match="saved with settings"):
+        changed.load_checkpoint(tmp_path / "old.pt")
+
+
 def test_the_trained_controlnet_loads_in_our_loader_and_comfys(comfy, tmp_path):
     import comfy.controlnet
 

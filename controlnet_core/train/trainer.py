@@ -220,8 +220,9 @@ class Trainer:
 
     def load_checkpoint(self, path: Path) -> None:
         s = torch.load(path, map_location="cpu", weights_only=True)
-        if s["config"] != asdict(self.config):
-            raise ControlNetError(f"{path}: saved with settings {s['config']}, resumed with {asdict(self.config)}; resume with the same settings.")
+        saved = {**asdict(TrainConfig()), **s["config"]}  # settings added since the file was written take their defaults
+        if saved != asdict(self.config):
+            raise ControlNetError(f"{path}: saved with settings {saved}, resumed with {asdict(self.config)}; resume with the same settings.")
         if self.fsdp:
             from .fsdp import load_full_state
 
