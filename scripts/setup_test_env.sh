@@ -15,8 +15,9 @@ $PIP install -q --upgrade pip 2>&1 | grep -v "^WARNING: Location" || true
 # The test host (ComfyUI) imports torchvision, so torch and torchvision must be a matching pair.
 $PIP install -q torch==2.14.1 torchvision==0.29.1
 $PIP install -q -r requirements.txt
-# Test-only: pytest, the diffusers oracle, and ComfyUI's own requirements.
-$PIP install -q pytest diffusers psutil "controlnet-aux==0.0.10" timm scikit-image matplotlib
+# Test-only: pytest, the diffusers and transformers oracles, and ComfyUI's own requirements. transformers >= 5: its
+# CLIPTokenizer is the tokenizers-backed one that the CLIP tokenizer oracle needs (4.x's slow one, without ftfy, splits CJK apart).
+$PIP install -q pytest diffusers "transformers>=5" psutil "controlnet-aux==0.0.10" timm scikit-image matplotlib
 if [ -n "${COMFYUI_PATH:-}" ]; then
   # torch/torchvision stay the pinned pair above; torchaudio is left out (ComfyUI's audio nodes then fail to load, harmlessly)
   grep -vE '^(torch|torchvision|torchaudio)([^a-z_-]|$)' "$COMFYUI_PATH/requirements.txt" > "$VENV/comfy-requirements.txt"

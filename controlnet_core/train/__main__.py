@@ -1,4 +1,4 @@
-"""`python -m controlnet_core.train toy-data DIR` and `python -m controlnet_core.train toy DATA --out OUT --steps N`.
+"""`python -m controlnet_core.train toy-data DIR`, `... toy DATA --out OUT --steps N` and `... sd --base CKPT --data DATA --out OUT --steps N`.
 
 The toy command trains a ControlNet on a toy-world dataset over a seeded random (or given) base UNet, with
 a progress line (loss, step time, images/s), checkpoints every --save-every steps, --resume, and Ctrl-C saving.
@@ -17,6 +17,7 @@ from .. import ControlNetError, create_from_unet, save_ldm
 from ..checkpoint import open_checkpoint
 from ..unet import UNetModel, unet_from_state_dict
 from .data import ControlDataset
+from . import sd_cli
 from .toy import TOY_UNET, ToyTextEncoder, make_fill50k, toy_encode_image
 from .trainer import TrainConfig, Trainer
 
@@ -39,12 +40,15 @@ def main(argv: list[str] | None = None) -> int:
     t.add_argument("--save-every", type=int, default=50)
     t.add_argument("--resume", action="store_true")
     t.add_argument("--seed", type=int, default=0)
+    sd_cli.add_arguments(sub.add_parser("sd", help="train a ControlNet on a real SD1.x/SD2.x/SDXL checkpoint or diffusers folder"))
     args = ap.parse_args(argv)
     logging.basicConfig(level=logging.INFO, format="%(message)s")
     try:
         if args.cmd == "toy-data":
             print(make_fill50k(Path(args.dir), args.n, seed=args.seed))
             return 0
+        if args.cmd == "sd":
+            return sd_cli.run(args)
         torch.manual_seed(args.seed)
         if args.base:
             src = open_checkpoint(args.base)
