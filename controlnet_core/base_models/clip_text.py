@@ -14,6 +14,8 @@ ViT-H 16, bigG 20), so that is the convention; a transformers `config.json` over
 """
 from __future__ import annotations
 
+import abc
+
 import re
 from collections import OrderedDict
 from dataclasses import dataclass
@@ -57,22 +59,26 @@ def _causal_attention(q: torch.Tensor, k: torch.Tensor, v: torch.Tensor, heads: 
     return F.scaled_dot_product_attention(q, k, v, is_causal=True).transpose(1, 2).reshape(b, n, c)
 
 
-class TextTransformer(nn.Module):
+class TextTransformer(nn.Module, abc.ABC):
     """What both layouts share: run the layers, keep the outputs asked for, pool at the end token."""
 
     config: TextEncoderConfig
 
+    @abc.abstractmethod
     def _embed(self, tokens: torch.Tensor) -> torch.Tensor:
-        raise NotImplementedError
+        """Layout-specific; see the two subclasses."""
 
+    @abc.abstractmethod
     def _blocks(self) -> Sequence[nn.Module]:
-        raise NotImplementedError
+        """Layout-specific; see the two subclasses."""
 
+    @abc.abstractmethod
     def final_norm(self, x: torch.Tensor) -> torch.Tensor:
-        raise NotImplementedError
+        """Layout-specific; see the two subclasses."""
 
+    @abc.abstractmethod
     def project(self, pooled: torch.Tensor) -> torch.Tensor:
-        raise NotImplementedError
+        """Layout-specific; see the two subclasses."""
 
     def forward(self, tokens: torch.Tensor, layers: Sequence[int] = (-1,)) -> list[torch.Tensor]:
         """tokens (B, N) int64 -> the hidden states (B, N, width) after each layer in `layers` (0-based;
