@@ -1,5 +1,5 @@
 # ControlNet Suite. Each target does its own set-up on a fresh machine.
-.PHONY: test run bench clean
+.PHONY: test run bench demo toy-retrain clean
 
 test:  ## set up .venv (torch, ComfyUI host, oracles) and run the test suite
 	bash scripts/test.sh $(PYTEST_ARGS)
@@ -13,6 +13,14 @@ bench:  ## run the benchmarks in bench/ (slow; full SD1.5 shapes)
 	.venv/bin/python bench/bench_step.py
 	.venv/bin/python bench/bench_ksampler.py
 	.venv/bin/python bench/bench_annotators.py
+
+demo:  ## sample the shipped toy base + toy ControlNet; writes demo/out/toy_demo.png and prints the controllability
+	bash scripts/setup_demo_env.sh
+	$${VENV:-.venv}/bin/python experiments/demo.py
+
+toy-retrain:  ## retrain the toy models from scratch, rerun the experiments, redraw experiments/plots (~25 min, 2 cores)
+	bash scripts/setup_demo_env.sh
+	$${VENV:-.venv}/bin/python experiments/retrain.py
 
 clean:
 	rm -rf .venv .venv-new .comfyui .pytest_cache

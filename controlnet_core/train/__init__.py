@@ -4,7 +4,10 @@ Next to them, one module per feature: `checkpointing` (gradient checkpointing), 
 embeddings and latents on disk), `buckets` (aspect-ratio bucketing), `conditions` (conditions from the
 annotators), `report` (loss curve and validation grid PNGs), `sampling` (DDIM for the grid), `fsdp`, and
 `sd_cli` (the `sd` command: training on a real SD1.x/SD2.x/SDXL base from `controlnet_core.base_models`).
-Not yet here (see the project's issue on training): the toy base model and the demo.
+The toy world in which the paper's experiments are reproduced (experiments/, `make demo`): `toy_world` (128 px
+circles, word-level prompt encoder, pooling "VAE", the base UNet's size), `toy_metrics` (controllability: IoU of
+the generated shape with the outlined one), `toy_sample` (load the shipped models, sample, score). The toy base
+model is trained by `Trainer(unet, None, ...)`, the base mode.
 """
 from .buckets import Buckets
 from .data import ControlDataset, DatasetError, drop_prompts, scan

@@ -56,7 +56,10 @@ class TrainConfig:
 
 
 class Trainer:
-    def __init__(self, unet: UNetModel, controlnet: ControlNet, encode_text: Callable[[list[str]], torch.Tensor],
+    """controlnet=None: base mode, the whole UNet trains with the same loss, data and checkpoints (how the toy
+    world's base model is made, and the full fine-tuning that ControlNet training is compared with)."""
+
+    def __init__(self, unet: UNetModel, controlnet: Optional[ControlNet], encode_text: Callable[[list[str]], torch.Tensor],
                  encode_image: Callable[[torch.Tensor], torch.Tensor], dataset, config: TrainConfig = TrainConfig()):
         if config.prediction not in ("eps", "v"):
             raise ControlNetError(f"prediction must be 'eps' or 'v', not {config.prediction!r}.")
@@ -67,21 +70,24 @@ class Trainer:
         if len(dataset) < config.batch_size:
             raise ControlNetError(f"the dataset has {len(dataset)} samples, fewer than one batch of {config.batch_size}.")
         self.unet, self.controlnet, self.config = unet, controlnet, config
+        self.trained = controlnet if controlnet is not None else unet  # the module whose weights the optimizer owns
+        if controlnet is None and config.distributed == "fsdp":
+            raise ControlNetError("base mode (controlnet=None) trains with DDP only; use distributed='ddp'.")
         self.encode_text, self.encode_image, self.dataset = encode_text, encode_image, dataset
         unet.requires_grad_(False).eval()
         self.amp_dtype = {"no": None, "fp16": torch.float16, "bf16": torch.bfloat16}[config.mixed_precision]
-        if self.amp_dtype is not None and config.sd_locked:
+        if self.amp_dtype is not None and config.sd_locked and controlnet is not None:
             unet.to(self.amp_dtype)  # the locked base needs no fp32 master weights: half the memory
-        device = next(controlnet.parameters()).device
+        device = next(self.trained.parameters()).device
         self.scaler = torch.amp.GradScaler("cuda") if config.mixed_precision == "fp16" and device.type == "cuda" else None
-        self.fsdp = self._shard_if_fsdp(controlnet)  # before the optimizer sees the parameters
-        params = list(controlnet.parameters())
-        if not config.sd_locked:
+        self.fsdp = self._shard_if_fsdp(controlnet) if controlnet is not None else False  # before the optimizer sees the parameters
+        params = list(self.trained.parameters())
+        if not config.sd_locked and controlnet is not None:
             decoder = list(unet.output_blocks.parameters()) + list(unet.out.parameters())
             for p in decoder:
                 p.requires_grad_(True)
             params += decoder
-        controlnet.requires_grad_(True).train()
+        self.trained.requires_grad_(True).train()
         self.optimizer = torch.optim.AdamW(params, lr=config.lr, weight_decay=config.weight_decay)
         self.alphas = sd_alphas_cumprod()
         # torchrun / DistributedDataParallel: each process takes its slice of a global batch of
@@ -89,9 +95,9 @@ class Trainer:
         # (same RNG on every rank), so N processes compute exactly what one process with N times the batch would.
         dist = torch.distributed
         self.rank, self.world = (dist.get_rank(), dist.get_world_size()) if dist.is_available() and dist.is_initialized() else (0, 1)
-        self.net = controlnet
+        self.net = self.trained
         if self.world > 1 and not self.fsdp:
-            self.net = torch.nn.parallel.DistributedDataParallel(controlnet)
+            self.net = torch.nn.parallel.DistributedDataParallel(self.trained)
         self.step = 0
         self.epoch, self.position = 0, 0
         self.gen = torch.Generator().manual_seed(config.seed)
@@ -124,7 +130,7 @@ class Trainer:
     # -- one optimisation step --
 
     def loss(self, batch: dict) -> torch.Tensor:
-        device = next(self.controlnet.parameters()).device
+        device = next(self.trained.parameters()).device
         b = batch["target"].shape[0]
         mine = slice(self.rank * b, (self.rank + 1) * b)
         with torch.no_grad():
@@ -136,17 +142,20 @@ class Trainer:
         noise = torch.randn((b * self.world, *latents.shape[1:]), generator=self.gen)[mine].to(device)
         a = self.alphas[t].to(device).view(b, 1, 1, 1)
         x_t = a.sqrt() * latents + (1 - a).sqrt() * noise
-        res = self.net(x_t, batch["hint"].to(device), t.to(device).float(), context, y)
-        if self.config.only_mid_control:
-            res = ControlResiduals(mid=res.mid)
-        pred = self.unet(x_t, t.to(device).float(), context, y, control=res)
+        if self.controlnet is None:  # base mode: the UNet alone, no condition image
+            pred = self.net(x_t, t.to(device).float(), context, y)
+        else:
+            res = self.net(x_t, batch["hint"].to(device), t.to(device).float(), context, y)
+            if self.config.only_mid_control:
+                res = ControlResiduals(mid=res.mid)
+            pred = self.unet(x_t, t.to(device).float(), context, y, control=res)
         target = noise if self.config.prediction == "eps" else a.sqrt() * noise - (1 - a).sqrt() * latents
         return F.mse_loss(pred.float(), target.float())
 
     def _forward_loss(self, batch: dict) -> torch.Tensor:
         if self.amp_dtype is None:
             return self.loss(batch)
-        device = next(self.controlnet.parameters()).device
+        device = next(self.trained.parameters()).device
         with torch.autocast(device.type, dtype=self.amp_dtype):
             return self.loss(batch)
 
@@ -198,12 +207,12 @@ class Trainer:
     # -- checkpoints: written atomically, resumed exactly --
 
     def state(self) -> dict:
-        s = {"controlnet": self.controlnet.state_dict(), "optimizer": self.optimizer.state_dict(), "step": self.step,
+        s = {"controlnet": self.controlnet.state_dict() if self.controlnet is not None else {}, "optimizer": self.optimizer.state_dict(), "step": self.step,
              "epoch": self.epoch, "position": self.position, "gen": self.gen.get_state(),
              "prompt_rng": torch.tensor(self.prompt_rng.getstate()[1], dtype=torch.int64),
              "prompt_rng_gauss": self.prompt_rng.getstate()[2],
              "config": {k: v for k, v in asdict(self.config).items()}}
-        if not self.config.sd_locked:
+        if not self.config.sd_locked or self.controlnet is None:
             s["unet"] = self.unet.state_dict()
         s.update(self._feature_state())
         return s
@@ -227,7 +236,7 @@ class Trainer:
             from .fsdp import load_full_state
 
             load_full_state(self.controlnet, self.optimizer, s["controlnet"], s["optimizer"])
-        else:
+        elif self.controlnet is not None:
             self.controlnet.load_state_dict(s["controlnet"])
         if self.ema is not None:
             self.ema.load_state_dict(s["ema"])
@@ -258,17 +267,22 @@ class Trainer:
         if cfg.gradient_checkpointing:
             from .checkpointing import enable_for_training
 
-            enable_for_training(self.controlnet, self.unet)
+            if self.controlnet is None:
+                from .checkpointing import enable, unet_blocks
+
+                enable(unet_blocks(self.unet))
+            else:
+                enable_for_training(self.controlnet, self.unet)
         self.ema = None
         if cfg.ema_decay:
             from .ema import EMA
 
-            self.ema = EMA(self.controlnet.named_parameters(), cfg.ema_decay)
+            self.ema = EMA(self.trained.named_parameters(), cfg.ema_decay)
         self.text_cache = self.latent_cache = None
         if cfg.cache_dir:
             from .cache import LatentCache, TextCache
 
-            device = next(self.controlnet.parameters()).device
+            device = next(self.trained.parameters()).device
             self.text_cache = TextCache(self.encode_text, cfg.cache_dir, device=device)
             self.latent_cache = LatentCache(self.encode_image, cfg.cache_dir)
 
@@ -297,6 +311,8 @@ class Trainer:
     def export_controlnet(self, ema: Optional[bool] = None) -> ControlNet:
         """A plain (unsharded, not checkpointed) copy of the trained ControlNet; ema=None: the EMA weights when
         EMA is on. Collective under FSDP (every rank must call it; the weights are complete on rank 0)."""
+        if self.controlnet is None:
+            raise ControlNetError("export_controlnet: this trainer trains the base UNet (controlnet=None); save trainer.unet instead.")
         use_ema = self.ema is not None if ema is None else ema
         if use_ema and self.ema is None:
             raise ControlNetError("export_controlnet(ema=True): this run keeps no EMA; set TrainConfig(ema_decay=...).")
