@@ -18,7 +18,7 @@ demo:  ## sample the shipped toy base + toy ControlNet; writes demo/out/toy_demo
 	bash scripts/setup_demo_env.sh
 	$${VENV:-.venv}/bin/python experiments/demo.py
 
-toy-retrain:  ## retrain the toy models from scratch, rerun the experiments, redraw experiments/plots (~25 min, 2 cores)
+toy-retrain:  ## retrain the toy models from scratch, rerun the experiments, redraw experiments/plots (30-40 min on 2 cores)
 	bash scripts/setup_demo_env.sh
 	$${VENV:-.venv}/bin/python experiments/retrain.py
 

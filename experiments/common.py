@@ -32,7 +32,7 @@ EVAL_SEED = 12345  # the evaluation conditions are drawn from their own seed, ne
 
 @dataclass(frozen=True)
 class Settings:
-    """One retraining run. The defaults are the shipped models' (about 25 minutes on 2 CPU cores)."""
+    """One retraining run. The defaults are the shipped models' (30-40 minutes on 2 CPU cores, estimated)."""
 
     data_size: int = 4000  # training pairs
     data_seed: int = 0
