@@ -2,6 +2,7 @@
 
 Input is normalised here once, so each annotator can assume a clean RGB float batch:
 1 channel -> repeated, RGBA -> composited on black, NaN/inf -> 0, values clamped to [0, 1].
+uint8 batches (what OpenCV and PIL users hold) are read as 0..255; the OpenCV annotators take them as they are.
 """
 from __future__ import annotations
 
@@ -19,11 +20,13 @@ class AnnotatorError(ControlNetError):
     """Bad input to an annotator (empty batch, wrong shape...)."""
 
 
-def as_rgb(images: torch.Tensor, what: str = "annotator", sanitize: bool = True) -> torch.Tensor:
+def as_rgb(images: torch.Tensor, what: str = "annotator", sanitize: bool = True, keep_uint8: bool = False) -> torch.Tensor:
     """Validate and normalise a (B, C, H, W) batch to float RGB in [0, 1].
 
     `sanitize=False` skips the NaN/range pass (a full read of the batch) for callers whose next step
-    saturates anyway, such as the uint8 conversion of the OpenCV annotators.
+    saturates anyway, such as the uint8 conversion of the OpenCV annotators. `keep_uint8=True` returns an
+    RGB uint8 batch unconverted, because OpenCV wants uint8 and a float round trip would cost more than
+    cv2.Canny itself; other uint8 batches are scaled from 0..255 to [0, 1].
     """
     if not isinstance(images, torch.Tensor) or images.ndim != 4:
         shape = tuple(images.shape) if isinstance(images, torch.Tensor) else type(images).__name__
@@ -32,7 +35,16 @@ def as_rgb(images: torch.Tensor, what: str = "annotator", sanitize: bool = True)
         raise AnnotatorError(f"{what}: the image batch is empty; connect at least one image.")
     if 0 in images.shape[2:]:
         raise AnnotatorError(f"{what}: image of size {tuple(images.shape[2:])} has no pixels.")
-    x = images.float()
+    if images.dtype == torch.uint8:
+        if keep_uint8 and images.shape[1] == 3:
+            return images
+        x = images.float().div_(255.0)
+    elif images.dtype == torch.bool:
+        x = images.float()
+    elif not images.is_floating_point():
+        raise AnnotatorError(f"{what}: images of dtype {images.dtype}; expected float in [0, 1] (ComfyUI's IMAGE) or uint8 0..255.")
+    else:
+        x = images.float()
     c = x.shape[1]
     if c == 4:
         x = x[:, :3] * x[:, 3:4]
@@ -78,13 +90,14 @@ class Annotator(abc.ABC):
 
     name: str = "annotator"
     sanitizes_input: bool = False  # True: annotate() copes with NaN / out-of-range values itself
+    accepts_uint8: bool = False  # True: annotate() also takes an RGB uint8 batch (0..255) as it is
 
     @abc.abstractmethod
     def annotate(self, images: torch.Tensor, **params) -> torch.Tensor:
         """Clean RGB batch (B, 3, H, W) in [0, 1] -> condition maps (B, C, H, W) in [0, 1], same H and W."""
 
     def __call__(self, images: torch.Tensor, chunk_size: int = 8, progress: Optional[Callable[[int], None]] = None, **params) -> torch.Tensor:
-        x = as_rgb(images, self.name, sanitize=not self.sanitizes_input)
+        x = as_rgb(images, self.name, sanitize=not self.sanitizes_input, keep_uint8=self.accepts_uint8)
         outs = []
         for part in chunks(x, chunk_size):
             outs.append(self.annotate(part, **params))

@@ -23,16 +23,17 @@ RES = Param("resolution", "INT", 512, 64, 4096, 64, tooltip="Detect resolution: 
 _HALF = torch.tensor(0.5)
 
 
-def to_uint8(images: torch.Tensor) -> list[np.ndarray]:
-    """(B,3,H,W) float -> list of HxWx3 uint8 RGB arrays, rounded and saturated (NaN and -inf -> 0, +inf -> 255).
+def image_uint8(image: torch.Tensor) -> np.ndarray:
+    """(3,H,W) float -> HxWx3 uint8 RGB, rounded and saturated (NaN and -inf -> 0, +inf -> 255); uint8 passes.
 
     Saturating here is what lets PerImage skip as_rgb's separate range pass: on a 512x512 image the two
     memory passes cost about as much as cv2.Canny itself. Working on the channels-last view avoids a copy
     when the batch came from a ComfyUI IMAGE (B,H,W,C) as it usually does.
     """
-    hwc = images.permute(0, 2, 3, 1)
-    arr = torch.add(_HALF.to(images.device), hwc, alpha=255.0).clamp_(0, 255).to(torch.uint8).contiguous().cpu().numpy()
-    return list(arr)  # contiguous HxWx3 views: OpenCV would copy strided ones
+    hwc = image.permute(1, 2, 0)
+    if hwc.dtype != torch.uint8:
+        hwc = torch.add(_HALF.to(image.device), hwc, alpha=255.0).clamp_(0, 255).to(torch.uint8)
+    return hwc.contiguous().cpu().numpy()  # contiguous HxWx3: OpenCV would copy a strided one
 
 
 def from_uint8(maps: list[np.ndarray], like: torch.Tensor) -> torch.Tensor:
@@ -48,13 +49,17 @@ class PerImage(Annotator):
     """An OpenCV recipe applied image by image at the detect resolution, resized back to the input size."""
 
     multiple = 8
-    sanitizes_input = True  # to_uint8 saturates
+    sanitizes_input = True  # the uint8 conversion saturates
+    accepts_uint8 = True  # OpenCV's own input type: no conversion at all
 
     def annotate(self, images: torch.Tensor, resolution: int = 512, **params) -> torch.Tensor:
         h, w = images.shape[-2:]
         dh, dw = detect_size(h, w, resolution, self.multiple)
-        x = images if (dh, dw) == (h, w) else resize_to(sanitized(images), dh, dw)  # NaN must not spread in a resize
-        maps = [self.one(a, **params) for a in to_uint8(x)]
+        x = images
+        if (dh, dw) != (h, w):
+            x = x.float().div_(255.0) if x.dtype == torch.uint8 else sanitized(x)  # NaN must not spread in a resize
+            x = resize_to(x, dh, dw)
+        maps = [self.one(image_uint8(a), **params) for a in x]  # OpenCV parallelises inside each call
         out = from_uint8(maps, images)
         return out if (dh, dw) == (h, w) else resize_to(out, h, w).clamp(0, 1)
 

@@ -144,3 +144,34 @@ def test_empty_batch_is_a_clear_error():
         registry.load("canny")(torch.zeros(0, 3, 16, 16))
     with pytest.raises(AnnotatorError, match="channels"):
         registry.load("canny")(torch.zeros(1, 5, 16, 16))
+
+
+@pytest.mark.parametrize("key", ["canny", "hough_lines", "scribble_xdog", "binary", "lineart_standard", "shuffle", "tile"])
+def test_uint8_batches_give_the_float_batches_maps(key):
+    """An RGB uint8 batch (what OpenCV and PIL users hold) goes to OpenCV unconverted, at and off the detect size;
+    1-channel and RGBA uint8 batches are read as 0..255 too."""
+    rng = np.random.default_rng(1)
+    imgs = [cv2.GaussianBlur(rng.integers(0, 255, (48, 64, 3), dtype=np.uint8), (0, 0), 2) for _ in range(3)]
+    imgs[0][10:30, 10:40] = 255
+    u8 = torch.from_numpy(np.stack(imgs)).permute(0, 3, 1, 2)
+    for res in (48, 96):
+        assert torch.equal(registry.load(key)(u8, resolution=res), registry.load(key)(as_batch(*imgs), resolution=res))
+    gray = u8[:, :1]
+    assert torch.equal(run(key, gray), run(key, gray.float() / 255))
+    rgba = torch.cat([u8, torch.full_like(u8[:, :1], 255)], 1)
+    assert torch.equal(run(key, rgba), run(key, u8))
+
+
+def test_integer_batches_other_than_uint8_are_a_clear_error():
+    with pytest.raises(AnnotatorError, match="int16"):
+        registry.load("canny")(torch.zeros(1, 3, 16, 16, dtype=torch.int16))
+
+
+def test_infinities_saturate():
+    x = torch.zeros(1, 3, 32, 32)
+    x[0, :, 8:24, 8:24] = float("inf")  # a white square written as +inf
+    x[0, :, 0, :] = float("-inf")
+    ours = (run("canny", x)[0, 0] * 255).round().numpy().astype(np.uint8)
+    img = np.zeros((32, 32, 3), np.uint8)
+    img[8:24, 8:24] = 255
+    assert np.array_equal(ours, cv2.Canny(img, 100, 200))
