@@ -13,7 +13,7 @@ from __future__ import annotations
 import logging
 import re
 from pathlib import Path
-from typing import Callable
+from typing import Callable, Optional, Union
 
 import torch
 
@@ -22,6 +22,7 @@ import comfy.utils
 import folder_paths
 
 from ..controlnet_core import ControlNetError, create_from_unet, load_control
+from ..controlnet_core.base_models.conditioning import SIZE_EMBED_DIM, sdxl_size_embedding
 from ..controlnet_core.train import ControlDataset, DatasetError, TrainConfig, Trainer
 from ..controlnet_core.train.buckets import Buckets
 from ..controlnet_core.train.cache import encoder_identity
@@ -36,6 +37,7 @@ NODE = "Train ControlNet (Suite)"
 PRECISIONS = ["auto", "fp32", "bf16", "fp16"]
 SAVE_EVERY = 250  # steps between checkpoints (also saved at the end and on Cancel)
 TOKENS = 77  # one CLIP window: every prompt is encoded to the same length so a batch stacks
+Text = Union[torch.Tensor, tuple[torch.Tensor, torch.Tensor]]  # context, or (context, y) for SDXL
 
 
 class TrainNodeError(ControlNetError):
@@ -54,26 +56,51 @@ def _loader_dtype():
 
 
 def check_trainable(model) -> str:
-    """'eps' or 'v' for an SD1.x/SD2.x UNet model; a clear error for anything the trainer cannot train."""
+    """'eps' or 'v' for an SD1.x/SD2.x/SDXL-base UNet model; a clear error for anything the trainer cannot train."""
     base = getattr(model, "model", None)
     dm = getattr(base, "diffusion_model", None)
     family = type(getattr(base, "model_config", base)).__name__
     arch = type(dm).__name__
     if dm is None or not all(hasattr(dm, a) for a in ("input_blocks", "middle_block", "output_blocks")):
-        raise _error(f"the connected model is {family} ({arch}); ControlNet training supports SD1.x/SD2.x UNet models "
+        raise _error(f"the connected model is {family} ({arch}); ControlNet training supports SD1.x/SD2.x/SDXL UNet models "
                      "(the paper's architecture). SD3, Flux and other transformer models need their own ControlNet type. "
-                     "Connect an SD1.5 or SD2.x checkpoint.")
-    unet_config = getattr(getattr(base, "model_config", None), "unet_config", {}) or {}
-    if unet_config.get("adm_in_channels") or getattr(dm, "num_classes", None) is not None:
-        raise _error(f"the connected model is {family}, an SDXL-type UNet with a pooled-text/size input; the trainer does not "
-                     "feed that vector yet. Connect an SD1.x or SD2.x checkpoint.")
+                     "Connect an SD1.x, SD2.x or SDXL base checkpoint.")
+    adm = label_channels(model)
+    if adm and not _is_sdxl_base(base, adm):
+        label = f"a {adm}-channel label input" if adm > 0 else "class labels"
+        raise _error(f"the connected model is {family} ({type(base).__name__}), a UNet with {label} that is not SDXL base's "
+                     "pooled-text/size vector; the trainer feeds only that one (the SDXL refiner's aesthetic score, SVD's motion "
+                     "inputs and the like are not trained). Connect an SD1.x, SD2.x or SDXL base checkpoint.")
     if getattr(dm, "in_channels", 4) != 4:
         raise _error(f"the connected model is {family} with {dm.in_channels} input channels (an inpainting or other "
-                     "special model); train on a plain text-to-image SD1.x/SD2.x checkpoint.")
+                     "special model); train on a plain text-to-image SD1.x/SD2.x/SDXL checkpoint.")
     model_type = getattr(getattr(base, "model_type", None), "name", "EPS")
     if model_type not in ("EPS", "V_PREDICTION"):
         raise _error(f"the connected model {family} uses {model_type} sampling; only epsilon and v prediction are trained.")
     return "v" if model_type == "V_PREDICTION" else "eps"
+
+
+def label_channels(model) -> int:
+    """Width of the UNet's label input `y` (SDXL base: 2816), 0 when it has none (SD1.x/SD2.x), -1 for class labels."""
+    base = model.model
+    adm = (getattr(getattr(base, "model_config", None), "unet_config", {}) or {}).get("adm_in_channels")
+    if not adm and getattr(base.diffusion_model, "num_classes", None) is not None:
+        first = getattr(base.diffusion_model, "label_emb", None)
+        try:
+            adm = first[0][0].in_features  # "sequential": Linear(adm, ...) first
+        except (TypeError, IndexError, AttributeError):
+            adm = -1  # an nn.Embedding of class labels
+    return int(adm or 0)
+
+
+def _is_sdxl_base(base, adm: int) -> bool:
+    """ComfyUI's SDXL model class (or one that shares its `encode_adm`): y = pooled text + 6 size embeddings.
+    Classes with their own `encode_adm` (refiner: aesthetic score; SVD: fps/motion) build another vector."""
+    import comfy.model_base
+
+    sdxl = getattr(comfy.model_base, "SDXL", None)
+    return (sdxl is not None and isinstance(base, sdxl) and type(base).encode_adm is sdxl.encode_adm
+            and adm > 6 * SIZE_EMBED_DIM)
 
 
 def resolve_folder(text: str) -> Path:
@@ -99,23 +126,44 @@ def output_stem(name: str) -> str:
     return stem
 
 
-def text_encoder(clip, device: torch.device) -> Callable[[list[str]], torch.Tensor]:
-    """prompts -> (B, 77, width) with ComfyUI's CLIP, as CLIPTextEncode encodes them (clip layer included)."""
-    memory: dict[str, torch.Tensor] = {}
+def text_encoder(clip, device: torch.device, size: Optional[int] = None, label: int = 0) -> Callable[[list[str]], Text]:
+    """prompts -> (B, 77, width) with ComfyUI's CLIP, as CLIPTextEncode encodes them (clip layer included).
 
-    def encode(prompts: list[str]) -> torch.Tensor:
-        rows = []
+    SDXL (`label` > 0): prompts -> (context, y), y being what ComfyUI's SDXL model builds from CLIPTextEncode's
+    pooled output when it samples a `size` x `size` image (`SDXL.encode_adm`: pooled text, then the embeddings of
+    original size, crop (0, 0) and target size): the trained ControlNet sees the vector it will get at sampling.
+    """
+    memory: dict[str, tuple[torch.Tensor, Optional[torch.Tensor]]] = {}
+    sizes = sdxl_size_embedding((size, size))[0] if label else None
+
+    def encode_one(p: str) -> tuple[torch.Tensor, Optional[torch.Tensor]]:
+        tokens = clip.tokenize(p)
+        if not label:
+            cond, y = clip.encode_from_tokens(tokens), None
+        else:
+            cond, pooled = clip.encode_from_tokens(tokens, return_pooled=True)
+            width = None if pooled is None else pooled.shape[-1] + sizes.shape[-1]
+            if width != label:
+                got = "no pooled output" if pooled is None else f"a {pooled.shape[-1]}-channel pooled output"
+                raise _error(f"the connected CLIP gives {got}, but the SDXL model's label input takes a {label - sizes.shape[-1]}-channel "
+                             f"pooled output plus {sizes.shape[-1]} size channels; connect the CLIP of the same SDXL checkpoint.")
+            y = torch.cat([pooled[0].detach().float().cpu(), sizes])
+        if cond.shape[1] > TOKENS:
+            log.warning("%s: prompt longer than %d tokens, truncated for training: %.60s...", NODE, TOKENS, p)
+        # clone: out of inference mode
+        return cond[0, :TOKENS].detach().float().cpu().clone(), None if y is None else y.clone()
+
+    def encode(prompts: list[str]) -> Text:
         for p in prompts:
             if p not in memory:
-                cond = clip.encode_from_tokens(clip.tokenize(p))
-                if cond.shape[1] > TOKENS:
-                    log.warning("%s: prompt longer than %d tokens, truncated for training: %.60s...", NODE, TOKENS, p)
-                memory[p] = cond[0, :TOKENS].detach().float().cpu().clone()  # clone: out of inference mode
-            rows.append(memory[p])
-        return torch.stack(rows).to(device)
+                memory[p] = encode_one(p)
+        context = torch.stack([memory[p][0] for p in prompts]).to(device)
+        if not label:
+            return context
+        return context, torch.stack([memory[p][1] for p in prompts]).to(device)
 
     layer = getattr(clip, "layer_idx", None)
-    encode.cache_identity = f"comfy-clip:{encoder_identity(clip.cond_stage_model)}:layer{layer}"
+    encode.cache_identity = f"comfy-clip:{encoder_identity(clip.cond_stage_model)}:layer{layer}" + (f":sdxl-y{size}" if label else "")
     return encode
 
 
@@ -168,7 +216,7 @@ class ControlNetSuiteTrain:
     def INPUT_TYPES(cls):
         return {
             "required": {
-                "model": ("MODEL", {"tooltip": "The base model (SD1.x or SD2.x). It stays locked; the ControlNet is created from its UNet."}),
+                "model": ("MODEL", {"tooltip": "The base model (SD1.x, SD2.x or SDXL base). It stays locked; the ControlNet is created from its UNet."}),
                 "clip": ("CLIP", {"tooltip": "The base model's text encoder: captions are encoded with it, as CLIPTextEncode does."}),
                 "vae": ("VAE", {"tooltip": "The base model's VAE: training images are encoded to latents with it."}),
                 "dataset_folder": ("STRING", {"default": "", "tooltip": (
@@ -243,9 +291,11 @@ class ControlNetSuiteTrain:
         config = TrainConfig(lr=learning_rate, batch_size=batch_size, empty_prompt_rate=empty_prompt_rate, prediction=prediction,
                              seed=seed, mixed_precision={"fp32": "no"}.get(precision, precision),
                              gradient_checkpointing=gradient_checkpointing, cache_dir=str(run_dir / "cache"))
+        encode_text = text_encoder(clip, device, size=resolution, label=label_channels(model))
+        encode_text([""])  # a CLIP that does not fit the model (SDXL: the pooled width) stops here, before the UNet is copied
         unet, heads = base_unet(model, device)
         controlnet = create_from_unet(unet.state_dict(), seed=seed, device=device, **heads)
-        trainer = Trainer(unet, controlnet, text_encoder(clip, device), image_encoder(vae, model, device), dataset, config)
+        trainer = Trainer(unet, controlnet, encode_text, image_encoder(vae, model, device), dataset, config)
         if resume and ckpt.is_file():
             try:
                 trainer.load_checkpoint(ckpt)

@@ -262,6 +262,91 @@ def test_text_cache_keeps_the_empty_prompt_and_distinguishes_encoders(tmp_path):
     assert torch.equal(small(["a red circle"])[0], first[0]) and enc.calls == calls
 
 
+class Counting(torch.nn.Module):
+    """Any real encoder (here: an SDXL base's text conditioner or VAE), counting calls and inputs; its cache
+    identity is the wrapped encoder's."""
+
+    def __init__(self, inner):
+        super().__init__()
+        self.inner = inner
+        self.calls, self.inputs = 0, []
+
+    @property
+    def cache_identity(self):
+        return encoder_identity(self.inner)
+
+    def forward(self, x):
+        self.calls += 1
+        self.inputs += list(x) if isinstance(x, list) else [x.shape[0]]
+        return self.inner(x)
+
+
+def sdxl_trainer(tmp_path, config):
+    """An SDXL-shaped base (tiny, random, the published key names; made with the ComfyUI host's classes) loaded as the
+    CLI loads it, and a fresh ControlNet."""
+    from base_factories import TOKENIZER_DIR, sdxl_checkpoint
+    from controlnet_core.base_models import load_base_model
+
+    ckpt = tmp_path / "xl.safetensors"
+    if not ckpt.exists():
+        sdxl_checkpoint(ckpt)
+    base = load_base_model(ckpt, tokenizer=TOKENIZER_DIR, image_size=(64, 64))
+    enc = base.unet.config.encoder
+    cn = create_from_unet(base.unet.state_dict(), seed=0, num_heads=enc.num_heads, num_head_channels=enc.num_head_channels)
+    text, vae = Counting(base.text), Counting(base.vae)
+    return Trainer(base.unet, cn, text, vae, ControlDataset(fill(tmp_path, n=4), size=64), config), text, vae
+
+
+def test_sdxl_text_cache_holds_context_and_y_and_trains_like_uncached(comfy, tmp_path):
+    """SDXL's encode_text gives (context, y): both are cached; the second epoch calls no encoder; same weights."""
+    cache = tmp_path / "cache"
+    cfg = dict(lr=1e-3, batch_size=2, empty_prompt_rate=0.5, seed=3)
+    cached, text, vae = sdxl_trainer(tmp_path, TrainConfig(cache_dir=str(cache), **cfg))
+    steps_per_epoch = len(cached.dataset) // 2
+    losses = cached.train(steps_per_epoch)
+    assert "" in text.inputs and vae.inputs == [2] * steps_per_epoch
+    calls = (text.calls, vae.calls)
+    losses += cached.train(steps_per_epoch)  # the second epoch
+    assert (text.calls, vae.calls) == calls, "the second epoch called an encoder"
+    plain, _, _ = sdxl_trainer(tmp_path, TrainConfig(**cfg))
+    assert plain.train(2 * steps_per_epoch) == losses
+    for k, v in weights(plain).items():
+        assert torch.equal(cached.controlnet.state_dict()[k], v), k
+    entries = list((cache / "text").rglob("*.safetensors"))
+    assert entries and all(set(load_file(e)) == {"value", "y"} for e in entries)
+    # the empty-prompt replacement gives the cached "" pair; a second cache reads every pair from disk
+    again = TextCache(text, cache)
+    calls = text.calls
+    context, y = again.encode_with_drop(["red circle with blue background", "x"], [False, True])
+    assert text.calls == calls + 1 and text.inputs[-1:] == ["x"]  # only the new prompt was encoded
+    empty_context, empty_y = again([""])  # the "" pair as cached in the first epoch (read back, no encoder call)
+    assert text.calls == calls + 1
+    assert torch.equal(context[0], empty_context[0]) and torch.equal(y[0], empty_y[0])
+    for i, p in enumerate(["", "x"]):  # and they are the encoder's (up to the last bits another batch can change)
+        fresh = text.inner([p])
+        torch.testing.assert_close((context[i], y[i]), (fresh[0][0], fresh[1][0]), rtol=1e-5, atol=1e-6)
+    # y carries the training size: another resolution is another identity, never a stale y
+    text.inner.image_size = (128, 128)
+    assert encoder_identity(text) != again.identity
+
+
+def test_text_cache_entry_formats(tmp_path):
+    """Single-tensor entries keep the format they always had ({"value"}); pair entries add "y". (SDXL encoders have
+    identities of their own, so they never meet single entries; if one does under a reused identity, it re-encodes.)"""
+    enc = CountingText()
+    TextCache(enc, tmp_path, identity="same")(["a red circle"])
+    (entry,) = list((tmp_path / "text").rglob("*.safetensors"))
+    assert set(load_file(entry)) == {"value"}
+
+    def pairs(prompts):
+        c = enc.inner(prompts)
+        return c, c[:, 0, :4]
+
+    out = TextCache(pairs, tmp_path, identity="same")(["a red circle", "a blue circle"])
+    assert isinstance(out, tuple) and torch.equal(out[1], out[0][:, 0, :4])
+    assert set(load_file(entry)) == {"value", "y"}  # rewritten as a pair
+
+
 # -- aspect-ratio buckets --
 
 

@@ -114,6 +114,111 @@ def test_train_apply_sample_and_the_file_loads_in_comfys_own_loader(host, clip_c
     torch.testing.assert_close(builtin, out["trained"], rtol=1e-4, atol=1e-4)
 
 
+# -- SDXL: ComfyUI's own SDXL model, CLIP and VAE objects (tiny; see comfy_sdxl.py), handed in by SuiteTestProvided --
+
+
+@pytest.fixture(scope="module")
+def sdxl(host, tmp_path_factory):
+    from comfy_sdxl import tiny_sdxl
+
+    parts = tiny_sdxl(tmp_path_factory.mktemp("sdxl"))
+    host.test_nodes.PROVIDED["xl"] = (parts["model"], parts["clip"], parts["vae"])
+    yield parts
+    host.test_nodes.PROVIDED.pop("xl", None)
+
+
+def node_module(host):
+    import sys
+
+    return sys.modules[host.nodes.NODE_CLASS_MAPPINGS["ControlNetSuiteTrain"].__module__]
+
+
+def test_sdxl_y_is_the_vector_comfys_sdxl_model_builds_for_the_training_size(host, sdxl):
+    """The node's text encoder gives CLIPTextEncode's context and, as y, ComfyUI's own `SDXL.encode_adm` of
+    CLIPTextEncode's pooled output for a resolution x resolution image: the numbers the model sees when sampling."""
+    model, clip = sdxl["model"], sdxl["clip"]
+    adm = node_module(host).label_channels(model)
+    assert adm == 64 + 6 * 256 == model.model.diffusion_model.label_emb[0][0].in_features
+    encode = node_module(host).text_encoder(clip, torch.device("cpu"), size=128, label=adm)
+    prompts = ["red circle with blue background", "", "a much longer prompt about a green circle on a grey background"]
+    context, y = encode(prompts)
+    assert context.shape == (3, 77, 128) and y.shape == (3, adm)
+    for i, p in enumerate(prompts):
+        cond, pooled = clip.encode_from_tokens(clip.tokenize(p), return_pooled=True)  # what CLIPTextEncode does
+        theirs = model.model.encode_adm(pooled_output=pooled, width=128, height=128, crop_w=0, crop_h=0, target_width=128, target_height=128)
+        assert torch.equal(y[i : i + 1], theirs.float()), p
+        assert torch.equal(y[i : i + 1], model.model.encode_adm(pooled_output=pooled, width=128, height=128).float())  # ComfyUI's defaults
+        assert torch.equal(context[i], cond[0].float()), p
+    other = node_module(host).text_encoder(clip, torch.device("cpu"), size=64, label=adm)
+    assert other.cache_identity != encode.cache_identity  # a cached y of one resolution is not read back for another
+    assert not torch.equal(other(prompts[:1])[1], y[:1])
+
+
+def test_sdxl_trains_applies_samples_and_the_file_loads_in_comfys_own_loader(host, sdxl, dataset, progress_hook):
+    import comfy.controlnet
+
+    from controlnet_core import create_from_unet, load_control
+
+    calls, _ = progress_hook
+    g = Graph()
+    base = g.add("SuiteTestProvided", key="xl")
+    model, clip = (base, 0), (base, 1)
+    train = g.add("ControlNetSuiteTrain", **train_inputs(base, dataset, output_name="trained_xl"))
+    pos = (g.add("CLIPTextEncode", text="red circle with blue background", clip=clip), 0)
+    neg = (g.add("CLIPTextEncode", text="", clip=clip), 0)
+    app = g.add("ControlNetSuiteApply", positive=pos, negative=neg, control_net=(train, 0), image=hint(g), strength=1.0,
+                start_percent=0.0, end_percent=1.0, control_mode="balanced", resize_mode="crop and resize")
+    sampled(g, base, (app, 0), (app, 1), key="trained")
+    sampled(g, base, pos, neg, key="plain")
+    out = host.run(g.prompt)
+    assert torch.isfinite(out["trained"]).all() and not torch.allclose(out["trained"], out["plain"], atol=1e-4)
+    assert [v for v, t in calls if t == STEPS][-STEPS:] == [1, 2, 3]
+
+    path = host.dirs["controlnet"] / "trained_xl.safetensors"
+    sd = load_file(path)
+    assert "control_model.label_emb.0.0.weight" in sd and "control_model.zero_convs.0.0.weight" in sd  # SDXL's, v1.1 layout
+    zero = [k for k in sd if k.startswith(("control_model.zero_convs.", "control_model.middle_block_out."))]
+    assert zero and all(sd[k].abs().max() > 0 for k in zero if k.endswith("weight"))  # created at 0, moved by training
+    assert comfy.controlnet.load_controlnet(str(path)) is not None
+    assert load_control(path).model.config.adm_in_channels == 64 + 6 * 256
+    entries = list((host.dirs["output"] / "controlnet_training" / "trained_xl" / "cache" / "text").rglob("*.safetensors"))
+    assert entries and all(set(load_file(e)) == {"value", "y"} for e in entries)  # the text cache holds (context, y)
+
+    # the same file through ComfyUI's built-in ControlNetLoader and Apply ControlNet gives the same sample
+    g = Graph()
+    base = g.add("SuiteTestProvided", key="xl")
+    pos = (g.add("CLIPTextEncode", text="red circle with blue background", clip=(base, 1)), 0)
+    neg = (g.add("CLIPTextEncode", text="", clip=(base, 1)), 0)
+    cn = g.add("ControlNetLoader", control_net_name="trained_xl.safetensors")
+    app = g.add("ControlNetApplyAdvanced", positive=pos, negative=neg, control_net=(cn, 0), image=hint(g), strength=1.0,
+                start_percent=0.0, end_percent=1.0)
+    sampled(g, base, (app, 0), (app, 1), key="builtin")
+    torch.testing.assert_close(host.run(g.prompt)["builtin"], out["trained"], rtol=1e-4, atol=1e-4)
+
+    # one step moves only the zero convolutions (everything behind them gets no gradient while they are 0)
+    g = Graph()
+    base = g.add("SuiteTestProvided", key="xl")
+    g.add("ControlNetSuiteTrain", **train_inputs(base, dataset, steps=1, output_name="one_step_xl"))
+    host.run(g.prompt)
+    unet_sd = {k: v.float() for k, v in sdxl["parts"]["unet"].state_dict().items()}
+    start = create_from_unet(unet_sd, seed=3, num_heads=-1, num_head_channels=64).state_dict()
+    one = {k[len("control_model."):]: v for k, v in load_file(host.dirs["controlnet"] / "one_step_xl.safetensors").items()}
+    assert one.keys() == start.keys()
+    moved = {k for k in one if not torch.equal(one[k], start[k])}
+    assert moved and all(k.startswith(("zero_convs.", "middle_block_out.")) for k in moved), sorted(moved)[:5]
+
+
+def test_sdxl_with_a_clip_of_another_family_is_refused(host, sdxl, clip_checkpoint, dataset):
+    g = Graph()
+    base = g.add("SuiteTestProvided", key="xl")
+    sd1 = g.add("CheckpointLoaderSimple", ckpt_name=clip_checkpoint)
+    g.add("ControlNetSuiteTrain", **{**train_inputs(base, dataset, output_name="mismatched_xl"), "clip": (sd1, 1)})
+    with pytest.raises(PromptFailed, match=r"Train ControlNet \(Suite\): the connected CLIP gives a 768-channel pooled output, but the "
+                                           r"SDXL model's label input takes a 64-channel pooled output plus 1536 size channels"):
+        host.run(g.prompt)
+    assert not (host.dirs["controlnet"] / "mismatched_xl.safetensors").exists()
+
+
 def test_cancel_saves_a_checkpoint_and_resume_ends_where_an_uninterrupted_run_does(host, clip_checkpoint, dataset, progress_hook):
     _, state = progress_hook
 
@@ -188,18 +293,23 @@ def _model_patcher(model):
 
 
 def test_unsupported_model_types_are_refused_with_their_name(host):
-    """Real ComfyUI model objects of other families: SDXL-type (tiny config) in both hosts, Flux in ComfyUI 0.8."""
+    """Real ComfyUI model objects of other families: SDXL-type with another label input and the SDXL refiner (tiny
+    configs) in both hosts, Flux in ComfyUI 0.8."""
     import comfy.supported_models
+
+    from comfy_sdxl import refiner_model
 
     from factories import SDXL_TINY, comfy_unet_kwargs
 
     node = host.nodes.NODE_CLASS_MAPPINGS["ControlNetSuiteTrain"]()
     args = dict(clip=None, vae=None, dataset_folder="x", steps=1, learning_rate=1e-4, batch_size=1, empty_prompt_rate=0.5,
                 resolution=64, seed=0, output_name="x", resume=False)
-    with torch.no_grad():
+    with torch.no_grad():  # an SDXL-class model whose label input is not pooled text + 6 x 256 size channels
         sdxl = comfy.supported_models.SDXL(comfy_unet_kwargs(SDXL_TINY)).get_model({})
-    with pytest.raises(ValueError, match="SDXL.*pooled-text/size input"):
+    with pytest.raises(ValueError, match=r"SDXL \(SDXL\), a UNet with a 96-channel label input.*pooled-text/size vector"):
         node.train(_model_patcher(sdxl), **args)
+    with pytest.raises(ValueError, match=r"SDXLRefiner \(SDXLRefiner\), a UNet with a 1344-channel label input.*refiner"):
+        node.train(refiner_model(), **args)
     if not host.new:
         return  # ComfyUI a28a9dc (March 2024) predates Flux and SD3
     flux_cfg = {"image_model": "flux", "in_channels": 16, "patch_size": 2, "out_channels": 16, "vec_in_dim": 32, "context_in_dim": 32,

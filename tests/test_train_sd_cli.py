@@ -70,6 +70,19 @@ def test_trains_from_a_single_file_checkpoint(comfy, tmp_path, data, family, one
     for k, v in cn.state_dict().items():
         assert rel_err(sd["control_model." + k], v) <= 1e-4, k
 
+    if family == "sdxl":  # --cache-dir: (context, y) pairs and latents cached; the same weights, cached or read back
+        cache = tmp_path / "cache"
+        for run in ("cached", "from_cache"):
+            args = list(common)
+            args[args.index("--out") + 1] = tmp_path / run
+            r = sd_cli(*args, "--steps", 2, "--cache-dir", cache)
+            assert r.returncode == 0, r.stderr[-3000:]
+            got = load_file(tmp_path / run / "controlnet.safetensors")
+            assert got.keys() == sd.keys() and all(torch.equal(got[k], sd[k]) for k in sd), run
+        entries = list((cache / "text").rglob("*.safetensors"))
+        assert entries and all(set(load_file(e)) == {"value", "y"} for e in entries)
+        assert any((cache / "latents").rglob("*.safetensors"))
+
     if family == "sd1":  # resume continues from the saved step
         r = sd_cli(*common, "--steps", 3, "--resume")
         assert r.returncode == 0 and "resumed at step 2" in r.stdout, r.stderr[-3000:]

@@ -22,6 +22,21 @@ from .clip_text import TextTransformer
 from .tokenizer import CLIPTokenizer
 
 
+SIZE_EMBED_DIM = 256  # SDXL's width per size value (fixed by the format: 2816 = 1280 + 6 * 256)
+
+
+def sdxl_size_embedding(image_size: tuple[int, int], batch: int = 1, dim: int = SIZE_EMBED_DIM, device=None) -> torch.Tensor:
+    """SDXL's micro-conditioning for uncropped images of `image_size` (h, w): (batch, 6 * dim).
+
+    The values are original size (h, w), crop top-left (0, 0) and target size (h, w), each embedded
+    sinusoidally, in the order ComfyUI's and the ldm code's `SDXL.encode_adm` use. Shared by the CLI's
+    text conditioner and the ComfyUI training node, so both feed the UNet the vector it sees at sampling.
+    """
+    h, w = image_size
+    values = torch.tensor([h, w, 0, 0, h, w], dtype=torch.float32, device=device)
+    return timestep_embedding(values, dim).reshape(1, -1).expand(batch, -1)
+
+
 @dataclass(frozen=True)
 class Branch:
     """One text encoder's contribution: which layer, whether the final LayerNorm is applied, and the pad id."""
@@ -56,9 +71,16 @@ class TextConditioner(nn.Module):
 
     def size_embedding(self, batch: int, device=None) -> torch.Tensor:
         """SDXL's micro-conditioning for images trained at `image_size`, uncropped: (B, 6 * size_embed_dim)."""
-        h, w = self.image_size
-        values = torch.tensor([h, w, 0, 0, h, w], dtype=torch.float32, device=device)  # original size, crop top-left, target size
-        return timestep_embedding(values, self.size_embed_dim).reshape(1, -1).expand(batch, -1)
+        return sdxl_size_embedding(self.image_size, batch, self.size_embed_dim, device)
+
+    @property
+    def cache_identity(self) -> str:
+        """For the trainer's text cache: the weights, plus the image size when `y` carries it (the cached `y`
+        of one resolution must not be read back for another)."""
+        from ..train.cache import module_identity
+
+        ident = module_identity(self)
+        return ident if self.pooled_from is None else f"{ident}:size{self.image_size[0]}x{self.image_size[1]}"
 
     @torch.no_grad()
     def forward(self, prompts: list[str]) -> Union[torch.Tensor, tuple[torch.Tensor, torch.Tensor]]:
@@ -79,4 +101,4 @@ class TextConditioner(nn.Module):
         return context, y
 
 
-__all__ = ["Branch", "TextConditioner"]
+__all__ = ["Branch", "SIZE_EMBED_DIM", "TextConditioner", "sdxl_size_embedding"]

@@ -45,6 +45,7 @@ def add_arguments(p: argparse.ArgumentParser) -> None:
                    help="what the base predicts; auto: from the file (SD1.x/SDXL eps unless marked v_pred; SD2.x single files must say)")
     p.add_argument("--device", help="default: cuda when available, else cpu")
     p.add_argument("--seed", type=int, default=0)
+    p.add_argument("--cache-dir", help="cache text embeddings (SDXL: with y) and VAE latents here: later epochs and runs call no encoder")
 
 
 def progress_printer(total: int, batch: int) -> Callable[[int, float], None]:
@@ -87,7 +88,7 @@ def run(args: argparse.Namespace) -> int:
     print(f"base: {base.family.label} from {args.base} ({prediction}-prediction), ControlNet {sum(p.numel() for p in cn.parameters()) / 1e6:.1f} M "
           f"parameters, {resolution} px, on {device} (loaded in {time.perf_counter() - t0:.1f} s)", flush=True)
     cfg = TrainConfig(lr=args.lr, batch_size=args.batch, empty_prompt_rate=args.empty_prompt_rate, seed=args.seed, grad_accum=args.grad_accum,
-                      mixed_precision=args.mixed_precision, prediction=prediction)
+                      mixed_precision=args.mixed_precision, prediction=prediction, cache_dir=getattr(args, "cache_dir", None))
     trainer = Trainer(base.unet, cn, base.text, base.vae, ControlDataset(Path(args.data), size=resolution), cfg)
     out = Path(args.out)
     ckpt = out / "checkpoint.pt"

@@ -3,6 +3,7 @@ import torch
 
 CAPTURED: dict = {}
 SPY: list = []
+PROVIDED: dict = {}  # key -> (MODEL, CLIP, VAE) built by a test in this process (SuiteTestProvided)
 
 
 class SuiteTestConditioning:
@@ -101,7 +102,23 @@ class SuiteTestSpy:
         return (m,)
 
 
+class SuiteTestProvided:
+    """MODEL, CLIP and VAE objects a test built in-process (e.g. a tiny SDXL that no checkpoint loader detects)."""
+
+    CATEGORY = "testing"
+    RETURN_TYPES = ("MODEL", "CLIP", "VAE")
+    FUNCTION = "get"
+
+    @classmethod
+    def INPUT_TYPES(cls):
+        return {"required": {"key": ("STRING", {"default": "base"})}}
+
+    def get(self, key):
+        return PROVIDED[key]
+
+
 NODE_CLASS_MAPPINGS = {
+    "SuiteTestProvided": SuiteTestProvided,
     "SuiteTestConditioning": SuiteTestConditioning,
     "SuiteTestImage": SuiteTestImage,
     "SuiteTestCapture": SuiteTestCapture,
