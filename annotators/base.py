@@ -85,6 +85,16 @@ def chunks(images: torch.Tensor, size: int) -> Iterator[torch.Tensor]:
         yield images[i : i + size]
 
 
+def default_chunk_size(device: torch.device | str | None) -> int:
+    """Images per network call when the caller does not say: 1 on a CPU, 8 on an accelerator.
+
+    Why: on a CPU a bigger batch adds no parallelism (oneDNN already spreads one image over every core) and its
+    activations no longer fit the caches; on 2 cores at 512x512, one image per call was up to 1.5x faster than
+    eight in fp32 and up to 1.7x in bf16 (bench/RESULTS.md). A GPU needs the batch to be kept busy.
+    """
+    return 1 if device is None or torch.device(device).type == "cpu" else 8
+
+
 class Annotator(abc.ABC):
     """Callable annotator: `__call__(images (B,C,H,W) in [0,1]) -> (B,C',H,W) in [0,1]`, same H, W as the input."""
 
@@ -96,8 +106,14 @@ class Annotator(abc.ABC):
     def annotate(self, images: torch.Tensor, **params) -> torch.Tensor:
         """Clean RGB batch (B, 3, H, W) in [0, 1] -> condition maps (B, C, H, W) in [0, 1], same H and W."""
 
-    def __call__(self, images: torch.Tensor, chunk_size: int = 8, progress: Optional[Callable[[int], None]] = None, **params) -> torch.Tensor:
+    def __call__(self, images: torch.Tensor, chunk_size: Optional[int] = None, progress: Optional[Callable[[int], None]] = None,
+                 **params) -> torch.Tensor:
+        """chunk_size: images per `annotate` call; default: `default_chunk_size` of a network's device, and the
+        whole batch for annotators without a network (they work image by image anyway)."""
         x = as_rgb(images, self.name, sanitize=not self.sanitizes_input, keep_uint8=self.accepts_uint8)
+        if chunk_size is None:
+            device = getattr(self, "device", None)
+            chunk_size = default_chunk_size(device) if device is not None else x.shape[0]
         outs = []
         for part in chunks(x, chunk_size):
             outs.append(self.annotate(part, **params))

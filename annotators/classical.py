@@ -20,26 +20,37 @@ from .registry import AnnotatorInfo, Param, register
 RES = Param("resolution", "INT", 512, 64, 4096, 64, tooltip="Detect resolution: the short side the image is processed at.")
 
 
-_HALF = torch.tensor(0.5)
 
 
 def image_uint8(image: torch.Tensor) -> np.ndarray:
     """(3,H,W) float -> HxWx3 uint8 RGB, rounded and saturated (NaN and -inf -> 0, +inf -> 255); uint8 passes.
 
-    Saturating here is what lets PerImage skip as_rgb's separate range pass: on a 512x512 image the two
-    memory passes cost about as much as cv2.Canny itself. Working on the channels-last view avoids a copy
-    when the batch came from a ComfyUI IMAGE (B,H,W,C) as it usually does.
+    Saturating here is what lets PerImage skip as_rgb's separate range pass. The usual case, a CPU float32 image
+    in [0, 1] laid out channels-last (a ComfyUI IMAGE), is converted without a copy: a numpy range check and one
+    OpenCV scaling pass, on the calling thread. Why not torch: its OpenMP threads keep spinning for a while after
+    each operation and take the cores from the cv2.Canny that follows (measured: the uint8 -> float -> uint8
+    round trip cost more than cv2.Canny itself). Other images take the torch path.
     """
     hwc = image.permute(1, 2, 0)
-    if hwc.dtype != torch.uint8:
-        hwc = torch.add(_HALF.to(image.device), hwc, alpha=255.0).clamp_(0, 255).to(torch.uint8)
-    return hwc.contiguous().cpu().numpy()  # contiguous HxWx3: OpenCV would copy a strided one
+    if hwc.dtype == torch.uint8:
+        return hwc.contiguous().cpu().numpy()  # contiguous HxWx3: OpenCV would copy a strided one
+    if hwc.device.type == "cpu" and hwc.dtype == torch.float32 and hwc.is_contiguous():
+        flat = hwc.numpy().reshape(hwc.shape[0], -1)
+        if flat.min() >= 0.0 and flat.max() <= 1.0:  # NaN fails both; then no sign or overflow to lose below
+            return cv2.convertScaleAbs(flat, alpha=255.0).reshape(hwc.shape)
+    # the same arithmetic as OpenCV's (x * 255 in float32, rounded half to even), so both paths give one answer
+    hwc = torch.nan_to_num(hwc.float(), nan=0.0, posinf=1.0, neginf=0.0).mul(255.0).round_().clamp_(0, 255).to(torch.uint8)
+    return hwc.contiguous().cpu().numpy()
 
 
 def from_uint8(maps: list[np.ndarray], like: torch.Tensor) -> torch.Tensor:
-    """HxW (broadcast to 3 channels, no copy) or HxWx3 uint8 maps -> (B,3,H,W) float [0,1] on like's device."""
-    arr = torch.from_numpy(np.stack(maps))
-    out = arr.to(device=like.device, dtype=torch.float32).div_(255.0)
+    """HxW (broadcast to 3 channels, no copy) or HxWx3 uint8 maps -> (B,3,H,W) float [0,1] on like's device.
+
+    numpy writes each map into the output on the calling thread (no torch OpenMP pass, see `image_uint8`)."""
+    out = torch.empty((len(maps), *maps[0].shape), dtype=torch.float32)
+    for m, dst in zip(maps, out.numpy()):
+        np.divide(m, np.float32(255.0), out=dst, dtype=np.float32)
+    out = out.to(like.device)
     if out.ndim == 3:
         return out[:, None].expand(-1, 3, -1, -1)
     return out.permute(0, 3, 1, 2)

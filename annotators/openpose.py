@@ -41,7 +41,7 @@ import torch.nn.functional as F
 
 from . import weights
 from ._core import ControlNetError
-from .base import Annotator, AnnotatorError, as_rgb, chunks, detect_size, inference_network, network_input, resize_to
+from .base import Annotator, AnnotatorError, as_rgb, chunks, default_chunk_size, detect_size, inference_network, network_input, resize_to
 from .registry import AnnotatorInfo, Param, register
 
 log = logging.getLogger(__name__)
@@ -787,7 +787,7 @@ class OpenPoseDetector(Annotator):
     def detect(
         self,
         images: torch.Tensor,
-        chunk_size: int = 8,
+        chunk_size: Optional[int] = None,
         progress: Optional[Callable[[int], None]] = None,
         *,
         include_body: bool = True,
@@ -798,7 +798,7 @@ class OpenPoseDetector(Annotator):
         """As calling the annotator, plus one OpenPose JSON dict per image (`to_openpose_json`): (maps, dicts)."""
         x = as_rgb(images, self.name)
         maps, keypoints = [], []
-        for part in chunks(x, chunk_size):
+        for part in chunks(x, chunk_size or default_chunk_size(self.device)):
             m, k = self._run(part, include_body, include_hand, include_face, resolution)
             maps.append(m)
             keypoints += k

@@ -60,7 +60,7 @@ def _rand(module: torch.nn.Module) -> torch.nn.Module:
 
 DEV = torch.device("cpu")
 DTYPES = ["float32"]  # our precisions; controlnet-aux always runs float32
-CHUNK = N
+CHUNK = None  # images per network call for ours; None: the library's default for the device (CPU 1, GPU 8)
 
 
 def _sync():
@@ -160,12 +160,15 @@ def main() -> None:
     ap.add_argument("--device", default="cpu")
     ap.add_argument("--only", nargs="*", help="run only these neural annotators")
     ap.add_argument("--dtypes", nargs="*", default=["float32", "bfloat16"], help="our precisions to time (torch dtype names)")
-    ap.add_argument("--chunk", type=int, default=N, help="images per network call for ours")
+    ap.add_argument("--chunk", type=int, default=None, help="images per network call for ours (default: the library's, CPU 1, GPU 8)")
     args = ap.parse_args()
     global DEV, DTYPES, CHUNK
     DEV, DTYPES, CHUNK = torch.device(args.device), args.dtypes, args.chunk
     torch.manual_seed(0)
-    print(f"# annotators, {N} images {SIZE}x{SIZE}, per-image ms (best of {args.reps}); {machine()}")
+    from annotators.base import default_chunk_size
+
+    chunk = CHUNK or default_chunk_size(DEV)
+    print(f"# annotators, {N} images {SIZE}x{SIZE}, per-image ms (best of {args.reps}), ours {chunk} image(s) per call; {machine()}")
     c = bench_canny(args.reps)
     print("canny        " + "  ".join(f"{k} {v / N * 1000:.2f}" for k, v in c.items()))
     print(f"canny        ours/raw: float IMAGE vs cv2.Canny uint8 {c['ours float IMAGE'] / c['cv2.Canny uint8']:.2f}x, "

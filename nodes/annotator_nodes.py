@@ -9,6 +9,7 @@ from __future__ import annotations
 
 import logging
 import os
+from typing import Optional
 
 import torch
 
@@ -18,7 +19,7 @@ import comfy.utils
 import folder_paths
 
 from ..annotators import registry
-from ..annotators.base import as_rgb, chunks, detect_size, resize_to, sanitized
+from ..annotators.base import as_rgb, chunks, default_chunk_size, detect_size, resize_to, sanitized
 
 log = logging.getLogger(__name__)
 
@@ -74,7 +75,7 @@ PRECISION_OPTS = {"default": "fp32", "tooltip": (
     "move line segments and keypoints by a pixel.")}
 
 
-def run_annotator(key: str, image: torch.Tensor, resolution: int, pixel_perfect: bool, target_latent=None, chunk_size: int = 8,
+def run_annotator(key: str, image: torch.Tensor, resolution: int, pixel_perfect: bool, target_latent=None, chunk_size: Optional[int] = None,
                   precision: str = "fp32", **params):
     """IMAGE (B,H,W,C) -> (IMAGE, keypoints or None); the shared body of every annotator node."""
     info = registry.load_all()[key]
@@ -87,6 +88,8 @@ def run_annotator(key: str, image: torch.Tensor, resolution: int, pixel_perfect:
     dtype = PRECISIONS[precision] if info.weights else torch.float32
     det = registry.load(key, device=comfy.model_management.unet_offload_device(), dtype=dtype, dirs=annotator_dirs())
     dev = _prepare_device(det)
+    if chunk_size is None:  # a network: what its device runs fastest; OpenCV recipes: per image anyway
+        chunk_size = default_chunk_size(dev) if info.weights else 8
     if any(p.name == "resolution" for p in info.params):
         params["resolution"] = res
     pbar = comfy.utils.ProgressBar(x.shape[0])

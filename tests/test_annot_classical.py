@@ -175,3 +175,23 @@ def test_infinities_saturate():
     img = np.zeros((32, 32, 3), np.uint8)
     img[8:24, 8:24] = 255
     assert np.array_equal(ours, cv2.Canny(img, 100, 200))
+
+
+def test_fast_and_general_uint8_conversions_agree():
+    """The OpenCV conversion of a clean channels-last float image equals the torch one (used for everything else)."""
+    from annotators.classical import image_uint8
+
+    rng = np.random.default_rng(3)
+    u8 = rng.integers(0, 256, (2, 40, 56, 3), dtype=np.uint8)
+    images = (torch.from_numpy(u8).float() / 255).permute(0, 3, 1, 2)  # channels-last view: the fast path
+    for img, ref in zip(images, u8):
+        assert np.array_equal(image_uint8(img), ref)
+        assert np.array_equal(image_uint8(img.contiguous()), ref)  # NCHW: the torch path
+    noisy = torch.rand(1, 60, 70, 3).permute(0, 3, 1, 2)
+    assert np.array_equal(image_uint8(noisy[0]), image_uint8(noisy[0].contiguous()))  # one rounding rule for both
+    bad = noisy.clone()
+    bad[0, :, 0, 0] = float("nan")
+    bad[0, :, 0, 1] = 2.0
+    bad[0, :, 0, 2] = -1.0
+    out = image_uint8(bad[0])  # out of range: the saturating torch path
+    assert out[0, 0].tolist() == [0, 0, 0] and out[0, 1].tolist() == [255] * 3 and out[0, 2].tolist() == [0, 0, 0]

@@ -94,8 +94,10 @@ def test_parity_with_controlnet_aux(tmp_path, coarse):
     # colour order, normalisation, network and the inversion.
     images = make_images()
     batch = torch.from_numpy(images).permute(0, 3, 1, 2).float() / 255.0
-    out = det(batch, resolution=64)
+    out = det(batch, resolution=64, chunk_size=2)
     assert len(ours_raw) == 1 and ours_raw[0].shape == (2, 1, 64, 64)  # one batched pass
+    assert torch.allclose(det(batch, resolution=64), out, atol=1e-5)  # the CPU default, one image per pass: the same maps
+    assert [o.shape[0] for o in ours_raw[1:]] == [1, 1]
 
     for i, img in enumerate(images):
         expected = ref(img, coarse=coarse, detect_resolution=64, image_resolution=64, output_type="np")
