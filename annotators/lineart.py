@@ -31,6 +31,26 @@ COARSE_FILE = "sk_model2.pth"
 LICENCE = "MIT"
 
 
+class InstanceNorm(nn.Module):
+    """`nn.InstanceNorm2d` without weights (eps 1e-5, biased variance), computed so a channels-last input stays
+    channels-last: PyTorch's own runs through batch norm on a reshaped NCHW copy, and on a CPU those copies took a
+    quarter of the generator's time. Statistics in float32 whatever the input's dtype."""
+
+    def __init__(self, channels: int, eps: float = 1e-5):
+        super().__init__()
+        self.channels, self.eps = channels, eps
+
+    def forward(self, x: torch.Tensor) -> torch.Tensor:
+        b, c, h, w = x.shape
+        # (B, H*W, C) is a free view of a channels-last tensor: the statistics reduce over its middle dimension,
+        # vectorised across channels
+        pixels = x.permute(0, 2, 3, 1).reshape(b, h * w, c).float()
+        centred = pixels - pixels.mean(1, keepdim=True)  # two passes, as exact as Welford here and much faster on a CPU
+        var = centred.square().mean(1, keepdim=True)
+        out = centred.mul_(torch.rsqrt(var.add_(self.eps))).to(x.dtype)
+        return out.reshape(b, h, w, c).permute(0, 3, 1, 2)
+
+
 class ResidualBlock(nn.Module):
     """x + (pad, 3x3 conv, instance norm, ReLU, pad, 3x3 conv, instance norm)."""
 
@@ -39,11 +59,11 @@ class ResidualBlock(nn.Module):
         self.conv_block = nn.Sequential(
             nn.ReflectionPad2d(1),
             nn.Conv2d(channels, channels, 3),
-            nn.InstanceNorm2d(channels),
+            InstanceNorm(channels),
             nn.ReLU(inplace=True),
             nn.ReflectionPad2d(1),
             nn.Conv2d(channels, channels, 3),
-            nn.InstanceNorm2d(channels),
+            InstanceNorm(channels),
         )
 
     def forward(self, x: torch.Tensor) -> torch.Tensor:
@@ -51,11 +71,11 @@ class ResidualBlock(nn.Module):
 
 
 def _down(cin: int, cout: int) -> list[nn.Module]:
-    return [nn.Conv2d(cin, cout, 3, stride=2, padding=1), nn.InstanceNorm2d(cout), nn.ReLU(inplace=True)]
+    return [nn.Conv2d(cin, cout, 3, stride=2, padding=1), InstanceNorm(cout), nn.ReLU(inplace=True)]
 
 
 def _up(cin: int, cout: int) -> list[nn.Module]:
-    return [nn.ConvTranspose2d(cin, cout, 3, stride=2, padding=1, output_padding=1), nn.InstanceNorm2d(cout), nn.ReLU(inplace=True)]
+    return [nn.ConvTranspose2d(cin, cout, 3, stride=2, padding=1, output_padding=1), InstanceNorm(cout), nn.ReLU(inplace=True)]
 
 
 class LineartGenerator(nn.Module):
@@ -67,7 +87,7 @@ class LineartGenerator(nn.Module):
 
     def __init__(self, in_channels: int = 3, out_channels: int = 1, residual_blocks: int = 3):
         super().__init__()
-        self.model0 = nn.Sequential(nn.ReflectionPad2d(3), nn.Conv2d(in_channels, 64, 7), nn.InstanceNorm2d(64), nn.ReLU(inplace=True))
+        self.model0 = nn.Sequential(nn.ReflectionPad2d(3), nn.Conv2d(in_channels, 64, 7), InstanceNorm(64), nn.ReLU(inplace=True))
         self.model1 = nn.Sequential(*_down(64, 128), *_down(128, 256))
         self.model2 = nn.Sequential(*[ResidualBlock(256) for _ in range(residual_blocks)])
         self.model3 = nn.Sequential(*_up(256, 128), *_up(128, 64))

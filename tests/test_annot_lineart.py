@@ -137,3 +137,17 @@ def test_registered(tmp_path):
         save_checkpoint(tmp_path / file, seed=2)
         det = info.build({file: tmp_path / file}, device=torch.device("cpu"), dtype=torch.float32)
         assert type(det) is cls
+
+
+@pytest.mark.parametrize("channels_last", [True, False])
+def test_instance_norm_equals_torchs(channels_last):
+    from annotators.lineart import InstanceNorm
+
+    x = torch.randn(2, 16, 24, 20) * 3 + 1
+    if channels_last:
+        x = x.contiguous(memory_format=torch.channels_last)
+    ours, ref = InstanceNorm(16)(x), torch.nn.InstanceNorm2d(16)(x)
+    assert torch.allclose(ours, ref, atol=1e-5)
+    assert ours.is_contiguous(memory_format=torch.channels_last) == channels_last  # the layout is kept
+    half = InstanceNorm(16)(x.bfloat16())
+    assert half.dtype == torch.bfloat16 and torch.allclose(half.float(), ref, atol=0.05)
