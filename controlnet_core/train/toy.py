@@ -9,6 +9,7 @@ from __future__ import annotations
 import json
 import random
 from pathlib import Path
+from typing import Iterable
 
 import numpy as np
 import torch
@@ -21,28 +22,43 @@ COLOURS = {"red": (255, 0, 0), "green": (0, 255, 0), "blue": (0, 0, 255), "yello
 TOY_UNET = UNetConfig(ControlNetConfig(model_channels=64, channel_mult=(1, 2), num_res_blocks=(1, 1), transformer_depth=(1, 1), context_dim=32))
 
 
+def write_fill50k(root: Path, triples: Iterable[tuple[np.ndarray, np.ndarray, str]]) -> Path:
+    """Write (condition RGB uint8, target RGB uint8, prompt) triples in the fill50k layout (prompt.json, source/,
+    target/). prompt.json is written last and atomically: a folder that has it is complete."""
+    import cv2
+
+    root = Path(root)
+    (root / "source").mkdir(parents=True, exist_ok=True)
+    (root / "target").mkdir(exist_ok=True)
+    lines = []
+    for i, (cond, tgt, prompt) in enumerate(triples):
+        cv2.imwrite(str(root / "source" / f"{i}.png"), cond[:, :, ::-1])
+        cv2.imwrite(str(root / "target" / f"{i}.png"), tgt[:, :, ::-1])
+        lines.append(json.dumps({"source": f"source/{i}.png", "target": f"target/{i}.png", "prompt": prompt}))
+    tmp = root / "prompt.json.part"
+    tmp.write_text("\n".join(lines) + "\n")
+    tmp.replace(root / "prompt.json")
+    return root
+
+
 def make_fill50k(root: Path, n: int = 200, size: int = 64, seed: int = 0) -> Path:
     """Write `n` (condition, target, prompt) triples in the fill50k layout under `root`."""
     import cv2
 
-    root = Path(root)
     rng = random.Random(seed)
-    (root / "source").mkdir(parents=True, exist_ok=True)
-    (root / "target").mkdir(exist_ok=True)
-    lines = []
-    for i in range(n):
-        fg, bg = rng.sample(sorted(COLOURS), 2)
-        r = rng.randint(size // 10, size // 4)
-        c = (rng.randint(r + 2, size - r - 2), rng.randint(r + 2, size - r - 2))
-        cond = np.zeros((size, size, 3), np.uint8)
-        cv2.circle(cond, c, r, (255, 255, 255), 1)
-        tgt = np.full((size, size, 3), COLOURS[bg], np.uint8)
-        cv2.circle(tgt, c, r, COLOURS[fg], -1)
-        cv2.imwrite(str(root / "source" / f"{i}.png"), cond[:, :, ::-1])
-        cv2.imwrite(str(root / "target" / f"{i}.png"), tgt[:, :, ::-1])
-        lines.append(json.dumps({"source": f"source/{i}.png", "target": f"target/{i}.png", "prompt": f"{fg} circle with {bg} background"}))
-    (root / "prompt.json").write_text("\n".join(lines) + "\n")
-    return root
+
+    def triples():
+        for _ in range(n):
+            fg, bg = rng.sample(sorted(COLOURS), 2)
+            r = rng.randint(size // 10, size // 4)
+            c = (rng.randint(r + 2, size - r - 2), rng.randint(r + 2, size - r - 2))
+            cond = np.zeros((size, size, 3), np.uint8)
+            cv2.circle(cond, c, r, (255, 255, 255), 1)
+            tgt = np.full((size, size, 3), COLOURS[bg], np.uint8)
+            cv2.circle(tgt, c, r, COLOURS[fg], -1)
+            yield cond, tgt, f"{fg} circle with {bg} background"
+
+    return write_fill50k(root, triples())
 
 
 class ToyTextEncoder(nn.Module):

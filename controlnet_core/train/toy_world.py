@@ -13,7 +13,6 @@ draw what the prompt says and where the shape survives the trip through latent s
 """
 from __future__ import annotations
 
-import json
 import random
 from pathlib import Path
 
@@ -24,7 +23,7 @@ from torch import nn
 
 from ..config import ControlNetConfig
 from ..unet import UNetConfig
-from .toy import COLOURS
+from .toy import COLOURS, write_fill50k
 
 IMAGE_SIZE = 128  # pixels; latents are IMAGE_SIZE / 8
 OUTLINE_WIDTH = 1  # pixels of the condition's outline: drawn on the filled circle's own edge pixels
@@ -63,23 +62,14 @@ def random_circle(rng: random.Random, size: int = IMAGE_SIZE) -> tuple[tuple[int
 
 def make_toy_world(root: Path, n: int = 4000, seed: int = 0, size: int = IMAGE_SIZE) -> Path:
     """Write `n` (condition, target, prompt) triples in the fill50k layout (prompt.json, source/, target/)."""
-    import cv2
-
-    root = Path(root)
     rng = random.Random(seed)
-    (root / "source").mkdir(parents=True, exist_ok=True)
-    (root / "target").mkdir(exist_ok=True)
-    lines = []
-    for i in range(n):
-        c, r, fg, bg = random_circle(rng, size)
-        cond, tgt = draw_pair(c, r, fg, bg, size)
-        cv2.imwrite(str(root / "source" / f"{i}.png"), cond[:, :, ::-1])
-        cv2.imwrite(str(root / "target" / f"{i}.png"), tgt[:, :, ::-1])
-        lines.append(json.dumps({"source": f"source/{i}.png", "target": f"target/{i}.png", "prompt": prompt_for(fg, bg)}))
-    tmp = root / "prompt.json.part"
-    tmp.write_text("\n".join(lines) + "\n")
-    tmp.replace(root / "prompt.json")  # written last: a folder with prompt.json is complete
-    return root
+
+    def triples():
+        for _ in range(n):
+            c, r, fg, bg = random_circle(rng, size)
+            yield (*draw_pair(c, r, fg, bg, size), prompt_for(fg, bg))
+
+    return write_fill50k(root, triples())
 
 
 class ToyPromptEncoder(nn.Module):
