@@ -225,8 +225,10 @@ weights.register(
     weights.WeightFile(
         filename=FILENAME,
         url=f"https://huggingface.co/lllyasviel/Annotators/resolve/main/{FILENAME}",
-        sha256=None,  # not found in any source reachable here; never guessed
-        size=None,
+        # lllyasviel/Annotators' published file, as pinned by several independent manifests (Haidra-Org's
+        # horde_model_reference annotator catalog among them)
+        sha256="5ca93762ffd68a29fee1af9d495bf6aab80ae86f08905fb35472a083a4c7a8fa",
+        size=29_444_406,
         licence=LICENCE,
         model="hed",
     )

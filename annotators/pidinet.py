@@ -218,7 +218,9 @@ weights.register(
     weights.WeightFile(
         filename=FILENAME,
         url=f"https://huggingface.co/lllyasviel/Annotators/resolve/main/{FILENAME}",
-        sha256=None,  # not found in any source reachable here; never guessed
+        # the same file as hellozhuo/pidinet trained_models/table5_pidinet.pth, as pinned by several independent
+        # manifests (Haidra-Org's horde_model_reference annotator catalog among them)
+        sha256="80860ac267258b5f27486e0ef152a211d0b08120f62aeb185a050acc30da486c",
         size=None,
         licence=LICENCE,
         model="pidinet",

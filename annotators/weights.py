@@ -86,7 +86,8 @@ def verify(path: Path, spec: WeightFile) -> None:
     if got != spec.sha256:
         raise AnnotatorWeightsError(
             f"{path}: SHA-256 {got[:16]}... does not match the published {spec.filename} ({spec.sha256[:16]}...). "
-            f"The file is damaged or a different one; delete it and run '{spec.fetch_command}' (or download it from {spec.url})."
+            f"The file is damaged or a different one; delete it and run '{spec.fetch_command}' (or download it from {spec.url}). "
+            f"If it is your own fine-tuned or re-saved copy, set CNS_SKIP_HASH_CHECK=1 to use it as it is."
         )
 
 

@@ -87,10 +87,14 @@ def test_from_file_and_call(weight_file):
     assert set(scribble.unique().tolist()) <= {0.0, 1.0}
 
 
-def test_registry_builds_from_manifest(weight_file):
+def test_registry_builds_from_manifest(weight_file, monkeypatch):
     info = registry.load_all()["hed"]
     assert info.weights == [hed.FILENAME] and hed.FILENAME in weights.MANIFEST
     assert {p.name for p in info.params} == {"resolution", "safe", "scribble"}
+    monkeypatch.delenv("CNS_SKIP_HASH_CHECK", raising=False)
+    with pytest.raises(weights.AnnotatorWeightsError, match="does not match the published ControlNetHED.pth"):
+        registry.load("hed", dirs=[weight_file.parent])  # random weights are not the published file
+    monkeypatch.setenv("CNS_SKIP_HASH_CHECK", "1")
     det = registry.load("hed", dirs=[weight_file.parent])
     assert isinstance(det, hed.HEDDetector)
 

@@ -100,10 +100,14 @@ def test_from_file_and_call(weight_file):
     assert safe.shape == out.shape and safe.min() >= 0 and safe.max() <= 1
 
 
-def test_registry_builds_from_manifest(weight_file):
+def test_registry_builds_from_manifest(weight_file, monkeypatch):
     info = registry.load_all()["pidinet"]
     assert info.weights == [pidinet.FILENAME] and pidinet.FILENAME in weights.MANIFEST
     assert {p.name for p in info.params} == {"resolution", "safe"}
+    monkeypatch.delenv("CNS_SKIP_HASH_CHECK", raising=False)
+    with pytest.raises(weights.AnnotatorWeightsError, match="does not match the published table5_pidinet.pth"):
+        registry.load("pidinet", dirs=[weight_file.parent])  # random weights are not the published file
+    monkeypatch.setenv("CNS_SKIP_HASH_CHECK", "1")
     assert isinstance(registry.load("pidinet", dirs=[weight_file.parent]), pidinet.PiDiNetDetector)
 
 

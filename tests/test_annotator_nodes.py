@@ -82,8 +82,11 @@ def test_weight_file_with_the_wrong_hash_is_refused(host, tmp_path):
         weights.find("fake_model.pth", [host.dirs["annotators"]])
 
 
-def test_a_neural_annotator_node_runs_with_weights_from_the_annotators_folder(host):
-    """HED with random weights in the official layout, found in ComfyUI's 'annotators' folder, run as a node."""
+def test_a_neural_annotator_node_runs_with_weights_from_the_annotators_folder(host, monkeypatch):
+    """HED with random weights in the official layout, found in ComfyUI's 'annotators' folder, run as a node.
+
+    Random weights are not the published file: by default the node refuses them by their SHA-256, naming the
+    file and the way out; with CNS_SKIP_HASH_CHECK=1 (a user's own re-saved weights) it runs them."""
     from annotators.hed import ControlNetHED
     from factories import randomize_
 
@@ -91,5 +94,9 @@ def test_a_neural_annotator_node_runs_with_weights_from_the_annotators_folder(ho
     g, img = image_graph(w=80, h=64, batch=3)
     n = g.add("ControlNetSuiteAnnotator_hed", image=img, safe=False, scribble=False, resolution=64, pixel_perfect=False)
     g.add("SuiteTestCaptureImage", image=(n, 0), key="img")
+    monkeypatch.delenv("CNS_SKIP_HASH_CHECK", raising=False)
+    with pytest.raises(Exception, match=r"ControlNetHED\.pth: SHA-256 [0-9a-f]{16}\.\.\. does not match the published.*CNS_SKIP_HASH_CHECK=1"):
+        host.run(g.prompt)
+    monkeypatch.setenv("CNS_SKIP_HASH_CHECK", "1")
     out = host.run(g.prompt)["img"]
     assert out.shape == (3, 64, 80, 3) and torch.isfinite(out).all() and 0 <= out.min() and out.max() <= 1
