@@ -132,6 +132,27 @@ def inference_network(module: torch.nn.Module, device: torch.device | str = "cpu
     return module.to(device=device, dtype=dtype, memory_format=torch.channels_last).eval().requires_grad_(False)
 
 
+def fold_batch_norms(module: torch.nn.Module) -> torch.nn.Module:
+    """Fold every eval-mode BatchNorm2d that directly follows a Conv2d in a Sequential into that convolution.
+
+    Why: at inference a batch norm is a per-channel scale and shift, which the convolution's weights and bias can
+    absorb; left alone, each one is another full pass over an activation (on a 2-core CPU, 13% of M-LSD's time).
+    The folded network computes the same function up to float rounding. Only for networks about to be frozen: the
+    module is changed in place (BatchNorm2d -> Identity) and no longer loads its checkpoint's keys. Fold in float32,
+    before casting to a lower precision.
+    """
+    from torch.nn.utils.fusion import fuse_conv_bn_eval
+
+    for seq in [m for m in module.modules() if isinstance(m, torch.nn.Sequential)]:
+        names = list(seq._modules)
+        for a, b in zip(names, names[1:]):
+            conv, bn = seq._modules[a], seq._modules[b]
+            if isinstance(conv, torch.nn.Conv2d) and isinstance(bn, torch.nn.BatchNorm2d) and bn.track_running_stats:
+                seq._modules[a] = fuse_conv_bn_eval(conv.eval(), bn.eval())
+                seq._modules[b] = torch.nn.Identity()
+    return module
+
+
 def network_input(x: torch.Tensor, device: torch.device, dtype: torch.dtype) -> torch.Tensor:
     """The network's input on its device and dtype, channels-last to match `inference_network`."""
     return x.to(device=device, dtype=dtype).contiguous(memory_format=torch.channels_last)

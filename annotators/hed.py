@@ -47,7 +47,7 @@ class HEDBlock(nn.Module):
         if downsample:
             x = F.max_pool2d(x, kernel_size=2, stride=2)
         for conv in self.convs:
-            x = F.relu(conv(x))
+            x = conv(x).relu_()
         return x, self.projection(x)
 
 

@@ -30,7 +30,7 @@ import torch.nn.functional as F
 from torch import nn
 
 from . import weights
-from .base import Annotator, AnnotatorError, detect_size, inference_network, network_input, resize_to
+from .base import Annotator, AnnotatorError, detect_size, fold_batch_norms, inference_network, network_input, resize_to
 from .registry import AnnotatorInfo, Param, register
 
 log = logging.getLogger(__name__)
@@ -278,7 +278,7 @@ class MLSDDetector(Annotator):
         """
         sd = weights.load_state_dict(path, strip_prefixes=("module.",))
         model = weights.load_into(cls.network(), sd, path, cls.model_name)
-        inference_network(model, device, dtype)
+        inference_network(fold_batch_norms(model.float().eval()), device, dtype)
         if dtype != torch.float32:
             log.warning("%s: running in %s changes which line segments are found; float32 is recommended.", cls.name, dtype)
         log.debug("%s: loaded %s on %s (%s)", cls.name, path, device, dtype)

@@ -168,7 +168,7 @@ class FaceNet(nn.Module):
         for name, relu in self._plan[i]:
             x = F.max_pool2d(x, 2, 2) if not name else getattr(self, name)(x)
             if relu:
-                x = F.relu(x)
+                x = x.relu_()  # x is this layer's fresh output
         return x
 
     def forward(self, x: torch.Tensor) -> torch.Tensor:

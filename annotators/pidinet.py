@@ -91,8 +91,8 @@ class PDCBlock(nn.Module):
     def forward(self, x: torch.Tensor) -> torch.Tensor:
         if self.stride > 1:
             x = F.max_pool2d(x, kernel_size=2, stride=2)
-        y = self.conv2(F.relu(self.conv1(x)))
-        return y + (self.shortcut(x) if self.stride > 1 else x)
+        y = self.conv2(self.conv1(x).relu_())
+        return y.add_(self.shortcut(x) if self.stride > 1 else x)  # in place: y is fresh, a new tensor costs page faults
 
 
 class CDCM(nn.Module):

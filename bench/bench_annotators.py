@@ -69,14 +69,22 @@ def _sync():
 
 
 def _pair(make_ours, theirs_call, imgs, batch, reps, **ours_kw):
-    """({dtype name: our batched time}, their per-image loop time in float32) on the same images."""
+    """({dtype name: our batched time}, their per-image loop time in float32) on the same images.
+
+    Interleaved (ours in each dtype, then theirs, `reps` rounds after one warm-up each), best of the rounds: on a
+    shared machine a slow spell then hits both sides alike instead of whichever happened to run during it."""
     b = batch.to(DEV)
-    t_ours = {}
-    for name in DTYPES:
-        det = make_ours(getattr(torch, name))
-        t_ours[name] = best(lambda: (det(b, chunk_size=CHUNK, **ours_kw), _sync()), reps)
-    t_theirs = best(lambda: [theirs_call(i) for i in imgs], reps)
-    return t_ours, t_theirs
+    runs = {name: (lambda det: lambda: (det(b, chunk_size=CHUNK, **ours_kw), _sync()))(make_ours(getattr(torch, name))) for name in DTYPES}
+    runs["theirs"] = lambda: [theirs_call(i) for i in imgs]
+    times: dict[str, list[float]] = {k: [] for k in runs}
+    for fn in runs.values():
+        fn()
+    for _ in range(reps):
+        for k, fn in runs.items():
+            t0 = time.perf_counter()
+            fn()
+            times[k].append(time.perf_counter() - t0)
+    return {name: min(times[name]) for name in DTYPES}, min(times["theirs"])
 
 
 def hed(d, imgs, batch, reps):

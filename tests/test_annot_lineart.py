@@ -140,9 +140,11 @@ def test_registered(tmp_path):
 
 
 @pytest.mark.parametrize("channels_last", [True, False])
-def test_instance_norm_equals_torchs(channels_last):
+@pytest.mark.parametrize("chunk", [1 << 20, 16 * 7])  # one chunk of squares, or 7 pixels at a time (69 chunks)
+def test_instance_norm_equals_torchs(channels_last, chunk, monkeypatch):
     from annotators.lineart import InstanceNorm
 
+    monkeypatch.setattr(InstanceNorm, "SQUARES_CHUNK", chunk)
     x = torch.randn(2, 16, 24, 20) * 3 + 1
     if channels_last:
         x = x.contiguous(memory_format=torch.channels_last)

@@ -114,6 +114,21 @@ def test_from_file_and_call(tmp_path, variant):
     assert det(images, resolution=64, value_threshold=1.5).sum() == 0
 
 
+@pytest.mark.parametrize("variant", sorted(VARIANTS))
+def test_loading_folds_every_batch_norm_into_its_convolution(tmp_path, variant):
+    """The loaded network has no BatchNorm left and computes what the checkpoint's unfolded network computes."""
+    path, sd = save_checkpoint(tmp_path, variant, seed=5)
+    det = VARIANTS[variant][0].from_file(path)
+    unfolded = VARIANTS[variant][0].network()
+    unfolded.load_state_dict(sd)
+    n_bn = sum(isinstance(m, nn.BatchNorm2d) for m in unfolded.modules())
+    assert n_bn > 20 and not any(isinstance(m, nn.BatchNorm2d) for m in det.model.modules())
+    x = to_network_input(torch.rand(1, 3, 64, 128))
+    with torch.inference_mode():
+        want, got = unfolded.eval()(x), det.model(x.contiguous(memory_format=torch.channels_last))
+    torch.testing.assert_close(got, want, atol=1e-4, rtol=1e-4)
+
+
 def test_bfloat16_runs(tmp_path):
     path, _ = save_checkpoint(tmp_path, "tiny")
     det = TinyMLSDDetector.from_file(path, dtype=torch.bfloat16)
