@@ -75,7 +75,7 @@ class ResidualBlock(nn.Module):
         )
 
     def forward(self, x: torch.Tensor) -> torch.Tensor:
-        return x + self.conv_block(x)
+        return self.conv_block(x).add_(x)  # in place into the block's fresh output: no new full-size tensor
 
 
 def _down(cin: int, cout: int) -> list[nn.Module]:

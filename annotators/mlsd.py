@@ -150,7 +150,7 @@ class ResBlock(nn.Module):
         self.conv2 = _conv_bn_relu(cin, cout, 3, padding=1)
 
     def forward(self, x: torch.Tensor) -> torch.Tensor:
-        return self.conv2(self.conv1(x) + x)
+        return self.conv2(self.conv1(x).add_(x))  # in place: conv1 gives a fresh tensor
 
 
 class HeadBlock(nn.Module):
