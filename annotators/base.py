@@ -7,12 +7,14 @@ uint8 batches (what OpenCV and PIL users hold) are read as 0..255; the OpenCV an
 from __future__ import annotations
 
 import abc
+import contextlib
 import math
 from typing import Callable, Iterator, Optional
 
 import torch
 import torch.nn.functional as F
 
+from . import heap
 from ._core import ControlNetError
 
 
@@ -111,14 +113,17 @@ class Annotator(abc.ABC):
         """chunk_size: images per `annotate` call; default: `default_chunk_size` of a network's device, and the
         whole batch for annotators without a network (they work image by image anyway)."""
         x = as_rgb(images, self.name, sanitize=not self.sanitizes_input, keep_uint8=self.accepts_uint8)
+        device = getattr(self, "device", None)
         if chunk_size is None:
-            device = getattr(self, "device", None)
             chunk_size = default_chunk_size(device) if device is not None else x.shape[0]
+        # a network on a CPU: its large activations are reused from image to image instead of page-faulted anew
+        on_cpu = device is not None and torch.device(device).type == "cpu"
         outs = []
-        for part in chunks(x, chunk_size):
-            outs.append(self.annotate(part, **params))
-            if progress is not None:
-                progress(part.shape[0])
+        with heap.reuse_large_blocks() if on_cpu else contextlib.nullcontext():
+            for part in chunks(x, chunk_size):
+                outs.append(self.annotate(part, **params))
+                if progress is not None:
+                    progress(part.shape[0])
         return outs[0] if len(outs) == 1 else torch.cat(outs, 0)  # cat would materialise expanded 3-channel views
 
 
