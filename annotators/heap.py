@@ -3,7 +3,7 @@
 Why: glibc serves every allocation above its mmap threshold (at most 32 MiB) with a fresh `mmap` and returns it to
 the system on free, so each such tensor is page-faulted in 4 KiB at a time on every use. A 512 px HED pass makes
 dozens of 32-64 MiB activations, which cost ~53k page faults per image; line art ~130k. Inside `reuse_large_blocks`
-the threshold is raised, so those blocks come from the heap and are reused from image to image (5-13% faster here,
+the threshold is raised, so those blocks come from the heap and are reused from image to image (6-13% faster here,
 bench/RESULTS.md). On leaving, the thresholds are set back to glibc's steady-state values (32 MiB mmap, 64 MiB trim)
 and `malloc_trim(0)` hands the freed memory back to the system, so the rest of the ComfyUI process keeps its usual
 memory behaviour. Elsewhere (macOS, Windows, musl) this does nothing. Opt out with CNS_HEAP_REUSE=0.
@@ -12,7 +12,6 @@ from __future__ import annotations
 
 import contextlib
 import ctypes
-import ctypes.util
 import logging
 import os
 import sys
@@ -40,7 +39,7 @@ def glibc() -> Optional[ctypes.CDLL]:
         _probed = True
         if sys.platform.startswith("linux"):
             try:
-                lib = ctypes.CDLL(ctypes.util.find_library("c") or "libc.so.6")
+                lib = ctypes.CDLL(None)  # the symbols already loaded in this process, the C library's among them
                 if hasattr(lib, "gnu_get_libc_version") and hasattr(lib, "mallopt") and hasattr(lib, "malloc_trim"):
                     lib.mallopt.argtypes, lib.mallopt.restype = [ctypes.c_int, ctypes.c_int], ctypes.c_int
                     lib.malloc_trim.argtypes, lib.malloc_trim.restype = [ctypes.c_size_t], ctypes.c_int
