@@ -10,23 +10,15 @@ beat it). When both sides already run near the ceiling, no rewrite that keeps th
 from __future__ import annotations
 
 import argparse
-import time
 
 import torch
-from common import machine
+from common import alternate, machine
 
 
 def gemm_gflops(reps: int) -> float:
     a, b = torch.randn(4096, 4096), torch.randn(4096, 4096)
-    torch.mm(a, b)
-    best = min(_timed(lambda: torch.mm(a, b)) for _ in range(reps))
+    best = alternate({"mm": lambda: torch.mm(a, b)}, reps, stat=min)["mm"]
     return 2 * 4096**3 / best / 1e9
-
-
-def _timed(fn) -> float:
-    t0 = time.perf_counter()
-    fn()
-    return time.perf_counter() - t0
 
 
 def flops(module: torch.nn.Module, x: torch.Tensor) -> int:
@@ -79,15 +71,9 @@ def main() -> None:
     print(f"float32 4096x4096 matmul: {peak:.0f} GFLOP/s (the ceiling below)")
     for name, ours, theirs, x_ours, x_theirs in networks():
         n = flops(theirs, x_theirs)
-        runs = {"ours": lambda: ours(x_ours), "theirs": lambda: theirs(x_theirs)}
-        times: dict[str, list[float]] = {k: [] for k in runs}
         with torch.inference_mode():
-            for fn in runs.values():
-                fn()
-            for _ in range(args.reps):
-                for k, fn in runs.items():
-                    times[k].append(_timed(fn))
-        t_o, t_t = min(times["ours"]), min(times["theirs"])
+            t = alternate({"ours": lambda: ours(x_ours), "theirs": lambda: theirs(x_theirs)}, args.reps, stat=min)
+        t_o, t_t = t["ours"], t["theirs"]
         print(f"{name:14} {n / 1e9:6.1f} GFLOP  ours {t_o * 1000:7.1f} ms = {n / t_o / 1e9:4.0f} GFLOP/s ({n / t_o / 1e9 / peak:4.0%} of the ceiling)"
               f"  controlnet-aux {t_t * 1000:7.1f} ms = {n / t_t / 1e9:4.0f} GFLOP/s ({n / t_t / 1e9 / peak:4.0%})  network speed-up {t_t / t_o:.2f}x")
 

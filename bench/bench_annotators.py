@@ -7,25 +7,14 @@ from __future__ import annotations
 
 import argparse
 import tempfile
-import time
 from pathlib import Path
 
 import cv2
 import numpy as np
 import torch
-from common import machine
+from common import alternate, machine
 
 N, SIZE = 8, 512
-
-
-def best(fn, reps: int) -> float:
-    fn()
-    ts = []
-    for _ in range(reps):
-        t0 = time.perf_counter()
-        fn()
-        ts.append(time.perf_counter() - t0)
-    return min(ts)
 
 
 def images():
@@ -44,12 +33,12 @@ def bench_canny(reps: int) -> dict[str, float]:
     u8 = torch.from_numpy(np.stack(imgs)).permute(0, 3, 1, 2)  # channels-last uint8, as from numpy/PIL
     floats = [b.permute(1, 2, 0).numpy() for b in batch]
     ours = registry.load("canny")
-    return {
-        "ours float IMAGE": best(lambda: ours(batch, resolution=SIZE, low_threshold=100, high_threshold=200), reps),
-        "ours uint8": best(lambda: ours(u8, resolution=SIZE, low_threshold=100, high_threshold=200), reps),
-        "cv2.Canny uint8": best(lambda: [cv2.Canny(i, 100, 200) for i in imgs], reps),
-        "cv2 float->uint8 + Canny": best(lambda: [cv2.Canny((f * 255 + 0.5).clip(0, 255).astype(np.uint8), 100, 200) for f in floats], reps),
-    }
+    return alternate({
+        "ours float IMAGE": lambda: ours(batch, resolution=SIZE, low_threshold=100, high_threshold=200),
+        "ours uint8": lambda: ours(u8, resolution=SIZE, low_threshold=100, high_threshold=200),
+        "cv2.Canny uint8": lambda: [cv2.Canny(i, 100, 200) for i in imgs],
+        "cv2 float->uint8 + Canny": lambda: [cv2.Canny((f * 255 + 0.5).clip(0, 255).astype(np.uint8), 100, 200) for f in floats],
+    }, reps, stat=min)  # interleaved, best of the rounds
 
 
 def _rand(module: torch.nn.Module) -> torch.nn.Module:
@@ -71,20 +60,13 @@ def _sync():
 def _pair(make_ours, theirs_call, imgs, batch, reps, **ours_kw):
     """({dtype name: our batched time}, their per-image loop time in float32) on the same images.
 
-    Interleaved (ours in each dtype, then theirs, `reps` rounds after one warm-up each), best of the rounds: on a
-    shared machine a slow spell then hits both sides alike instead of whichever happened to run during it."""
+    Interleaved (`common.alternate`: ours in each dtype, then theirs, `reps` rounds after one warm-up each), best of the
+    rounds: on a shared machine a slow spell then hits both sides alike instead of whichever happened to run during it."""
     b = batch.to(DEV)
-    runs = {name: (lambda det: lambda: (det(b, chunk_size=CHUNK, **ours_kw), _sync()))(make_ours(getattr(torch, name))) for name in DTYPES}
+    runs = {name: (lambda det: lambda: det(b, chunk_size=CHUNK, **ours_kw))(make_ours(getattr(torch, name))) for name in DTYPES}
     runs["theirs"] = lambda: [theirs_call(i) for i in imgs]
-    times: dict[str, list[float]] = {k: [] for k in runs}
-    for fn in runs.values():
-        fn()
-    for _ in range(reps):
-        for k, fn in runs.items():
-            t0 = time.perf_counter()
-            fn()
-            times[k].append(time.perf_counter() - t0)
-    return {name: min(times[name]) for name in DTYPES}, min(times["theirs"])
+    t = alternate(runs, reps, sync=_sync, stat=min)
+    return {name: t[name] for name in DTYPES}, t["theirs"]
 
 
 def hed(d, imgs, batch, reps):
