@@ -58,6 +58,14 @@ def hint(g):
     return (g.add("SuiteTestImage", width=64, height=64, channels=3, batch=1, seed=4), 0)
 
 
+def trained_and_plain(g, model, train, pos, neg):
+    """Sample once through our Apply node with the trained ControlNet ("trained") and once without it ("plain")."""
+    app = g.add("ControlNetSuiteApply", positive=pos, negative=neg, control_net=(train, 0), image=hint(g), strength=1.0,
+                start_percent=0.0, end_percent=1.0, control_mode="balanced", resize_mode="crop and resize")
+    sampled(g, model, (app, 0), (app, 1), key="trained")
+    sampled(g, model, pos, neg, key="plain")
+
+
 @pytest.fixture
 def progress_hook():
     """Records ComfyUI progress-bar updates (the hook a real server installs); `interrupt_at` presses Cancel."""
@@ -84,10 +92,7 @@ def test_train_apply_sample_and_the_file_loads_in_comfys_own_loader(host, clip_c
     ckpt = g.add("CheckpointLoaderSimple", ckpt_name=clip_checkpoint)
     train = g.add("ControlNetSuiteTrain", **train_inputs(ckpt, dataset))
     pos, neg = prompts(g, ckpt)
-    app = g.add("ControlNetSuiteApply", positive=pos, negative=neg, control_net=(train, 0), image=hint(g), strength=1.0,
-                start_percent=0.0, end_percent=1.0, control_mode="balanced", resize_mode="crop and resize")
-    sampled(g, ckpt, (app, 0), (app, 1), key="trained")
-    sampled(g, ckpt, pos, neg, key="plain")
+    trained_and_plain(g, ckpt, train, pos, neg)
     out = host.run(g.prompt)
     assert torch.isfinite(out["trained"]).all() and not torch.allclose(out["trained"], out["plain"], atol=1e-4)
     assert [v for v, t in calls if t == STEPS][-STEPS:] == [1, 2, 3]  # ComfyUI's progress bar saw every step
@@ -166,10 +171,7 @@ def test_sdxl_trains_applies_samples_and_the_file_loads_in_comfys_own_loader(hos
     train = g.add("ControlNetSuiteTrain", **train_inputs(base, dataset, output_name="trained_xl"))
     pos = (g.add("CLIPTextEncode", text="red circle with blue background", clip=clip), 0)
     neg = (g.add("CLIPTextEncode", text="", clip=clip), 0)
-    app = g.add("ControlNetSuiteApply", positive=pos, negative=neg, control_net=(train, 0), image=hint(g), strength=1.0,
-                start_percent=0.0, end_percent=1.0, control_mode="balanced", resize_mode="crop and resize")
-    sampled(g, base, (app, 0), (app, 1), key="trained")
-    sampled(g, base, pos, neg, key="plain")
+    trained_and_plain(g, base, train, pos, neg)
     out = host.run(g.prompt)
     assert torch.isfinite(out["trained"]).all() and not torch.allclose(out["trained"], out["plain"], atol=1e-4)
     assert [v for v, t in calls if t == STEPS][-STEPS:] == [1, 2, 3]
