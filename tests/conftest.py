@@ -1,3 +1,4 @@
+import os
 import sys
 from pathlib import Path
 
@@ -8,7 +9,24 @@ import torch
 # controlnet_core is importable through the editable install.
 sys.path.insert(0, str(Path(__file__).parent))
 
-from comfy_host import import_comfy  # noqa: E402
+from comfy_host import host_name, import_comfy, is_oldest_host  # noqa: E402
+
+
+def pytest_configure(config):
+    config.addinivalue_line("markers", "compat: part of the compatibility subset that runs on the oldest supported host (CNS_HOST=a28a9dc)")
+
+
+def pytest_report_header(config):
+    return f"ComfyUI host: {host_name()} ({os.environ.get('COMFYUI_PATH') or 'embedded'})"
+
+
+def pytest_collection_modifyitems(config, items):
+    """On the oldest supported host only the `compat` subset runs (CNS_FULL_SUITE=1 runs everything there too)."""
+    if not is_oldest_host() or os.environ.get("CNS_FULL_SUITE") == "1":
+        return
+    keep = [i for i in items if i.get_closest_marker("compat")]
+    config.hook.pytest_deselected(items=[i for i in items if not i.get_closest_marker("compat")])
+    items[:] = keep
 
 
 @pytest.fixture(scope="session")

@@ -39,6 +39,7 @@ def spy_calls(host, tag):
     return [c for c in host.spy if c["tag"] == tag]
 
 
+@pytest.mark.compat
 def test_end_to_end_with_our_nodes_changes_the_result(host):
     plain = run_plain(host)
     out = run_one(host)
@@ -46,6 +47,7 @@ def test_end_to_end_with_our_nodes_changes_the_result(host):
     assert not torch.equal(out, plain)
 
 
+@pytest.mark.compat
 def test_strength_zero_is_bit_identical_to_no_controlnet(host):
     assert torch.equal(run_one(host, strength=0.0), run_plain(host))
 
@@ -145,6 +147,7 @@ def builtin_apply(g, pos, neg, cn, img, strength=1.0):
     return (n, 0), (n, 1)
 
 
+@pytest.mark.compat
 def test_our_loader_and_apply_match_the_builtin_pair_and_interoperate(host):
     results = {}
     for combo in ("ours+ours", "builtin+builtin", "ours+builtin", "builtin+ours"):

@@ -5,6 +5,8 @@ import sys
 import textwrap
 from pathlib import Path
 
+import pytest
+
 from comfy_host import comfy_root
 
 ROOT = Path(__file__).resolve().parents[1]
@@ -40,6 +42,7 @@ def test_installed_package_imports_from_anywhere(tmp_path):
     assert Path(r.stdout.strip()).resolve() == (ROOT / "controlnet_core" / "__init__.py").resolve()
 
 
+@pytest.mark.compat
 def test_comfyui_loads_the_folder_under_any_name(tmp_path):
     nodes_dir = tmp_path / "custom_nodes"
     nodes_dir.mkdir()

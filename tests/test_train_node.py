@@ -296,7 +296,7 @@ def _model_patcher(model):
 
 def test_unsupported_model_types_are_refused_with_their_name(host):
     """Real ComfyUI model objects of other families: SDXL-type with another label input and the SDXL refiner (tiny
-    configs) in both hosts, Flux in ComfyUI 0.8."""
+    configs) in every host, Flux in hosts that have it (0.3.75 and later)."""
     import comfy.supported_models
 
     from comfy_sdxl import refiner_model
@@ -316,7 +316,13 @@ def test_unsupported_model_types_are_refused_with_their_name(host):
         return  # ComfyUI a28a9dc (March 2024) predates Flux and SD3
     flux_cfg = {"image_model": "flux", "in_channels": 16, "patch_size": 2, "out_channels": 16, "vec_in_dim": 32, "context_in_dim": 32,
                 "hidden_size": 64, "mlp_ratio": 2.0, "num_heads": 2, "depth": 1, "depth_single_blocks": 1, "axes_dim": [8, 12, 12],
-                "theta": 10000, "qkv_bias": True, "guidance_embed": False, "txt_ids_dims": []}
+                "theta": 10000, "qkv_bias": True, "guidance_embed": False}
+    import dataclasses
+
+    import comfy.ldm.flux.model
+
+    if "txt_ids_dims" in {f.name for f in dataclasses.fields(comfy.ldm.flux.model.FluxParams)}:  # ComfyUI 0.8 added it
+        flux_cfg["txt_ids_dims"] = []
     with torch.no_grad():
         flux = comfy.supported_models.Flux(flux_cfg).get_model({})
     with pytest.raises(ValueError, match=r"the connected model is Flux \(Flux\).*SD3, Flux"):
