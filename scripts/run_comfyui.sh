@@ -21,6 +21,9 @@ else
 fi
 mkdir -p "$RUN/custom_nodes" "$RUN/input" "$RUN/output"
 for d in checkpoints controlnet annotators vae loras clip embeddings upscale_models; do mkdir -p "$RUN/models/$d"; done
+# The shipped workflows' example images (workflows/inputs), so their LoadImage nodes work on the first run; a file
+# of the same name already in the input folder is the user's and is never replaced.
+"$PY" "$ROOT/scripts/place_example_inputs.py" "$RUN/input"
 # Our folder under a name of its own, unless the user's ComfyUI already has us in its custom_nodes.
 if ! ls -la "$COMFY/custom_nodes" 2>/dev/null | grep -q -- "-> $ROOT\$"; then
   ln -sfn "$ROOT" "$RUN/custom_nodes/controlnet_suite"
