@@ -35,6 +35,46 @@ SOCKETS = {
 OPTIONAL = {("ControlNetSuiteLoader", "model"), ("ControlNetSuiteApply", "mask"), ("ControlNetSuiteApply", "vae"),
             ("ControlNetSuiteStack", "mask"), ("ControlNetSuiteStack", "stack"), ("ControlNetSuiteApplyStack", "vae")}
 
+# Where each loader's files live (the host's model folder names) and the published files the workflows name.
+# Why: a newcomer opening a workflow without the models gets the frontend's missing-models dialog, which offers a
+# download only for what a node declares in properties["models"] ({name, url, directory}; the entry must name the
+# file the node's widget holds), from an allowed host (https://huggingface.co/ ...) and for a .safetensors name.
+# The file names and URLs are those of ComfyUI's own SD1.5 templates: a user who ran those already has the files.
+LOADER_DIRECTORY = {"CheckpointLoaderSimple": "checkpoints", "ControlNetSuiteLoader": "controlnet"}
+HF_CONTROLNET = "https://huggingface.co/comfyanonymous/ControlNet-v1-1_fp16_safetensors/resolve/main/"
+CKPT = "v1-5-pruned-emaonly-fp16.safetensors"
+CN_CANNY, CN_SCRIBBLE, CN_POSE, CN_DEPTH, CN_SEG = (f"control_{k}_fp16.safetensors" for k in (
+    "v11p_sd15_canny", "v11p_sd15_scribble", "v11p_sd15_openpose", "v11f1p_sd15_depth", "v11p_sd15_seg"))
+MODEL_URLS = {CKPT: "https://huggingface.co/Comfy-Org/stable-diffusion-v1-5-archive/resolve/main/" + CKPT,
+              **{cn: HF_CONTROLNET + cn for cn in (CN_CANNY, CN_SCRIBBLE, CN_POSE, CN_DEPTH, CN_SEG)}}
+
+
+def published_models(type_: str, widgets: list) -> list[dict]:
+    """The frontend's model metadata for a loader node: one entry per published file its widgets name."""
+    if type_ not in LOADER_DIRECTORY:
+        return []
+    return [{"name": v, "url": MODEL_URLS[v], "directory": LOADER_DIRECTORY[type_]} for v in widgets if v in MODEL_URLS]
+
+
+def fit(boxes: list[tuple], area: tuple) -> dict:
+    """The view (LiteGraph ds) that centres the boxes' hull (graph units) in `area` (window px), at most 1:1."""
+    left, top, right, bottom = area
+    x0, y0 = min(b[0] for b in boxes), min(b[1] for b in boxes)
+    x1, y1 = max(b[2] for b in boxes), max(b[3] for b in boxes)
+    scale = int(min((right - left) / (x1 - x0), (bottom - top) / (y1 - y0), 1.0) * 1000) / 1000  # rounded down
+    sx = left + ((right - left) - (x1 - x0) * scale) / 2  # where the hull's top-left corner lands on the screen
+    sy = top + ((bottom - top) - (y1 - y0) * scale) / 2
+    return {"scale": scale, "offset": [round(sx / scale - x0, 1), round(sy / scale - y0, 1)]}
+
+
+def screen(box: tuple, ds: dict) -> tuple:
+    (ox, oy), k = ds["offset"], ds["scale"]
+    return ((box[0] + ox) * k, (box[1] + oy) * k, (box[2] + ox) * k, (box[3] + oy) * k)
+
+
+def overlaps(a: tuple, b: tuple) -> bool:
+    return a[0] < b[2] and b[0] < a[2] and a[1] < b[3] and b[1] < a[3]
+
 
 class Workflow:
     def __init__(self, title: str):
@@ -66,6 +106,9 @@ class Workflow:
         }
         if title:
             n["title"] = title
+        models = published_models(type_, widgets)
+        if models:
+            n["properties"]["models"] = models
         self.nodes.append(n)
         return nid
 
@@ -74,12 +117,27 @@ class Workflow:
             for o in n["outputs"]:
                 if not o["links"]:
                     o["links"] = None
+        # The view the workflow opens with (extra.ds; screen = (graph + offset) * scale). The frontend (1.x,
+        # app.loadGraphData) restores a file's extra.ds as it is (setting Comfy.EnableWorkflowViewRestore, on by default)
+        # and fits the view to the nodes only when there is none; the 2024 frontend restores nothing. So ds is computed:
+        # it centres the nodes' bounding box (title bars included: LiteGraph draws them above `pos`) in the part of a
+        # 1280x800 window that the docked UI leaves free (sidebar on the left; banner, tabs and toolbar on top), and
+        # keeps every node off the minimap and the canvas menu in the bottom right corner (shown by default).
+        # tests/test_browser.py checks it in a real browser at that size.
+        # A LoadImage node grows once its picture shows: the preview asks for at least 220 px, which makes the node
+        # ~314 px high (measured in frontend 1.32.9 and the 2024 one).
+        title = 30
+        height = {n["id"]: max(n["size"][1], 314 if n["type"] == "LoadImage" else 0) for n in self.nodes}
+        boxes = [(n["pos"][0], n["pos"][1] - title, n["pos"][0] + n["size"][0], n["pos"][1] + height[n["id"]]) for n in self.nodes]
+        free, corner = (70, 140, 1260, 780), (1022, 543)  # window px: free for the graph; where the minimap starts (1.32.9: 1024, 545)
+        ds = fit(boxes, free)
+        if any(overlaps(screen(b, ds), (*corner, 1280, 800)) for b in boxes):  # then the better of: left of it, above it
+            ds = max((fit(boxes, (70, 140, corner[0], 780)), fit(boxes, (70, 140, 1260, corner[1]))), key=lambda d: d["scale"])
         data = {"last_node_id": len(self.nodes), "last_link_id": len(self.links), "nodes": self.nodes, "links": self.links,
-                "groups": [], "config": {}, "extra": {"ds": {"scale": 0.8, "offset": [0, 0]}, "info": {"title": self.title}}, "version": 0.4}
+                "groups": [], "config": {}, "extra": {"ds": ds, "info": {"title": self.title}}, "version": 0.4}
         (OUT / f"{name}.json").write_text(json.dumps(data, indent=1) + "\n")
 
 
-CKPT = "v1-5-pruned-emaonly.safetensors"
 NEG = "lowres, blurry, worst quality, watermark"
 
 
@@ -90,11 +148,15 @@ def common(w: Workflow, prompt: str):
     return ckpt, pos, neg
 
 
-def sample(w: Workflow, ckpt: int, pos: tuple, neg: tuple, prefix: str, seed: int = 42):
-    latent = w.node("EmptyLatentImage", [512, 512, 1], (1100, 300))
-    ks = w.node("KSampler", [seed, "fixed", 20, 7.0, "euler", "normal", 1.0], (1500, 0), model=(ckpt, 0), positive=pos, negative=neg, latent_image=(latent, 0))
-    dec = w.node("VAEDecode", [], (1850, 0), samples=(ks, 0), vae=(ckpt, 2))
-    w.node("SaveImage", [prefix], (2100, 0), images=(dec, 0))
+def sample(w: Workflow, ckpt: int, pos: tuple, neg: tuple, prefix: str, seed: int = 42, x: int = 1110,
+           latent_at: tuple = (760, 410)):
+    """Sampler column at x, decode and save beside it, the empty latent under the apply node: compact, and the bottom
+    right corner (where the frontend shows its minimap) left free, so the fitted view stays above the zoom at which
+    the frontend stops drawing node text (8/14 by default)."""
+    latent = w.node("EmptyLatentImage", [512, 512, 1], latent_at)
+    ks = w.node("KSampler", [seed, "fixed", 20, 7.0, "euler", "normal", 1.0], (x, 0), model=(ckpt, 0), positive=pos, negative=neg, latent_image=(latent, 0))
+    dec = w.node("VAEDecode", [], (x + 360, 0), samples=(ks, 0), vae=(ckpt, 2))
+    w.node("SaveImage", [prefix], (x + 360, 160), images=(dec, 0))
 
 
 def single(name: str, title: str, prompt: str, cn_file: str, image_file: str, *, canny: bool = False, mode: str = "balanced",
@@ -117,12 +179,12 @@ def multi():
     pose_img = w.node("LoadImage", ["pose_example.png", "image"], (0, 300), title="OpenPose image")
     photo = w.node("LoadImage", ["canny_example.png", "image"], (0, 650), title="Photo for edges")
     edges = w.node("Canny", [0.4, 0.8], (360, 650), image=(photo, 0))
-    pose_cn = w.node("ControlNetSuiteLoader", ["control_v11p_sd15_openpose.safetensors", "auto"], (360, 300))
-    canny_cn = w.node("ControlNetSuiteLoader", ["control_v11p_sd15_canny.safetensors", "auto"], (360, 850))
+    pose_cn = w.node("ControlNetSuiteLoader", [CN_POSE, "auto"], (360, 300))
+    canny_cn = w.node("ControlNetSuiteLoader", [CN_CANNY, "auto"], (360, 850))
     s1 = w.node("ControlNetSuiteStack", [1.0, 0.0, 1.0, "balanced", "crop and resize"], (760, 300), control_net=(pose_cn, 0), image=(pose_img, 0))
     s2 = w.node("ControlNetSuiteStack", [0.6, 0.0, 0.8, "balanced", "crop and resize"], (760, 650), control_net=(canny_cn, 0), image=(edges, 0), stack=(s1, 0))
     app = w.node("ControlNetSuiteApplyStack", [], (1100, 0), positive=(pos, 0), negative=(neg, 0), stack=(s2, 0))
-    sample(w, ckpt, (app, 0), (app, 1), "controlnet_multi")
+    sample(w, ckpt, (app, 0), (app, 1), "controlnet_multi", x=1460, latent_at=(1100, 230))
     w.save("multi_control_pose_canny")
 
 
@@ -131,16 +193,16 @@ def regional():
     ckpt, pos, neg = common(w, "two houses side by side, watercolor")
     left_img = w.node("LoadImage", ["scribble_example.png", "image"], (0, 300), title="Scribble (left half)")
     right_img = w.node("LoadImage", ["depth_example.png", "image"], (0, 650), title="Depth (right half)")
-    cn_scr = w.node("ControlNetSuiteLoader", ["control_v11p_sd15_scribble.safetensors", "auto"], (360, 300))
-    cn_dep = w.node("ControlNetSuiteLoader", ["control_v11f1p_sd15_depth.safetensors", "auto"], (360, 650))
+    cn_scr = w.node("ControlNetSuiteLoader", [CN_SCRIBBLE, "auto"], (360, 300))
+    cn_dep = w.node("ControlNetSuiteLoader", [CN_DEPTH, "auto"], (360, 650))
     empty = w.node("SolidMask", [0.0, 512, 512], (0, 1000), title="Empty 512x512")
-    half = w.node("SolidMask", [1.0, 256, 512], (0, 1150), title="Half 256x512")
+    half = w.node("SolidMask", [1.0, 256, 512], (0, 1200), title="Half 256x512")
     left = w.node("MaskComposite", [0, 0, "add"], (360, 1000), title="Left half", destination=(empty, 0), source=(half, 0))
-    right = w.node("MaskComposite", [256, 0, "add"], (360, 1200), title="Right half", destination=(empty, 0), source=(half, 0))
+    right = w.node("MaskComposite", [256, 0, "add"], (360, 1230), title="Right half", destination=(empty, 0), source=(half, 0))
     s1 = w.node("ControlNetSuiteStack", [1.0, 0.0, 1.0, "balanced", "crop and resize"], (760, 300), control_net=(cn_scr, 0), image=(left_img, 0), mask=(left, 0))
     s2 = w.node("ControlNetSuiteStack", [1.0, 0.0, 1.0, "balanced", "crop and resize"], (760, 650), control_net=(cn_dep, 0), image=(right_img, 0), mask=(right, 0), stack=(s1, 0))
     app = w.node("ControlNetSuiteApplyStack", [], (1100, 0), positive=(pos, 0), negative=(neg, 0), stack=(s2, 0))
-    sample(w, ckpt, (app, 0), (app, 1), "controlnet_regional")
+    sample(w, ckpt, (app, 0), (app, 1), "controlnet_regional", x=1460, latent_at=(1100, 230))
     w.save("regional_two_masked_units")
 
 
@@ -152,7 +214,7 @@ def train():
     # output_name, resume, annotator, precision, gradient_checkpointing
     trained = w.node("ControlNetSuiteTrain", ["controlnet_dataset", 1000, 1e-5, 4, 0.5, 512, 0, "fixed", "my_controlnet", True, "none",
                                               "auto", True], (360, 300), model=(ckpt, 0), clip=(ckpt, 1), vae=(ckpt, 2))
-    img = w.node("LoadImage", ["condition_example.png", "image"], (360, 750), title="A condition to try it on")
+    img = w.node("LoadImage", ["condition_example.png", "image"], (360, 820), title="A condition to try it on")
     app = w.node("ControlNetSuiteApply", [1.0, 0.0, 1.0, "balanced", "crop and resize"], (760, 0), positive=(pos, 0), negative=(neg, 0),
                  control_net=(trained, 0), image=(img, 0))
     sample(w, ckpt, (app, 0), (app, 1), "controlnet_trained")
@@ -161,16 +223,16 @@ def train():
 
 def main() -> None:
     OUT.mkdir(exist_ok=True)
-    single("canny", "Canny edges (ComfyUI's Canny node) -> ControlNet", "a cozy living room, photo, detailed", "control_v11p_sd15_canny.safetensors",
+    single("canny", "Canny edges (ComfyUI's Canny node) -> ControlNet", "a cozy living room, photo, detailed", CN_CANNY,
            "canny_example.png", canny=True)
-    single("scribble", "Scribble -> ControlNet", "a cat sitting on a fence, illustration", "control_v11p_sd15_scribble.safetensors", "scribble_example.png")
-    single("pose", "OpenPose skeleton -> ControlNet", "an astronaut dancing, full body, photo", "control_v11p_sd15_openpose.safetensors", "pose_example.png")
-    single("depth", "Depth map -> ControlNet", "a stone bridge over a river, fantasy painting", "control_v11f1p_sd15_depth.safetensors", "depth_example.png")
-    single("segmentation", "ADE20K segmentation map -> ControlNet", "a modern kitchen, interior photo", "control_v11p_sd15_seg.safetensors",
+    single("scribble", "Scribble -> ControlNet", "a cat sitting on a fence, illustration", CN_SCRIBBLE, "scribble_example.png")
+    single("pose", "OpenPose skeleton -> ControlNet", "an astronaut dancing, full body, photo", CN_POSE, "pose_example.png")
+    single("depth", "Depth map -> ControlNet", "a stone bridge over a river, fantasy painting", CN_DEPTH, "depth_example.png")
+    single("segmentation", "ADE20K segmentation map -> ControlNet", "a modern kitchen, interior photo", CN_SEG,
            "segmentation_example.png", resize="resize and pad")
     for mode, slug in (("balanced", "balanced"), ("prompt is more important", "prompt_more_important"),
                        ("ControlNet is more important", "controlnet_more_important"), ("CFG resolution weighting", "cfg_resolution_weighting")):
-        single(f"mode_{slug}", f"Control mode: {mode}", "a lighthouse on a cliff, oil painting", "control_v11p_sd15_canny.safetensors",
+        single(f"mode_{slug}", f"Control mode: {mode}", "a lighthouse on a cliff, oil painting", CN_CANNY,
                "canny_example.png", canny=True, mode=mode)
     multi()
     regional()

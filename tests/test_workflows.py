@@ -1,5 +1,8 @@
 """Every shipped workflow converts as the frontend would, validates against the host and runs with tiny models."""
 import json
+import re
+import sysconfig
+import urllib.parse
 from pathlib import Path
 
 import numpy as np
@@ -29,6 +32,81 @@ def test_workflows_are_litegraph_0_4():
             assert {"id", "type", "pos", "size", "flags", "order", "mode", "properties"} <= n.keys(), (p.name, n["id"])
         for l in wf["links"]:
             assert len(l) == 6
+
+
+def test_no_node_covers_another():
+    """Boxes as the file gives them, each with the 30 px title bar LiteGraph draws above `pos`."""
+    for p in WORKFLOWS:
+        boxes = [(n["id"], n["pos"][0], n["pos"][1] - 30, n["pos"][0] + n["size"][0], n["pos"][1] + n["size"][1]) for n in json.loads(p.read_text())["nodes"]]
+        overlapping = [(a[0], b[0]) for i, a in enumerate(boxes) for b in boxes[i + 1:] if a[1] < b[3] and b[1] < a[3] and a[2] < b[4] and b[2] < a[4]]
+        assert not overlapping, (p.name, overlapping)
+
+
+# The loaders whose widgets name model files, and the host model folder each reads (the frontend's `directory`).
+LOADERS = {"CheckpointLoaderSimple": "checkpoints", "ControlNetSuiteLoader": "controlnet"}
+MODEL_SUFFIXES = (".safetensors", ".sft", ".ckpt", ".pt", ".pth", ".bin", ".gguf")
+
+
+def frontend_model_rules() -> dict:
+    """What the installed frontend does with a node's model metadata, read from its own bundle (so a frontend that
+    changes the rules fails this test): the model schema's fields (`required`: those without .optional()), and the
+    missing-models dialog's allowed URL prefixes, file-name suffixes and individually allowed URLs."""
+    pkg = pytest.importorskip("comfyui_frontend_package")
+    found: dict = {}
+    for js in sorted((Path(pkg.__file__).parent / "static" / "assets").glob("*.js")):
+        text = js.read_text(errors="replace")
+        dialog = re.search(r'__name:"MissingModelsWarning".{0,300}?=(\[[^\]]*\]),\w+=(\[[^\]]*\]),\w+=new Set\((\[[^\]]*\])\)', text, re.S)
+        if dialog:
+            found.update(prefixes=json.loads(dialog[1]), suffixes=json.loads(dialog[2]), exempt=set(json.loads(dialog[3])))
+        schema = re.search(r"zModelFile=z\.object\(\{(.*?)\}\)", text)
+        if schema:
+            fields = dict(re.findall(r"(\w+):(z\.string\(\)[\w.()]*)", schema[1]))
+            found.update(fields=set(fields), required={k for k, v in fields.items() if ".optional()" not in v})
+        if "properties?.models" in text:
+            found["reads_node_properties"] = True
+    assert {"prefixes", "fields", "reads_node_properties"} <= found.keys(), f"the frontend bundle changed: found only {sorted(found)}"
+    return found
+
+
+def test_loader_nodes_carry_model_metadata_the_frontend_accepts(host):
+    """Opening a workflow without its models, the frontend's missing-models dialog offers each file for download only
+    from node properties.models entries whose name is the widget's value, with a known model folder and an allowed URL."""
+    import folder_paths
+
+    rules = frontend_model_rules()
+    assert rules["required"] == {"name", "url", "directory"}, rules
+    for p in WORKFLOWS:
+        for n in json.loads(p.read_text())["nodes"]:
+            where = (p.name, n["id"], n["type"])
+            files = [v for v in n.get("widgets_values") or [] if isinstance(v, str) and v.endswith(MODEL_SUFFIXES)]
+            if n["type"] not in LOADERS:
+                assert not files and "models" not in n["properties"], where  # a new loader: add it to LOADERS
+                continue
+            models = n["properties"].get("models", [])
+            assert files and [m["name"] for m in models] == files, where
+            for m in models:
+                assert rules["required"] <= m.keys() <= rules["fields"] and all(isinstance(v, str) for v in m.values()), where
+                assert m["directory"] == LOADERS[n["type"]] and m["directory"] in folder_paths.folder_names_and_paths, where
+                allowed = m["url"].startswith(tuple(rules["prefixes"])) and m["name"].endswith(tuple(rules["suffixes"]))
+                assert allowed or m["url"] in rules["exempt"], (where, m["url"])
+                url = urllib.parse.urlsplit(m["url"])  # the file itself (a Hugging Face resolve link), not a page about it
+                assert url.scheme == "https" and re.fullmatch(r"/[\w.-]+/[\w.-]+/resolve/main/(.+/)?" + re.escape(m["name"]), url.path), m["url"]
+
+
+def test_model_downloads_match_comfyuis_own_templates():
+    """Where ComfyUI's own templates (installed with the host) name the same file, they name the same download."""
+    theirs: dict[str, set] = {}
+    for t in Path(sysconfig.get_paths()["purelib"]).glob("comfyui_workflow_templates*/templates/*.json"):
+        for m in re.findall(r'\{[^{}]*"url": *"[^"]+"[^{}]*\}', t.read_text(errors="replace")):
+            entry = json.loads(m)
+            if "name" in entry:
+                theirs.setdefault(entry["name"], set()).add(entry["url"].split("?")[0])
+    if not theirs:
+        pytest.skip("no ComfyUI workflow templates package installed")
+    ours = {m["name"]: m["url"] for p in WORKFLOWS for n in json.loads(p.read_text())["nodes"] for m in n["properties"].get("models", [])}
+    shared = ours.keys() & theirs.keys()
+    assert len(shared) >= 3, sorted(ours)  # the checkpoint and most ControlNets are files ComfyUI's templates use too
+    assert {k: ours[k] for k in shared if ours[k] not in theirs[k]} == {}
 
 
 def substitute(prompt: dict, host: Host) -> dict:
