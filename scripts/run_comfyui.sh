@@ -56,6 +56,10 @@ echo "  models folder: $RUN/models  (checkpoints/, controlnet/, annotators/ ...)
 echo "  outputs:       $RUN/output"
 echo "  open http://${HOST:-127.0.0.1}:${PORT:-8188}"
 cd "$COMFY"
-exec "$PY" main.py --listen "${HOST:-127.0.0.1}" --port "${PORT:-8188}" \
+# main.py through our launcher: the same run, but Ctrl+C stops a running prompt first and exits promptly (see there).
+# CNS_LAUNCHER=0 runs main.py directly, for bench/bench_server_stop.py's comparison.
+LAUNCH=("$ROOT/scripts/comfy_main.py" "$COMFY")
+[ "${CNS_LAUNCHER:-1}" = 0 ] && LAUNCH=(main.py)
+exec "$PY" "${LAUNCH[@]}" --listen "${HOST:-127.0.0.1}" --port "${PORT:-8188}" \
   --extra-model-paths-config "$RUN/extra_model_paths.yaml" \
   --output-directory "$RUN/output" --input-directory "$RUN/input" "${HOST_ARGS[@]}" "${DEVICE_ARGS[@]}" "$@"
