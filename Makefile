@@ -14,6 +14,7 @@ bench:  ## run the benchmarks in bench/ (slow; full SD1.5 shapes)
 	.venv/bin/python bench/bench_ksampler.py
 	.venv/bin/python bench/bench_annotators.py
 	.venv/bin/python bench/bench_annotator_flops.py
+	.venv/bin/python bench/bench_server_load.py
 
 demo:  ## sample the shipped toy base + toy ControlNet; writes demo/out/toy_demo.png and prints the controllability
 	bash scripts/setup_demo_env.sh
