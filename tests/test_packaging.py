@@ -124,3 +124,20 @@ def test_registry_reads_the_metadata_the_specification_requires(comfy_cli_python
     assert project["supported_os"] == ["OS Independent"] and project["description"]
     assert re.fullmatch(r"[a-z0-9][a-z0-9-]*", comfy["publisher_id"]) and comfy["display_name"] == "ControlNet Suite"
     assert comfy["icon"] == ""  # none yet; an empty string is what the parser sends when the key is absent
+
+
+def test_readme_pictures_are_shipped_and_the_demo_one_is_what_make_demo_draws(tmp_path):
+    """Every picture the README links is in the repository; the toy demo's is exactly `make demo`'s output."""
+    readme = (ROOT / "README.md").read_text()
+    linked = re.findall(r"!\[[^\]]*\]\(([^)\s]+)\)", readme)
+    assert {"docs/images/workflow_canny.png", "docs/images/toy_demo.png"} <= set(linked)
+    assert [p for p in linked if not (ROOT / p).is_file()] == []
+    r = subprocess.run([sys.executable, str(ROOT / "experiments" / "demo.py"), "--out", str(tmp_path / "toy_demo.png")],
+                       capture_output=True, text=True, timeout=600, cwd=ROOT)
+    assert r.returncode == 0, r.stderr[-3000:]
+    from PIL import Image
+    import numpy as np
+
+    fresh = np.asarray(Image.open(tmp_path / "toy_demo.png").convert("RGB"))
+    shipped = np.asarray(Image.open(ROOT / "docs" / "images" / "toy_demo.png").convert("RGB"))
+    assert fresh.shape == shipped.shape and np.abs(fresh.astype(int) - shipped.astype(int)).mean() < 0.5, "rerun make demo and copy its PNG"
