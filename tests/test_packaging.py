@@ -141,3 +141,12 @@ def test_readme_pictures_are_shipped_and_the_demo_one_is_what_make_demo_draws(tm
     fresh = np.asarray(Image.open(tmp_path / "toy_demo.png").convert("RGB"))
     shipped = np.asarray(Image.open(ROOT / "docs" / "images" / "toy_demo.png").convert("RGB"))
     assert fresh.shape == shipped.shape and np.abs(fresh.astype(int) - shipped.astype(int)).mean() < 0.5, "rerun make demo and copy its PNG"
+
+
+def test_the_root_imports_as_a_plain_module_too():
+    """pytest imports the repository root's __init__.py as a plain module (no package) when the checkout's folder
+    name is no Python identifier (a clone into ControlNet-Suite/, say): it must offer no nodes instead of failing."""
+    code = ("import importlib.util, sys; spec = importlib.util.spec_from_file_location('__init__', sys.argv[1]); "
+            "m = importlib.util.module_from_spec(spec); spec.loader.exec_module(m); print(m.NODE_CLASS_MAPPINGS)")
+    r = subprocess.run([sys.executable, "-c", code, str(ROOT / "__init__.py")], capture_output=True, text=True, timeout=120)
+    assert r.returncode == 0 and r.stdout.strip() == "{}", r.stderr[-3000:]
