@@ -43,8 +43,7 @@ from pathlib import Path
 ROOT = Path(__file__).resolve().parents[1]
 sys.path.insert(0, str(ROOT / "tests"))
 from common import machine  # noqa: E402
-from comfy_server import ComfyServer  # noqa: E402
-from host import Graph  # noqa: E402
+from comfy_server import ComfyServer, sampling_prompt  # noqa: E402
 
 CONDITIONS = ("idle", "after-prompt", "during-prompt", "startup-bash", "startup-imports", "startup-nodes", "startup-listen")
 PY_SPY = shutil.which("py-spy") or "/tmp/tools/bin/py-spy"
@@ -62,24 +61,6 @@ def make_models(dest: Path) -> None:
     (dest / "controlnet").mkdir(parents=True, exist_ok=True)
     make_tiny_checkpoint(dest / "checkpoints" / "tiny_sd15.safetensors")
     save(dest / "controlnet" / "cn_a.safetensors", {"control_model." + k: v * 0.5 for k, v in random_controlnet(TINY_UNET, seed=1).state_dict().items()})
-
-
-def prompt(steps: int) -> dict:
-    """The server test's prompt: our loader and apply node in front of ComfyUI's KSampler, 64 px."""
-    g = Graph()
-    ckpt = g.add("CheckpointLoaderSimple", ckpt_name="tiny_sd15.safetensors")
-    pos = g.add("SuiteTestConditioning", seed=1, width=768)
-    neg = g.add("SuiteTestConditioning", seed=2, width=768)
-    cn = g.add("ControlNetSuiteLoader", control_net_name="cn_a.safetensors")
-    img = g.add("SuiteTestImage", width=64, height=64, channels=3, batch=1, seed=0)
-    ap = g.add("ControlNetSuiteApply", positive=(pos, 0), negative=(neg, 0), control_net=(cn, 0), image=(img, 0), strength=1.0,
-               start_percent=0.0, end_percent=1.0, control_mode="balanced", resize_mode="crop and resize")
-    lat = g.add("EmptyLatentImage", width=64, height=64, batch_size=1)
-    ks = g.add("KSampler", model=(ckpt, 0), seed=3, steps=steps, cfg=5.0, sampler_name="euler", scheduler="normal",
-               positive=(ap, 0), negative=(ap, 1), latent_image=(lat, 0), denoise=1.0)
-    dec = g.add("VAEDecode", samples=(ks, 0), vae=(ckpt, 2))
-    g.add("SaveImage", images=(dec, 0), filename_prefix="stop_bench")
-    return g.prompt
 
 
 def wait_log(srv: ComfyServer, text: str, timeout: float = 300) -> bool:
@@ -119,11 +100,11 @@ def one_run(host: str, condition: str, launcher: str, models: Path, work: Path, 
     else:
         srv.start()
         if condition == "after-prompt":
-            entry = srv.wait(srv.queue(prompt(2)))
+            entry = srv.wait(srv.queue(sampling_prompt("tiny_sd15.safetensors", 2, prefix="stop_bench")))
             assert entry["status"]["status_str"] == "success", entry["status"]
             time.sleep(0.5)
         elif condition == "during-prompt":
-            srv.queue(prompt(args.long_steps))
+            srv.queue(sampling_prompt("tiny_sd15.safetensors", args.long_steps, prefix="stop_bench"))
             deadline = time.time() + 120
             while time.time() < deadline and not srv.get("/queue")["queue_running"]:
                 time.sleep(0.05)

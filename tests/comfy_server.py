@@ -115,3 +115,24 @@ class ComfyServer:
                 return hist[prompt_id]
             time.sleep(0.2)
         raise AssertionError(f"prompt {prompt_id} did not finish within {timeout:.0f} s:\n" + self.log()[-4000:])
+
+
+def sampling_prompt(checkpoint: str, steps: int, control_net: str = "cn_a.safetensors", prefix: str = "server_test") -> dict:
+    """Our loader and apply node in front of ComfyUI's KSampler, 64 px, saved: the servers' standard prompt (the test
+    nodes give conditioning and the image)."""
+    from host import Graph
+
+    g = Graph()
+    ckpt = g.add("CheckpointLoaderSimple", ckpt_name=checkpoint)
+    pos = g.add("SuiteTestConditioning", seed=1, width=768)
+    neg = g.add("SuiteTestConditioning", seed=2, width=768)
+    cn = g.add("ControlNetSuiteLoader", control_net_name=control_net)
+    img = g.add("SuiteTestImage", width=64, height=64, channels=3, batch=1, seed=0)
+    ap = g.add("ControlNetSuiteApply", positive=(pos, 0), negative=(neg, 0), control_net=(cn, 0), image=(img, 0), strength=1.0,
+               start_percent=0.0, end_percent=1.0, control_mode="balanced", resize_mode="crop and resize")
+    lat = g.add("EmptyLatentImage", width=64, height=64, batch_size=1)
+    ks = g.add("KSampler", model=(ckpt, 0), seed=3, steps=steps, cfg=5.0, sampler_name="euler", scheduler="normal",
+               positive=(ap, 0), negative=(ap, 1), latent_image=(lat, 0), denoise=1.0)
+    dec = g.add("VAEDecode", samples=(ks, 0), vae=(ckpt, 2))
+    g.add("SaveImage", images=(dec, 0), filename_prefix=prefix)
+    return g.prompt

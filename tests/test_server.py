@@ -8,8 +8,7 @@ from pathlib import Path
 import pytest
 
 from comfy_host import comfy_root, host_name, is_oldest_host
-from comfy_server import ComfyServer
-from host import Graph
+from comfy_server import ComfyServer, sampling_prompt
 
 ROOT = Path(__file__).resolve().parents[1]
 OUR_NODES = {"ControlNetSuiteLoader", "ControlNetSuiteApply", "ControlNetSuiteStack", "ControlNetSuiteApplyStack"}
@@ -53,24 +52,6 @@ def test_the_server_reports_its_version_and_serves_the_frontend_package(server):
     index = Path(comfyui_frontend_package.__file__).parent / "static" / "index.html"
     assert page == index.read_bytes()  # the pip frontend package's page, not a bundled web/ folder
     assert stats["system"]["required_frontend_version"] == importlib.metadata.version("comfyui-frontend-package")
-
-
-def sampling_prompt(checkpoint: str, steps: int) -> dict:
-    """Our loader and apply node in front of ComfyUI's KSampler, 64 px, saved."""
-    g = Graph()
-    ckpt = g.add("CheckpointLoaderSimple", ckpt_name=checkpoint)
-    pos = g.add("SuiteTestConditioning", seed=1, width=768)
-    neg = g.add("SuiteTestConditioning", seed=2, width=768)
-    cn = g.add("ControlNetSuiteLoader", control_net_name="cn_a.safetensors")
-    img = g.add("SuiteTestImage", width=64, height=64, channels=3, batch=1, seed=0)
-    ap = g.add("ControlNetSuiteApply", positive=(pos, 0), negative=(neg, 0), control_net=(cn, 0), image=(img, 0), strength=1.0,
-               start_percent=0.0, end_percent=1.0, control_mode="balanced", resize_mode="crop and resize")
-    lat = g.add("EmptyLatentImage", width=64, height=64, batch_size=1)
-    ks = g.add("KSampler", model=(ckpt, 0), seed=3, steps=steps, cfg=5.0, sampler_name="euler", scheduler="normal",
-               positive=(ap, 0), negative=(ap, 1), latent_image=(lat, 0), denoise=1.0)
-    dec = g.add("VAEDecode", samples=(ks, 0), vae=(ckpt, 2))
-    g.add("SaveImage", images=(dec, 0), filename_prefix="server_test")
-    return g.prompt
 
 
 @pytest.mark.compat
