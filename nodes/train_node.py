@@ -5,12 +5,16 @@ can go straight into an Apply node to be tried. The node runs exactly the librar
 recipe: locked base, zero convolutions, 50% empty prompts): it only supplies ComfyUI's CLIP and VAE as the
 encoders, ComfyUI's progress bar and its Cancel button (which saves a checkpoint before stopping).
 
-Files: `<output>/controlnet_training/<name>/` holds checkpoint.pt (resume), loss.png, losses.json and the
-encoder cache; the trained ControlNet goes to `<first controlnet folder>/<name>.safetensors` (v1.1 layout).
+Files: `<output>/controlnet_training/<name>/` holds checkpoint.pt (resume; the one before it is kept as
+checkpoint.prev.pt), loss.png, losses.json and the encoder cache; the trained ControlNet goes to
+`<first controlnet folder>/<name>.safetensors` (v1.1 layout). Neither an earlier run of that name nor a model file
+of that name that this run did not write is ever replaced unless `overwrite` is on: the node stops before training.
 """
 from __future__ import annotations
 
+import json
 import logging
+import os
 import re
 from pathlib import Path
 from typing import Callable, Optional, Union
@@ -28,6 +32,7 @@ from ..controlnet_core.train.buckets import Buckets
 from ..controlnet_core.train.cache import encoder_identity
 from ..controlnet_core.train.conditions import annotator_condition, annotator_names, annotator_params
 from ..controlnet_core.train.report import TrainingReport
+from ..controlnet_core.train.run_files import CHECKPOINT, PREVIOUS, check_can_start
 from ..controlnet_core.unet import UNetModel, unet_from_state_dict
 from .comfy_adapter import SuiteControl, make_patcher
 
@@ -42,6 +47,39 @@ Text = Union[torch.Tensor, tuple[torch.Tensor, torch.Tensor]]  # context, or (co
 
 class TrainNodeError(ControlNetError):
     """A Train ControlNet input that cannot be used as it is."""
+
+
+OUTPUT_RECORD = "output.json"  # in the run folder: the model file this run last wrote (path, size, mtime)
+
+
+def record_output(run_dir: Path, out: Path) -> None:
+    st = out.stat()
+    tmp = run_dir / (OUTPUT_RECORD + ".part")
+    tmp.write_text(json.dumps({"path": str(out), "size": st.st_size, "mtime_ns": st.st_mtime_ns}))
+    os.replace(tmp, run_dir / OUTPUT_RECORD)
+
+
+def written_by_run(run_dir: Path, out: Path) -> bool:
+    """Whether `out` is, unchanged, the file this run folder's training wrote last."""
+    try:
+        rec = json.loads((run_dir / OUTPUT_RECORD).read_text())
+        st = out.stat()
+    except (OSError, ValueError):
+        return False
+    return rec.get("path") == str(out) and rec.get("size") == st.st_size and rec.get("mtime_ns") == st.st_mtime_ns
+
+
+def check_may_write(run_dir: Path, out: Path, *, resume: bool, overwrite: bool) -> None:
+    """Stop before anything is replaced that the user did not ask to replace: an earlier run's checkpoints (when
+    resume is off), or a model file of the output name that this run did not write (a downloaded model, say)."""
+    try:
+        check_can_start(run_dir, resume=resume, overwrite=overwrite, outputs=(), resume_hint="resume on",
+                        overwrite_hint="overwrite on", other_hint="another output_name")
+    except ControlNetError as e:
+        raise _error(str(e)) from None
+    if out.exists() and not overwrite and not written_by_run(run_dir, out):
+        raise _error(f"{out} already exists and was not written by this training run; it is never replaced unless you ask. "
+                     "Choose another output_name, or turn overwrite on to replace it.")
 
 
 def _error(msg: str) -> TrainNodeError:
@@ -251,18 +289,22 @@ class ControlNetSuiteTrain:
                     "precision keeps the locked base in half precision and the trained weights in fp32.")}),
                 "gradient_checkpointing": ("BOOLEAN", {"default": True, "tooltip": (
                     "Recompute activations in the backward pass: much less memory for about a third more time per step.")}),
+                "overwrite": ("BOOLEAN", {"default": False, "tooltip": (
+                    "Off (default): never replace an earlier training run of this output_name (with resume off) nor a file "
+                    "models/controlnet/<output_name>.safetensors that this run did not write, such as a downloaded model; "
+                    "the node stops before training and says so. On: replace them.")}),
             },
         }
 
     def train(self, model, clip, vae, dataset_folder, steps, learning_rate, batch_size, empty_prompt_rate, resolution, seed,
-              output_name, resume, annotator="none", precision="auto", gradient_checkpointing=True):
+              output_name, resume, annotator="none", precision="auto", gradient_checkpointing=True, overwrite=False):
         # ComfyUI runs nodes under torch.inference_mode(); training needs autograd
         with torch.inference_mode(False), torch.enable_grad():
             return self._train(model, clip, vae, dataset_folder, steps, learning_rate, batch_size, empty_prompt_rate, resolution,
-                               seed, output_name, resume, annotator, precision, gradient_checkpointing)
+                               seed, output_name, resume, annotator, precision, gradient_checkpointing, overwrite)
 
     def _train(self, model, clip, vae, dataset_folder, steps, learning_rate, batch_size, empty_prompt_rate, resolution, seed,
-               output_name, resume, annotator, precision, gradient_checkpointing):
+               output_name, resume, annotator, precision, gradient_checkpointing, overwrite=False):
         prediction = check_trainable(model)
         if clip is None:
             raise _error("no CLIP connected (this checkpoint has no text encoder); connect the base model's CLIP, e.g. from a CLIPLoader.")
@@ -285,7 +327,9 @@ class ControlNetSuiteTrain:
             raise _error(f"{folder} has {len(dataset)} training pairs, fewer than one batch of {batch_size}; add data or lower batch_size.")
 
         run_dir = Path(folder_paths.get_output_directory()) / "controlnet_training" / stem
-        ckpt = run_dir / "checkpoint.pt"
+        ckpt = run_dir / CHECKPOINT
+        out = Path(folder_paths.get_folder_paths("controlnet")[0]) / f"{stem}.safetensors"
+        check_may_write(run_dir, out, resume=resume, overwrite=overwrite)  # before minutes of set-up, not after hours of training
         if precision == "auto":
             precision = "fp32" if device.type != "cuda" else ("bf16" if torch.cuda.is_bf16_supported() else "fp16")
         config = TrainConfig(lr=learning_rate, batch_size=batch_size, empty_prompt_rate=empty_prompt_rate, prediction=prediction,
@@ -296,11 +340,11 @@ class ControlNetSuiteTrain:
         unet, heads = base_unet(model, device)
         controlnet = create_from_unet(unet.state_dict(), seed=seed, device=device, **heads)
         trainer = Trainer(unet, controlnet, encode_text, image_encoder(vae, model, device), dataset, config)
-        if resume and ckpt.is_file():
+        if resume and (ckpt.is_file() or (run_dir / PREVIOUS).is_file()):
             try:
-                trainer.load_checkpoint(ckpt)
+                trainer.load_checkpoint(ckpt, fresh_hint="start fresh: turn overwrite on (resume off), or choose another output_name")
             except ControlNetError as e:
-                raise _error(f"cannot resume from {ckpt}: {e} Or turn resume off to start over.") from None
+                raise _error(f"cannot resume: {e}") from None
             log.info("%s: resumed '%s' at step %d of %d", NODE, stem, trainer.step, steps)
         report = TrainingReport(run_dir, every=max(1, min(100, steps // 20)), keep_history=bool(resume))
         pbar = comfy.utils.ProgressBar(steps)
@@ -325,10 +369,12 @@ class ControlNetSuiteTrain:
         trainer.save_checkpoint(ckpt)
         report.finish(trainer.step)
 
-        out = Path(folder_paths.get_folder_paths("controlnet")[0]) / f"{stem}.safetensors"
         out.parent.mkdir(parents=True, exist_ok=True)
+        check_may_write(run_dir, out, resume=True, overwrite=overwrite)  # again: the file may have appeared meanwhile
+        replaced = out.exists()
         trainer.save_controlnet(out)
-        log.info("%s: %d steps, saved %s", NODE, trainer.step, out)
+        record_output(run_dir, out)
+        log.info("%s: %d steps, saved %s%s", NODE, trainer.step, out, " (replacing the earlier file of that name)" if replaced else "")
         del trainer, unet, controlnet
         comfy.model_management.soft_empty_cache()
         loaded = load_control(out, dtype=_loader_dtype(), device=comfy.model_management.unet_offload_device())

@@ -17,6 +17,7 @@ from .. import ControlNetError, create_from_unet, save_ldm
 from ..checkpoint import open_checkpoint
 from ..unet import UNetModel, unet_from_state_dict
 from .data import ControlDataset
+from .run_files import CHECKPOINT, PREVIOUS, check_can_start
 from . import sd_cli
 from .toy import TOY_UNET, ToyTextEncoder, make_fill50k, toy_encode_image
 from .trainer import TrainConfig, Trainer
@@ -38,7 +39,8 @@ def main(argv: list[str] | None = None) -> int:
     t.add_argument("--lr", type=float, default=1e-4)
     t.add_argument("--empty-prompt-rate", type=float, default=0.5)
     t.add_argument("--save-every", type=int, default=50)
-    t.add_argument("--resume", action="store_true")
+    t.add_argument("--resume", action="store_true", help="continue from OUT/checkpoint.pt")
+    t.add_argument("--overwrite", action="store_true", help="start over in an OUT that holds a run, replacing its files")
     t.add_argument("--seed", type=int, default=0)
     sd_cli.add_arguments(sub.add_parser("sd", help="train a ControlNet on a real SD1.x/SD2.x/SDXL checkpoint or diffusers folder"))
     args = ap.parse_args(argv)
@@ -59,10 +61,13 @@ def main(argv: list[str] | None = None) -> int:
         cfg = TrainConfig(lr=args.lr, batch_size=args.batch, empty_prompt_rate=args.empty_prompt_rate, seed=args.seed)
         trainer = Trainer(unet, cn, ToyTextEncoder(dim=unet.config.encoder.context_dim), toy_encode_image, ControlDataset(Path(args.data)), cfg)
         out = Path(args.out)
-        ckpt = out / "checkpoint.pt"
+        ckpt = out / CHECKPOINT
+        check_can_start(out, resume=args.resume, overwrite=args.overwrite)
         if args.resume and ckpt.is_file():
             trainer.load_checkpoint(ckpt)
             print(f"resumed at step {trainer.step}", flush=True)
+        elif args.resume and (out / PREVIOUS).is_file():
+            trainer.load_checkpoint(ckpt)  # the newest checkpoint is missing: the error names the previous one
         t0 = [time.perf_counter()]
 
         def report(step: int, loss: float) -> None:

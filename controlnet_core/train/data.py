@@ -95,6 +95,7 @@ class ControlDataset(torch.utils.data.Dataset):
         (resized) target image, e.g. `conditions.annotator_condition("canny")`; condition files are then unused."""
         if size and buckets:
             raise DatasetError("ControlDataset: give either size (square resize) or buckets (aspect-ratio buckets), not both.")
+        self.root = Path(root)
         self.samples = scan(root, derive_conditions=condition_fn is not None)
         self.size = size
         self.buckets = buckets

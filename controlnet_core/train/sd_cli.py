@@ -19,6 +19,7 @@ from ..create import create_from_unet
 from ..errors import ControlNetError
 from ..export import save_ldm
 from .data import ControlDataset, scan
+from .run_files import CHECKPOINT, PREVIOUS, check_can_start
 from .trainer import TrainConfig, Trainer
 
 log = logging.getLogger(__name__)
@@ -40,6 +41,7 @@ def add_arguments(p: argparse.ArgumentParser) -> None:
     p.add_argument("--grad-accum", type=int, default=1)
     p.add_argument("--save-every", type=int, default=500)
     p.add_argument("--resume", action="store_true", help="continue from OUT/checkpoint.pt when it exists")
+    p.add_argument("--overwrite", action="store_true", help="start over in an OUT that holds a run, replacing its files")
     p.add_argument("--tokenizer", help="folder with the CLIP vocab.json + merges.txt (default: searched; see the error if none is found)")
     p.add_argument("--prediction", choices=["auto", "eps", "v"], default="auto",
                    help="what the base predicts; auto: from the file (SD1.x/SDXL eps unless marked v_pred; SD2.x single files must say)")
@@ -69,6 +71,7 @@ def run(args: argparse.Namespace) -> int:
     if args.resolution is not None and (args.resolution <= 0 or args.resolution % 8):
         raise ControlNetError(f"--resolution {args.resolution}: must be a positive multiple of 8 (latents are 1/8 of the image size).")
     scan(Path(args.data))  # a bad dataset is reported before minutes of loading
+    check_can_start(Path(args.out), resume=args.resume, overwrite=args.overwrite)  # and an earlier run in --out
     torch.manual_seed(args.seed)
     device = torch.device(args.device or ("cuda" if torch.cuda.is_available() else "cpu"))
     amp = _AMP[args.mixed_precision]
@@ -91,10 +94,12 @@ def run(args: argparse.Namespace) -> int:
                       mixed_precision=args.mixed_precision, prediction=prediction, cache_dir=getattr(args, "cache_dir", None))
     trainer = Trainer(base.unet, cn, base.text, base.vae, ControlDataset(Path(args.data), size=resolution), cfg)
     out = Path(args.out)
-    ckpt = out / "checkpoint.pt"
+    ckpt = out / CHECKPOINT
     if args.resume and ckpt.is_file():
         trainer.load_checkpoint(ckpt)
         print(f"resumed at step {trainer.step}", flush=True)
+    elif args.resume and (out / PREVIOUS).is_file():
+        trainer.load_checkpoint(ckpt)  # the newest checkpoint is missing: the error names the previous one
     trainer.train(max(0, args.steps - trainer.step), checkpoint=ckpt, save_every=args.save_every, on_step=progress_printer(args.steps, args.batch * args.grad_accum))
     print(f"wrote {save_ldm(cn, out / 'controlnet.safetensors')}", flush=True)
     return 0

@@ -8,7 +8,6 @@ from __future__ import annotations
 
 import logging
 import math
-import os
 import random
 import signal
 from dataclasses import asdict, dataclass
@@ -22,6 +21,7 @@ from ..errors import ControlNetError
 from ..model import ControlNet
 from ..residuals import ControlResiduals
 from ..unet import UNetModel
+from . import run_files
 from .data import drop_prompts
 
 log = logging.getLogger(__name__)
@@ -74,6 +74,8 @@ class Trainer:
         if controlnet is None and config.distributed == "fsdp":
             raise ControlNetError("base mode (controlnet=None) trains with DDP only; use distributed='ddp'.")
         self.encode_text, self.encode_image, self.dataset = encode_text, encode_image, dataset
+        samples = getattr(dataset, "samples", None)  # a ControlDataset's pairs: fingerprinted into every checkpoint
+        self.dataset_fingerprint = run_files.dataset_fingerprint(samples) if samples is not None else None
         unet.requires_grad_(False).eval()
         self.amp_dtype = {"no": None, "fp16": torch.float16, "bf16": torch.bfloat16}[config.mixed_precision]
         if self.amp_dtype is not None and config.sd_locked and controlnet is not None:
@@ -212,6 +214,8 @@ class Trainer:
              "prompt_rng": torch.tensor(self.prompt_rng.getstate()[1], dtype=torch.int64),
              "prompt_rng_gauss": self.prompt_rng.getstate()[2],
              "config": {k: v for k, v in asdict(self.config).items()}}
+        if self.dataset_fingerprint is not None:
+            s["dataset"] = dict(self.dataset_fingerprint)
         if not self.config.sd_locked or self.controlnet is None:
             s["unet"] = self.unet.state_dict()
         s.update(self._feature_state())
@@ -221,14 +225,13 @@ class Trainer:
         state = self.state() if self.fsdp else None  # gathering shards is collective: every rank takes part
         if self.rank != 0:  # every rank holds the same weights; one writes
             return
-        path = Path(path)
-        path.parent.mkdir(parents=True, exist_ok=True)
-        tmp = path.with_name(path.name + ".part")
-        torch.save(state if state is not None else self.state(), tmp)
-        os.replace(tmp, path)
+        run_files.save_checkpoint(state if state is not None else self.state(), Path(path))
 
-    def load_checkpoint(self, path: Path) -> None:
-        s = torch.load(path, map_location="cpu", weights_only=True)
+    def load_checkpoint(self, path: Path, fresh_hint: str = "start fresh with --overwrite (or another --out)") -> None:
+        """Damaged files and another dataset are refused with the file named and what to do (run_files)."""
+        s = run_files.load_checkpoint(Path(path), fresh_hint=fresh_hint)
+        if self.dataset_fingerprint is not None:
+            run_files.check_same_dataset(Path(path), s.get("dataset"), self.dataset_fingerprint, getattr(self.dataset, "root", None))
         saved = {**asdict(TrainConfig()), **s["config"]}  # settings added since the file was written take their defaults
         if saved != asdict(self.config):
             raise ControlNetError(f"{path}: saved with settings {saved}, resumed with {asdict(self.config)}; resume with the same settings.")
