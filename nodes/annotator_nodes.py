@@ -8,6 +8,7 @@ ComfyUI's model manager, which loads and offloads them.
 from __future__ import annotations
 
 import logging
+import math
 import os
 from typing import Optional
 
@@ -81,6 +82,9 @@ def run_annotator(key: str, image: torch.Tensor, resolution: int, pixel_perfect:
     info = registry.load_all()[key]
     if precision not in PRECISIONS:
         raise ValueError(f"{info.title}: precision {precision!r} is not one of {', '.join(PRECISIONS)}.")
+    not_finite = [f"{k} is {v}" for k, v in params.items() if isinstance(v, float) and not math.isfinite(v)]
+    if not_finite:  # NaN passes ComfyUI's min/max checks; OpenCV would fail deep inside, or quietly draw nothing
+        raise ValueError(f"{info.title}: {', '.join(not_finite)}; every setting must be a finite number.")
     x = as_rgb(image.movedim(-1, 1), info.title, sanitize=False)  # the annotator (or the resize below) sanitizes
     h, w = x.shape[-2:]
     res = pixel_perfect_resolution(h, w, resolution, pixel_perfect, target_latent)

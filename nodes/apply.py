@@ -1,6 +1,7 @@
 """Apply ControlNet (Suite), ControlNet Stack (Suite), Apply ControlNet Stack (Suite)."""
 from __future__ import annotations
 
+import math
 from dataclasses import dataclass, replace
 from typing import Optional
 
@@ -68,6 +69,16 @@ def _check_unit(u: ControlUnit, node: str) -> None:
         raise ControlNetError(f"{node}: 'image' must be an IMAGE batch (batch, height, width, channels); got shape {tuple(u.image.shape)}.")
     if u.image.shape[-1] not in (1, 2, 3, 4):
         raise ControlNetError(f"{node}: 'image' has {u.image.shape[-1]} channels; expected 1 (gray), 3 (RGB) or 4 (RGBA).")
+    # NaN passes ComfyUI's own min/max validation (every comparison with NaN is false) and would end as a black image
+    # or an index error deep inside the sampler
+    for name in ("strength", "start_percent", "end_percent"):
+        value = getattr(u, name)
+        if not math.isfinite(value):
+            raise ControlNetError(f"{node}: {name} is {value}; it must be a finite number (strength 0 to 10, the percents 0 to 1).")
+    if not bool(torch.isfinite(u.image).all()):
+        raise ControlNetError(f"{node}: 'image' holds NaN or infinite values; check the node that made the hint.")
+    if u.mask is not None and not bool(torch.isfinite(u.mask).all()):
+        raise ControlNetError(f"{node}: 'mask' holds NaN or infinite values; a mask must be finite, 0 to 1.")
     if u.start_percent > u.end_percent:
         raise ControlNetError(f"{node}: start_percent {u.start_percent} is after end_percent {u.end_percent}; the unit would never run.")
     if u.mask is not None and (u.mask.ndim not in (2, 3) or 0 in u.mask.shape):

@@ -20,7 +20,7 @@ import statistics
 import struct
 import threading
 import time
-from dataclasses import dataclass, field
+from dataclasses import dataclass
 from pathlib import Path
 from typing import Callable, Optional
 
@@ -163,7 +163,7 @@ def exec_error(msg: dict, node: str, class_type: str, *words: str) -> Optional[s
 def invalid_jobs(m: Models, seed: int) -> list[Job]:
     """Every invalid case, each built from a valid prompt with one thing broken; the checks read the message content.
 
-    Only cases that ComfyUI or our nodes already refuse; `unrejected_jobs` holds the ones that get through."""
+    Each is refused by ComfyUI's validation (HTTP 400) or by our node when it runs (execution_error)."""
     jobs = []
 
     p = annotator_prompt("ControlNetSuiteAnnotator_canny", seed)
@@ -209,23 +209,17 @@ def invalid_jobs(m: Models, seed: int) -> list[Job]:
     p, ids = sampling_prompt(m, seed, control_net=m.sdxl_control_net)
     s = ids["sampler"]
     jobs.append(Job("invalid", "SDXL ControlNet on SD1.5", p, "execution_error", lambda e, s=s: exec_error(e, s, "KSampler", "SDXL", "SD1")))
-    return jobs
 
+    # NaN passes ComfyUI's min/max checks (every comparison with NaN is false): our nodes refuse it themselves
+    p, ids = sampling_prompt(m, seed)
+    p[ids["apply"]]["inputs"]["start_percent"] = float("nan")
+    a = ids["apply"]
+    jobs.append(Job("invalid", "start_percent NaN", p, "execution_error", lambda e, a=a: exec_error(e, a, "ControlNetSuiteApply", "start_percent is nan")))
 
-def unrejected_jobs(m: Models, seed: int) -> list[Job]:
-    """Out-of-range values that neither ComfyUI nor our nodes refuse today (NaN passes ComfyUI's min/max checks,
-    since every comparison with NaN is false). The bench runs them once and reports what happened; no check."""
-    jobs = []
-    for key in ("strength", "start_percent"):
-        p, ids = sampling_prompt(m, seed)
-        p[ids["apply"]]["inputs"][key] = float("nan")
-        jobs.append(Job("gap", f"Apply {key} NaN", p, "rejected"))
     p = annotator_prompt("ControlNetSuiteAnnotator_lineart_standard", seed)
     p["2"]["inputs"]["gaussian_sigma"] = float("nan")
-    jobs.append(Job("gap", "lineart_standard gaussian_sigma NaN", p, "rejected"))
-    p = annotator_prompt("ControlNetSuiteAnnotator_tile", seed)
-    p["2"]["inputs"]["blur_sigma"] = float("nan")
-    jobs.append(Job("gap", "tile blur_sigma NaN", p, "rejected"))
+    jobs.append(Job("invalid", "annotator sigma NaN", p, "execution_error",
+                    lambda e: exec_error(e, "2", "ControlNetSuiteAnnotator_lineart_standard", "gaussian_sigma is nan")))
     return jobs
 
 
@@ -385,19 +379,6 @@ def judge(server: ComfyServer, jobs: list[Job]) -> None:
             j.problem = f"image {path.name} is {png_size(path)}, expected {(SIZE, SIZE)}"
 
 
-def outcome(j: Job, history: dict) -> str:
-    """What became of a prompt, in words: refused with which error, or accepted and how it ended."""
-    if j.status != 200:
-        err = j.body.get("error", {}) if isinstance(j.body, dict) else {}
-        return f"refused (HTTP {j.status}): {err.get('message')} {err.get('details')}".strip()
-    entry = history.get(j.prompt_id, {})
-    msgs = {name: data for name, data in entry.get("status", {}).get("messages", [])}
-    if "execution_error" in msgs:
-        e = msgs["execution_error"]
-        return f"accepted (HTTP 200), then failed in {e.get('node_type')}: {str(e.get('exception_message')).strip()[:200]}"
-    return f"accepted (HTTP 200) and ran: {entry.get('status', {}).get('status_str')}"
-
-
 @dataclass
 class LoadReport:
     warmup: list[Job]
@@ -407,7 +388,6 @@ class LoadReport:
     probe_errors: list[str]
     rss_warm: int
     rss_after: int
-    gaps: list[Job] = field(default_factory=list)
 
     @property
     def problems(self) -> list[str]:
@@ -439,7 +419,7 @@ class LoadReport:
         return out
 
 
-def run_load(server: ComfyServer, models: Models, n: int, drain_timeout_s: float = 900, gaps: bool = False) -> LoadReport:
+def run_load(server: ComfyServer, models: Models, n: int, drain_timeout_s: float = 900) -> LoadReport:
     """Warm-up, memory, n mixed prompts under the prober, memory again (see the module docstring)."""
     warm = warmup_jobs(models)
     submit(server, warm)
@@ -461,12 +441,4 @@ def run_load(server: ComfyServer, models: Models, n: int, drain_timeout_s: float
     judge(server, jobs)
     rss_after = settled_rss(server, drained)
 
-    gap_jobs: list[Job] = []
-    if gaps:  # after the memory reading: these are not part of the measured load
-        gap_jobs = unrejected_jobs(models, 50_000)
-        submit(server, gap_jobs)
-        drain(server, drain_timeout_s)
-        history = server.get("/history?max_items=100000")
-        for j in gap_jobs:
-            j.problem = outcome(j, history)
-    return LoadReport(warm, jobs, wall, prober.latencies, prober.errors, rss_warm, rss_after, gap_jobs)
+    return LoadReport(warm, jobs, wall, prober.latencies, prober.errors, rss_warm, rss_after)

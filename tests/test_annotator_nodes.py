@@ -100,3 +100,15 @@ def test_a_neural_annotator_node_runs_with_weights_from_the_annotators_folder(ho
     monkeypatch.setenv("CNS_SKIP_HASH_CHECK", "1")
     out = host.run(g.prompt)["img"]
     assert out.shape == (3, 64, 80, 3) and torch.isfinite(out).all() and 0 <= out.min() and out.max() <= 1
+
+
+@pytest.mark.parametrize("node, setting", [("lineart_standard", {"gaussian_sigma": float("nan"), "intensity_threshold": 8}),
+                                           ("tile", {"pyramid_levels": 1, "blur_sigma": float("nan")})])
+def test_nan_settings_are_refused_with_their_name(host, node, setting):
+    """NaN passes ComfyUI's min/max checks: it used to fail inside OpenCV (lineart) or run unnoticed (tile)."""
+    g, img = image_graph()
+    n = g.add(f"ControlNetSuiteAnnotator_{node}", image=img, resolution=64, pixel_perfect=False, **setting)
+    g.add("SuiteTestCaptureImage", image=(n, 0), key="img")
+    name = next(k for k, v in setting.items() if v != v)
+    with pytest.raises(PromptFailed, match=rf"{name} is nan; every setting must be a finite number"):
+        host.run(g.prompt)

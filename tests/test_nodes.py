@@ -239,3 +239,26 @@ def test_diff_controlnet_through_the_loader_needs_and_uses_the_model(host):
     pos, neg = apply(g, pos, neg, cn, image(g))
     via_diff = host.run(finish(g, model, pos, neg, latent))["out"]
     torch.testing.assert_close(via_diff, run_one(host, name="cn_b.safetensors"), rtol=1e-4, atol=1e-4)
+
+
+@pytest.mark.parametrize("field", ["strength", "start", "end"])
+def test_nan_settings_stop_with_a_message_before_sampling(host, field):
+    """NaN passes ComfyUI's own min/max validation; it used to end as a black image (strength) or an index error
+    inside KSampler (start_percent)."""
+    name = {"strength": "strength", "start": "start_percent", "end": "end_percent"}[field]
+    with pytest.raises(PromptFailed, match=rf"Apply ControlNet \(Suite\).*{name} is nan; it must be a finite number"):
+        run_one(host, **{field: float("nan")})
+
+
+def test_nan_mask_and_nan_stack_strength_stop_with_a_message(host):
+    g, model, pos, neg, latent = base_graph(host)
+    nan_mask = (g.add("SolidMask", value=float("nan"), width=64, height=64), 0)
+    pos, neg = apply(g, pos, neg, loader(g), image(g), mask=nan_mask)
+    with pytest.raises(PromptFailed, match=r"'mask' holds NaN or infinite values"):
+        host.run(finish(g, model, pos, neg, latent))
+    g, model, pos, neg, latent = base_graph(host)
+    st = g.add("ControlNetSuiteStack", control_net=loader(g), image=image(g), strength=float("nan"), start_percent=0.0, end_percent=1.0,
+               control_mode="balanced", resize_mode="crop and resize")
+    ap = g.add("ControlNetSuiteApplyStack", positive=pos, negative=neg, stack=(st, 0))
+    with pytest.raises(PromptFailed, match=r"Stack.*strength is nan"):
+        host.run(finish(g, model, (ap, 0), (ap, 1), latent))
