@@ -9,6 +9,7 @@ from __future__ import annotations
 import abc
 import contextlib
 import math
+import os
 from typing import Callable, Iterator, Optional
 
 import torch
@@ -80,6 +81,36 @@ def detect_size(height: int, width: int, resolution: int, multiple: int = 64) ->
     h = max(multiple, int(round(height * k / multiple)) * multiple)
     w = max(multiple, int(round(width * k / multiple)) * multiple)
     return h, w
+
+
+# Work bounds (megapixels). Why: the detect size follows the short side, so an extreme aspect ratio or a huge
+# `resolution` asks for unbounded memory (a 1x3000 image at 512 is 512 x 1,536,000 px, 9.4 GB as float RGB), and the
+# kernel's OOM killer then takes the whole ComfyUI process. Networks hold dozens of full-size activations per image,
+# OpenCV recipes a few, hence two per-image limits; a chunk (images per call) never holds more than one limit's worth.
+MAX_MEGAPIXELS_NETWORK = float(os.environ.get("CNS_MAX_DETECT_MEGAPIXELS_NETWORK", "4.2"))  # 2048 x 2048
+MAX_MEGAPIXELS_CLASSICAL = float(os.environ.get("CNS_MAX_DETECT_MEGAPIXELS", "16.8"))  # 4096 x 4096
+
+
+def detect_limit(network: bool) -> float:
+    return MAX_MEGAPIXELS_NETWORK if network else MAX_MEGAPIXELS_CLASSICAL
+
+
+def check_detect_size(who: str, height: int, width: int, resolution: int, detect: tuple[int, int], network: bool) -> None:
+    """Refuse, before any allocation, a detect size above the per-image limit, saying what to change."""
+    dh, dw = detect
+    mp, limit = dh * dw / 1e6, detect_limit(network)
+    if mp > limit:
+        var = "CNS_MAX_DETECT_MEGAPIXELS_NETWORK" if network else "CNS_MAX_DETECT_MEGAPIXELS"
+        raise AnnotatorError(
+            f"{who}: a {width}x{height} image at resolution {resolution} would be annotated at {dw}x{dh} ({mp:.1f} megapixels), "
+            f"above the limit of {limit:g} megapixels per image for this annotator. Lower 'resolution', crop or pad the image "
+            f"to a less extreme aspect ratio, or raise the limit with the environment variable {var} (memory permitting).")
+
+
+def bounded_chunk_size(requested: int, detect: tuple[int, int], network: bool) -> int:
+    """Images per call, at most `requested`, so that one call never holds more than one per-image limit's pixels."""
+    per_image = detect[0] * detect[1] / 1e6
+    return max(1, min(requested, int(detect_limit(network) // max(per_image, 1e-9))))
 
 
 def chunks(images: torch.Tensor, size: int) -> Iterator[torch.Tensor]:

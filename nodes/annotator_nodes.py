@@ -20,7 +20,8 @@ import comfy.utils
 import folder_paths
 
 from ..annotators import registry
-from ..annotators.base import as_rgb, chunks, default_chunk_size, detect_size, resize_to, sanitized
+from ..annotators.base import (as_rgb, bounded_chunk_size, check_detect_size, chunks, default_chunk_size, detect_size, resize_to,
+                               sanitized)
 
 log = logging.getLogger(__name__)
 
@@ -89,11 +90,13 @@ def run_annotator(key: str, image: torch.Tensor, resolution: int, pixel_perfect:
     h, w = x.shape[-2:]
     res = pixel_perfect_resolution(h, w, resolution, pixel_perfect, target_latent)
     dh, dw = detect_size(h, w, res, 8)
+    check_detect_size(info.title, h, w, res, (dh, dw), network=bool(info.weights))  # before any allocation
     dtype = PRECISIONS[precision] if info.weights else torch.float32
     det = registry.load(key, device=comfy.model_management.unet_offload_device(), dtype=dtype, dirs=annotator_dirs())
     dev = _prepare_device(det)
     if chunk_size is None:  # a network: what its device runs fastest; OpenCV recipes: per image anyway
         chunk_size = default_chunk_size(dev) if info.weights else 8
+    chunk_size = bounded_chunk_size(chunk_size, (dh, dw), network=bool(info.weights))
     if any(p.name == "resolution" for p in info.params):
         params["resolution"] = res
     pbar = comfy.utils.ProgressBar(x.shape[0])

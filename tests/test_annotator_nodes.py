@@ -112,3 +112,27 @@ def test_nan_settings_are_refused_with_their_name(host, node, setting):
     name = next(k for k, v in setting.items() if v != v)
     with pytest.raises(PromptFailed, match=rf"{name} is nan; every setting must be a finite number"):
         host.run(g.prompt)
+
+
+@pytest.mark.parametrize("w, h, resolution", [(3000, 1, 512), (64, 64, 16384)])
+def test_detect_sizes_beyond_the_megapixel_limit_are_refused_before_any_allocation(host, w, h, resolution):
+    """A 3000x1 image at resolution 512 would be detected at 1,536,000 x 512 px (9.4 GB as float RGB); resolution 16384
+    asks 268 megapixels for one image. Refused with the sizes, the limit and what to change, not an OOM kill."""
+    g, img = image_graph(w=w, h=h, batch=1)
+    n = g.add("ControlNetSuiteAnnotator_canny", image=img, low_threshold=50, high_threshold=100, resolution=resolution, pixel_perfect=False)
+    g.add("SuiteTestCaptureImage", image=(n, 0), key="img")
+    with pytest.raises(PromptFailed) as e:
+        host.run(g.prompt)
+    msg = str(e.value)
+    assert f"a {w}x{h} image at resolution {resolution}" in msg and "megapixels per image" in msg and "Lower 'resolution'" in msg, msg
+    assert "CNS_MAX_DETECT_MEGAPIXELS" in msg, msg
+
+
+def test_chunks_never_hold_more_than_one_images_limit():
+    from annotators.base import MAX_MEGAPIXELS_CLASSICAL, bounded_chunk_size
+
+    assert bounded_chunk_size(8, (512, 512), network=False) == 8  # the usual case is untouched
+    big = bounded_chunk_size(8, (2048, 2048), network=False)
+    assert big * 2048 * 2048 / 1e6 <= MAX_MEGAPIXELS_CLASSICAL and big >= 1
+    assert bounded_chunk_size(8, (4096, 4096), network=False) == 1
+    assert bounded_chunk_size(8, (2048, 2048), network=True) == 1
