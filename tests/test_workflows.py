@@ -105,7 +105,9 @@ def test_model_downloads_match_comfyuis_own_templates():
         pytest.skip("no ComfyUI workflow templates package installed")
     ours = {m["name"]: m["url"] for p in WORKFLOWS for n in json.loads(p.read_text())["nodes"] for m in n["properties"].get("models", [])}
     shared = ours.keys() & theirs.keys()
-    assert len(shared) >= 3, sorted(ours)  # the checkpoint and most ControlNets are files ComfyUI's templates use too
+    # which files the installed templates name depends on their version (those of ComfyUI 0.3.75 have the SD1.5
+    # ControlNets too, 0.8.0's only the checkpoint); whatever both name must have the same download
+    assert shared, sorted(ours)
     assert {k: ours[k] for k in shared if ours[k] not in theirs[k]} == {}
 
 
