@@ -20,8 +20,8 @@ import comfy.utils
 import folder_paths
 
 from ..annotators import registry
-from ..annotators.base import (as_rgb, bounded_chunk_size, check_detect_size, chunks, default_chunk_size, detect_size, resize_to,
-                               sanitized)
+from ..annotators.base import (AnnotatorError, as_rgb, bounded_chunk_size, check_detect_size, chunks, default_chunk_size,
+                               detect_size, resize_to, sanitized)
 
 log = logging.getLogger(__name__)
 
@@ -85,7 +85,7 @@ def run_annotator(key: str, image: torch.Tensor, resolution: int, pixel_perfect:
         raise ValueError(f"{info.title}: precision {precision!r} is not one of {', '.join(PRECISIONS)}.")
     not_finite = [f"{k} is {v}" for k, v in params.items() if isinstance(v, float) and not math.isfinite(v)]
     if not_finite:  # NaN passes ComfyUI's min/max checks; OpenCV would fail deep inside, or quietly draw nothing
-        raise ValueError(f"{info.title}: {', '.join(not_finite)}; every setting must be a finite number.")
+        raise AnnotatorError(f"{info.title}: {', '.join(not_finite)}; every setting must be a finite number.")
     x = as_rgb(image.movedim(-1, 1), info.title, sanitize=False)  # the annotator (or the resize below) sanitizes
     h, w = x.shape[-2:]
     res = pixel_perfect_resolution(h, w, resolution, pixel_perfect, target_latent)

@@ -32,7 +32,7 @@ from ..controlnet_core.train.buckets import Buckets
 from ..controlnet_core.train.cache import encoder_identity
 from ..controlnet_core.train.conditions import annotator_condition, annotator_names, annotator_params
 from ..controlnet_core.train.report import TrainingReport
-from ..controlnet_core.train.run_files import CHECKPOINT, PREVIOUS, check_can_start
+from ..controlnet_core.train.run_files import CHECKPOINT, check_can_start, resumable
 from ..controlnet_core.unet import UNetModel, unet_from_state_dict
 from .comfy_adapter import SuiteControl, make_patcher
 
@@ -278,7 +278,8 @@ class ControlNetSuiteTrain:
                 "output_name": ("STRING", {"default": "my_controlnet", "tooltip": (
                     "File name of the result in models/controlnet (.safetensors is added) and of its training folder in output/controlnet_training.")}),
                 "resume": ("BOOLEAN", {"default": True, "tooltip": (
-                    "Continue from this output_name's last checkpoint (after a Cancel, or to train more steps). Off: start over.")}),
+                    "Continue from this output_name's last checkpoint (after a Cancel, or to train more steps). Off: start over; "
+                    "an earlier run of this output_name is then only replaced with overwrite on.")}),
             },
             "optional": {
                 "annotator": (["none"] + annotator_names(), {"default": "none", "tooltip": (
@@ -340,7 +341,7 @@ class ControlNetSuiteTrain:
         unet, heads = base_unet(model, device)
         controlnet = create_from_unet(unet.state_dict(), seed=seed, device=device, **heads)
         trainer = Trainer(unet, controlnet, encode_text, image_encoder(vae, model, device), dataset, config)
-        if resume and (ckpt.is_file() or (run_dir / PREVIOUS).is_file()):
+        if resume and resumable(run_dir):
             try:
                 trainer.load_checkpoint(ckpt, fresh_hint="start fresh: turn overwrite on (resume off), or choose another output_name")
             except ControlNetError as e:

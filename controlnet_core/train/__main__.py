@@ -17,7 +17,7 @@ from .. import ControlNetError, create_from_unet, save_ldm
 from ..checkpoint import open_checkpoint
 from ..unet import UNetModel, unet_from_state_dict
 from .data import ControlDataset
-from .run_files import CHECKPOINT, PREVIOUS, check_can_start
+from .run_files import CHECKPOINT, check_can_start, resumable
 from . import sd_cli
 from .toy import TOY_UNET, ToyTextEncoder, make_fill50k, toy_encode_image
 from .trainer import TrainConfig, Trainer
@@ -63,11 +63,9 @@ def main(argv: list[str] | None = None) -> int:
         out = Path(args.out)
         ckpt = out / CHECKPOINT
         check_can_start(out, resume=args.resume, overwrite=args.overwrite)
-        if args.resume and ckpt.is_file():
-            trainer.load_checkpoint(ckpt)
+        if args.resume and resumable(out):
+            trainer.load_checkpoint(ckpt)  # a damaged or missing newest checkpoint: the error names the previous one
             print(f"resumed at step {trainer.step}", flush=True)
-        elif args.resume and (out / PREVIOUS).is_file():
-            trainer.load_checkpoint(ckpt)  # the newest checkpoint is missing: the error names the previous one
         t0 = [time.perf_counter()]
 
         def report(step: int, loss: float) -> None:

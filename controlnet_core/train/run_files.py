@@ -57,7 +57,7 @@ def check_can_start(folder: Path, *, resume: bool, overwrite: bool, outputs: Ite
     if overwrite:
         return
     found = existing_run_files(folder, outputs)
-    if resume and {CHECKPOINT, PREVIOUS} & set(found):
+    if resume and resumable(folder):
         return  # resuming: a damaged or missing newest checkpoint is reported when it is loaded
     if found:
         step = checkpoint_step(Path(folder) / CHECKPOINT)
@@ -67,10 +67,16 @@ def check_can_start(folder: Path, *, resume: bool, overwrite: bool, outputs: Ite
             f"Use {resume_hint} to continue it, {overwrite_hint} to replace it, or choose {other_hint}.")
 
 
+def resumable(folder: Path) -> bool:
+    """Whether a resume has a checkpoint to start from (the newest, or the previous one if only that is left)."""
+    return bool({CHECKPOINT, PREVIOUS} & set(existing_run_files(folder)))
+
+
 def checkpoint_step(path: Path) -> Optional[int]:
-    """The step a readable checkpoint was saved at, else None (missing or damaged)."""
+    """The step a readable checkpoint was saved at, else None (missing or damaged). Memory-mapped: only for a
+    message, so an SDXL run's gigabytes of weights and optimizer state are never read for it."""
     try:
-        return int(read_checkpoint(path)["step"])
+        return int(read_checkpoint(path, mmap=True)["step"])
     except (ControlNetError, OSError):
         return None
 
@@ -108,7 +114,7 @@ def _reason(error: BaseException) -> str:
     return f"{type(error).__name__}: {first}" if first else type(error).__name__
 
 
-def read_checkpoint(path: Path) -> dict:
+def read_checkpoint(path: Path, mmap: bool = False) -> dict:
     """torch.load with weights_only, every failure as DamagedCheckpointError naming the file."""
     path = Path(path)
     if not path.is_file():
@@ -116,7 +122,7 @@ def read_checkpoint(path: Path) -> dict:
     if path.stat().st_size == 0:
         raise DamagedCheckpointError(f"{path} is damaged: the file is empty (0 bytes).")
     try:
-        state = torch.load(path, map_location="cpu", weights_only=True)
+        state = torch.load(path, map_location="cpu", weights_only=True, mmap=mmap)
     except Exception as e:  # noqa: BLE001 - zip, pickle, EOF and OS errors alike mean the file cannot be used
         raise DamagedCheckpointError(f"{path} is damaged: {_reason(e)}.") from None
     if not isinstance(state, dict) or not all(k in state for k in REQUIRED_KEYS):
@@ -168,5 +174,5 @@ def check_same_dataset(path: Path, saved: Optional[dict], current: dict, folder:
 
 
 __all__ = ["CHECKPOINT", "PREVIOUS", "RunExistsError", "DamagedCheckpointError", "DatasetChangedError", "check_can_start",
-           "save_checkpoint", "read_checkpoint", "load_checkpoint", "checkpoint_step", "dataset_fingerprint", "check_same_dataset",
+           "save_checkpoint", "read_checkpoint", "resumable", "load_checkpoint", "checkpoint_step", "dataset_fingerprint", "check_same_dataset",
            "previous_of", "existing_run_files"]

@@ -19,7 +19,7 @@ from ..create import create_from_unet
 from ..errors import ControlNetError
 from ..export import save_ldm
 from .data import ControlDataset, scan
-from .run_files import CHECKPOINT, PREVIOUS, check_can_start
+from .run_files import CHECKPOINT, check_can_start, resumable
 from .trainer import TrainConfig, Trainer
 
 log = logging.getLogger(__name__)
@@ -95,11 +95,9 @@ def run(args: argparse.Namespace) -> int:
     trainer = Trainer(base.unet, cn, base.text, base.vae, ControlDataset(Path(args.data), size=resolution), cfg)
     out = Path(args.out)
     ckpt = out / CHECKPOINT
-    if args.resume and ckpt.is_file():
-        trainer.load_checkpoint(ckpt)
+    if args.resume and resumable(out):
+        trainer.load_checkpoint(ckpt)  # a damaged or missing newest checkpoint: the error names the previous one
         print(f"resumed at step {trainer.step}", flush=True)
-    elif args.resume and (out / PREVIOUS).is_file():
-        trainer.load_checkpoint(ckpt)  # the newest checkpoint is missing: the error names the previous one
     trainer.train(max(0, args.steps - trainer.step), checkpoint=ckpt, save_every=args.save_every, on_step=progress_printer(args.steps, args.batch * args.grad_accum))
     print(f"wrote {save_ldm(cn, out / 'controlnet.safetensors')}", flush=True)
     return 0
