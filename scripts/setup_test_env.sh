@@ -22,7 +22,7 @@ $PIP install -q torch==2.14.1 torchvision==0.29.1
 $PIP install -q -r requirements.txt
 # Test-only: pytest, the diffusers and transformers oracles, selenium for the browser tests. transformers >= 5: its
 # CLIPTokenizer is the tokenizers-backed one that the CLIP tokenizer oracle needs (4.x's slow one, without ftfy, splits CJK apart).
-$PIP install -q pytest diffusers "transformers>=5" psutil "controlnet-aux==0.0.10" timm scikit-image matplotlib selenium
+$PIP install -q pytest diffusers "transformers>=5" psutil "controlnet-aux==0.0.10" timm scikit-image matplotlib selenium hypothesis
 
 # A host's own requirements, less torch/torchvision (the pinned pair above) and torchaudio (left out: ComfyUI's two
 # audio node modules then fail to import, harmlessly).
