@@ -11,6 +11,8 @@ from .errors import (
     CheckpointError,
     ControlNetError,
     IncompatibleModelError,
+    LimitExceededError,
+    NonFiniteResidualsError,
     NotACheckpointError,
     UnknownLayoutError,
     UnsafeCheckpointError,
@@ -18,19 +20,19 @@ from .errors import (
 from .export import save_diffusers, save_ldm
 from .formats import FORMATS, detect_format
 from .loader import LoadedControl, load_control
-from .hint import ResizeMode, mask_residuals, prepare_hint
+from .hint import ResizeMode, check_hint_size, mask_residuals, prepare_hint
 from .model import ControlNet
 from .modes import ControlMode, mode_block_scales
-from .residuals import RESIDUALS_API_VERSION, ControlResiduals, add, cfg_resolution_weights, combine, scale, soft_weights
+from .residuals import RESIDUALS_API_VERSION, ControlResiduals, add, all_finite, cfg_resolution_weights, combine, scale, soft_weights
 from .t2i_adapter import T2IAdapter, T2IAdapterConfig
 
 __version__ = "0.1.0"
 
 __all__ = [
     "BaseModelInfo", "check_compatible", "ControlNetConfig", "config_from_unet_like_state_dict", "create_from_unet",
-    "BaseModelRequiredError", "CheckpointError", "ControlNetError", "IncompatibleModelError", "NotACheckpointError",
+    "BaseModelRequiredError", "CheckpointError", "ControlNetError", "IncompatibleModelError", "LimitExceededError", "NonFiniteResidualsError", "NotACheckpointError",
     "UnknownLayoutError", "UnsafeCheckpointError", "save_diffusers", "save_ldm", "FORMATS", "detect_format",
-    "LoadedControl", "load_control", "ControlNet", "RESIDUALS_API_VERSION", "ControlResiduals", "add",
+    "LoadedControl", "load_control", "ControlNet", "RESIDUALS_API_VERSION", "ControlResiduals", "add", "all_finite",
     "cfg_resolution_weights", "combine", "scale", "soft_weights", "T2IAdapter", "T2IAdapterConfig",
-    "ResizeMode", "mask_residuals", "prepare_hint", "ControlMode", "mode_block_scales",
+    "ResizeMode", "check_hint_size", "mask_residuals", "prepare_hint", "ControlMode", "mode_block_scales",
 ]

@@ -32,3 +32,11 @@ class BaseModelRequiredError(ControlNetError):
 
 class IncompatibleModelError(ControlNetError):
     """A ControlNet whose family (context width, channels, label embedding) does not fit the base model."""
+
+
+class LimitExceededError(ControlNetError):
+    """Work above a memory bound (megapixels), refused before anything is allocated."""
+
+
+class NonFiniteResidualsError(ControlNetError):
+    """A control model's residuals turned NaN or infinite during sampling: stopped instead of returning black."""

@@ -45,6 +45,19 @@ class ControlResiduals:
         return len(self.down) + 1
 
 
+def all_finite(res: ControlResiduals) -> bool:
+    """True when no residual holds NaN or inf.
+
+    Why sums: one float32-accumulated reduction per tensor reads it once and allocates nothing of its size (isfinite
+    would allocate a bool map), and a NaN or an inf anywhere makes the sum non-finite. One host sync for all of them.
+    """
+    ts = res.tensors()
+    if not ts:
+        return True
+    sums = torch.stack([t.sum(dtype=torch.float32) for t in ts])
+    return bool(torch.isfinite(sums).all())
+
+
 def scale(res: ControlResiduals, strength: float = 1.0, block_scales: Optional[Sequence[float]] = None) -> ControlResiduals:
     """Multiply residuals by `strength` and, optionally, one factor per site.
 

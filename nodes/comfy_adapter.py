@@ -18,8 +18,8 @@ import comfy.model_management
 import comfy.model_patcher
 
 from ..controlnet_core import (
-    BaseModelInfo, ControlMode, ControlResiduals, IncompatibleModelError, LoadedControl, ResizeMode, check_compatible,
-    mask_residuals, mode_block_scales, prepare_hint, scale,
+    BaseModelInfo, ControlMode, ControlResiduals, IncompatibleModelError, LoadedControl, NonFiniteResidualsError, ResizeMode,
+    all_finite, check_compatible, check_hint_size, mask_residuals, mode_block_scales, prepare_hint, scale,
 )
 from ..controlnet_core.t2i_adapter import T2IAdapterConfig
 
@@ -86,6 +86,7 @@ class SuiteControl(ControlBase):
         self._inner: Optional[ControlBase] = None  # configured copy of a foreign backend
         self._prepared: Optional[tuple] = None  # (key, hint tensor) for the current latent size
         self._mask_cache: dict = {}  # resized masks per site, kept across sampling steps
+        self._checked_size: Optional[tuple] = None  # the last (height, width, batch) that passed check_hint_size
 
     @property
     def is_foreign(self) -> bool:
@@ -160,11 +161,36 @@ class SuiteControl(ControlBase):
             return prev
         if self.strength == 0:
             return prev
+        self._check_size(x_noisy)
         res = self._raw_residuals(x_noisy, t, cond, batched_number, transformer_options)
+        if not all_finite(res):
+            raise self._non_finite(x_noisy, t)
         res = scale(res, self.strength, mode_block_scales(self.mode, res))
         res = mask_residuals(res, self.mask, batched_number, self._mask_cache)
         res = res.to(x_noisy.dtype)
         return merge_with_previous(to_comfy(res), prev)
+
+    def _check_size(self, x_noisy) -> None:
+        """The hint's memory bound, for our models and foreign ones alike (both make the hint at the pixel size)."""
+        size = (x_noisy.shape[-2] * 8, x_noisy.shape[-1] * 8, x_noisy.shape[0])
+        if size != self._checked_size:
+            check_hint_size(*size, who=self.name)
+            self._checked_size = size
+
+    def _non_finite(self, x_noisy, t) -> NonFiniteResidualsError:
+        """Why stop: NaN residuals make an all-black image that the host reports as a success."""
+        sigma = float(t.flatten()[0])
+        if not bool(torch.isfinite(x_noisy).all()):
+            return NonFiniteResidualsError(
+                f"{self.name}: the latent it was given at sigma {sigma:.4g} already holds NaN or inf, so its residuals do too. "
+                "The base model or an earlier node made it: check the model's precision (try --force-fp32 or bf16) and the "
+                "input latent.")
+        dtype = next((p.dtype for p in self.backend.model.parameters()), None) if not self.is_foreign else None
+        return NonFiniteResidualsError(
+            f"{self.name}: its residuals turned NaN or infinite at sigma {sigma:.4g} from a finite latent"
+            f"{f' (weights in {dtype})' if dtype is not None else ''}. The image would come out black, so sampling stopped. "
+            "This is a numeric overflow: load the ControlNet in a wider precision (fp32 or bf16 rather than fp16), or lower "
+            "strength; if it persists the file's weights are out of range, so download it again.")
 
     def _hint_for(self, x_noisy, batched_number) -> torch.Tensor:
         cfg = self.backend.config
