@@ -161,7 +161,9 @@ def mask_residuals(res: ControlResiduals, mask: Optional[torch.Tensor], batched_
     def apply(t: torch.Tensor) -> torch.Tensor:
         key = (t.shape[0], t.shape[-2], t.shape[-1], t.device, t.dtype, batched_number)
         if key not in cache:
-            r = F.interpolate(m.to(t.device), size=t.shape[-2:], mode="bilinear", align_corners=False, antialias=True)
+            # only the masks match_batch will use: a long mask batch (video) is not resized whole for one latent chunk
+            per = t.shape[0] // batched_number if batched_number > 1 and t.shape[0] % batched_number == 0 else t.shape[0]
+            r = F.interpolate(m[:per].to(t.device), size=t.shape[-2:], mode="bilinear", align_corners=False, antialias=True)
             cache[key] = match_batch(r, t.shape[0], "mask", batched_number).to(t.dtype)
         return t * cache[key]
 

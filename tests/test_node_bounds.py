@@ -107,3 +107,23 @@ def test_in_a_stack_the_overflowing_unit_is_the_one_named(host, overflowing):
         host.run(finish(g, model, (ap, 0), (ap, 1), latent))
     assert "cn_overflow.safetensors: its residuals turned NaN" in str(e.value)
     assert "cn_a.safetensors" not in str(e.value) and "cn_b.safetensors" not in str(e.value)
+
+
+# -- masks: only the frames a latent chunk uses are resized --
+
+def _reference_mask(mask, t, batched_number):
+    import torch.nn.functional as F
+    from controlnet_core.hint import match_batch
+    r = F.interpolate(mask[:, None].float(), size=t.shape[-2:], mode="bilinear", align_corners=False, antialias=True)
+    return match_batch(r, t.shape[0], "mask", batched_number)
+
+
+@pytest.mark.parametrize("masks,batch,batched_number", [(3, 4, 2), (1, 4, 2), (5, 2, 1), (2, 6, 2), (3, 3, 2), (1000, 2, 2)])
+def test_masks_per_frame_are_the_same_as_resizing_the_whole_batch(masks, batch, batched_number):
+    from controlnet_core import mask_residuals
+    g = torch.Generator().manual_seed(masks)
+    mask = torch.rand(masks, 40, 56, generator=g)
+    res = ControlResiduals((torch.ones(batch, 2, 10, 14), torch.ones(batch, 2, 5, 7)), torch.ones(batch, 2, 3, 4))
+    out = mask_residuals(res, mask, batched_number)
+    for got, t in zip(out.tensors(), res.tensors()):
+        torch.testing.assert_close(got, t * _reference_mask(mask, t, batched_number), rtol=0, atol=1e-6)
