@@ -38,6 +38,9 @@ class ControlNetConfig:
     time_embed_dim: Optional[int] = None  # default 4 * model_channels
     hint_block_channels: tuple[int, ...] = (16, 32, 96, 256)  # widths inside input_hint_block
     global_average_pooling: bool = False  # shuffle models: residuals are averaged over H, W
+    union_types: int = 0  # union ControlNets (xinsir ControlNet++): control types trained (6, ProMax 8); 0: not a union
+    union_layers: int = 1  # union ControlNets: blocks in `transformer_layes`
+    union_type_dim: int = 256  # union ControlNets: sinusoidal width per type in `control_add_embedding` (SDXL: 256)
 
     @property
     def emb_dim(self) -> int:
@@ -78,6 +81,8 @@ class ControlNetConfig:
 
     def family(self) -> str:
         """A human name for messages; never used to decide behaviour."""
+        if self.union_types:
+            return f"SDXL-like union with {self.union_types} control types (context {self.context_dim}, label_emb {self.adm_in_channels})"
         if self.adm_in_channels:
             return f"SDXL-like (context {self.context_dim}, label_emb {self.adm_in_channels})"
         if self.context_dim == 768:
@@ -176,6 +181,9 @@ def config_from_unet_like_state_dict(
         num_head_channels = -1
 
     adm = _shape(sd, "label_emb.0.0.weight")[1] if "label_emb.0.0.weight" in sd else None
+    union_types = _shape(sd, "task_embedding")[0] if "task_embedding" in sd else 0
+    union_layers = len({k.split(".")[1] for k in sd if k.startswith("transformer_layes.")}) if union_types else 1
+    union_type_dim = _shape(sd, "control_add_embedding.linear_1.weight")[1] // union_types if union_types else 256
     emb_dim = _shape(sd, "time_embed.0.weight")[0] if "time_embed.0.weight" in sd else None
     return ControlNetConfig(
         model_channels=mc,
@@ -193,4 +201,7 @@ def config_from_unet_like_state_dict(
         time_embed_dim=emb_dim if emb_dim != 4 * mc else None,
         hint_block_channels=hint_widths,
         global_average_pooling=global_average_pooling,
+        union_types=union_types,
+        union_layers=union_layers,
+        union_type_dim=union_type_dim,
     )

@@ -50,8 +50,10 @@ class LoadedControl:
     def config(self) -> Union[ControlNetConfig, T2IAdapterConfig]:
         return self.model.config
 
-    def residuals(self, x: torch.Tensor, hint: torch.Tensor, timesteps: torch.Tensor, context: Optional[torch.Tensor], y: Optional[torch.Tensor] = None) -> ControlResiduals:
-        return self.model(x, hint, timesteps, context, y)
+    def residuals(self, x: torch.Tensor, hint: torch.Tensor, timesteps: torch.Tensor, context: Optional[torch.Tensor], y: Optional[torch.Tensor] = None,
+                  **union) -> ControlResiduals:
+        """`union`: `control_types` and `condition_weights` of a union ControlNet (see `ControlNet.forward`)."""
+        return self.model(x, hint, timesteps, context, y, **union)
 
 
 def as_source(obj: StateDictLike, what: str = "checkpoint") -> TensorSource:

@@ -8,7 +8,7 @@ to the locked UNet's skip connections and middle block.
 from __future__ import annotations
 
 import logging
-from typing import Optional
+from typing import Optional, Sequence, Union
 
 import torch
 from torch import nn
@@ -17,6 +17,7 @@ from .config import ControlNetConfig
 from .errors import ControlNetError
 from .layers import Downsample, ResBlock, SpatialTransformer, TimestepEmbedSequential, timestep_embedding
 from .residuals import ControlResiduals
+from .union import add_union_modules, check_types, fuse_conditions
 
 log = logging.getLogger(__name__)
 
@@ -84,6 +85,8 @@ class ControlNet(nn.Module):
             mid.append(ResBlock(ch, emb, ch, **kw))
         self.middle_block = TimestepEmbedSequential(*mid)
         self.middle_block_out = _zero_conv(ch, **kw)
+        if cfg.union_types:
+            add_union_modules(self, mc, emb, cfg.union_types, cfg.union_layers, cfg.union_type_dim, **kw)
 
         self._hint_cache: Optional[tuple] = None
 
@@ -108,22 +111,51 @@ class ControlNet(nn.Module):
         self._hint_cache = (hint, key, guided)
         return guided
 
+    def encode_union(self, hints: Sequence[torch.Tensor], types: Sequence[int], weights: Optional[Sequence[float]]) -> torch.Tensor:
+        """Several conditions, one type each, fused as a union ControlNet was trained; cached like `encode_hint`."""
+        if len(hints) != len(types):
+            raise ControlNetError(f"union ControlNet: {len(hints)} condition image(s) for {len(types)} control type(s); give one type per image.")
+        check_types(types, self.config.union_types)
+        key = (tuple((id(h), tensor_version(h), tuple(h.shape)) for h in hints), tuple(types), tuple(weights or ()))
+        if not (torch.is_grad_enabled() and self.training) and self._hint_cache is not None and self._hint_cache[1] == key \
+                and all(a is b for a, b in zip(self._hint_cache[0], hints)):
+            return self._hint_cache[2]
+        self._hint_cache = None
+        encoded = []
+        for h in hints:
+            if h.ndim != 4 or h.shape[1] != self.config.hint_channels:
+                raise ControlNetError(f"union ControlNet hint has shape {tuple(h.shape)}; expected (batch, {self.config.hint_channels}, height, width).")
+            encoded.append(self.input_hint_block(h.to(device=self.input_hint_block[0].weight.device, dtype=self.input_hint_block[0].weight.dtype)))
+        batch = max(e.shape[0] for e in encoded)
+        if any(e.shape[0] not in (1, batch) for e in encoded) or len({e.shape[-2:] for e in encoded}) > 1:
+            raise ControlNetError(f"union ControlNet: the condition images differ in batch or size ({[tuple(h.shape) for h in hints]}); give each one image or one per latent, all of one size.")
+        fused = fuse_conditions(self, [e.expand(batch, -1, -1, -1) for e in encoded], types, weights)
+        if not (torch.is_grad_enabled() and self.training):
+            self._hint_cache = (tuple(hints), key, fused)
+        return fused
+
     def clear_hint_cache(self) -> None:
         self._hint_cache = None
 
     def forward(
         self,
         x: torch.Tensor,
-        hint: torch.Tensor,
+        hint: Union[torch.Tensor, Sequence[torch.Tensor]],
         timesteps: torch.Tensor,
         context: Optional[torch.Tensor],
         y: Optional[torch.Tensor] = None,
+        control_types: Optional[Sequence[int]] = None,
+        condition_weights: Optional[Sequence[float]] = None,
     ) -> ControlResiduals:
         """Residuals for every UNet skip connection and the middle block.
 
         x: noisy latent (B, in_channels, h, w), already scaled as the UNet sees it;
-        hint: condition image (B or 1, hint_channels, 8h, 8w) in [0, 1];
+        hint: condition image (B or 1, hint_channels, 8h, 8w) in [0, 1]; for a union ControlNet, one per control type;
         timesteps: (B,) model timesteps (0..999); context: (B, tokens, context_dim); y: SDXL (B, adm_in_channels).
+        control_types: union ControlNets: the type of each condition (`union.UNION_TYPES`); none: the plain hint path
+            with an all-zero type vector, as ComfyUI's core runs a union file without a type.
+        condition_weights: union ControlNets with several conditions: the weight of each (the reference's
+            per-condition conditioning scale); with one condition, the weight scales the residuals.
         """
         cfg = self.config
         dtype = self.input_blocks[0][0].weight.dtype
@@ -131,10 +163,22 @@ class ControlNet(nn.Module):
             raise ControlNetError(f"This ControlNet ({cfg.family()}) needs the 'y' vector (pooled text + size embedding) of an SDXL-like model; none was given.")
         # 1. embeddings
         emb = self.time_embed(timestep_embedding(timesteps.flatten(), cfg.model_channels).to(dtype))
+        types = list(control_types or ())
+        if cfg.union_types:
+            check_types(types, cfg.union_types)
+            emb = emb + self.control_add_embedding(types, x.shape[0], dtype, x.device)
+        elif types:
+            raise ControlNetError(f"control types {types} were given, but this ControlNet ({cfg.family()}) is not a union model; remove them.")
         if cfg.adm_in_channels:
             emb = emb + self.label_emb(y.to(dtype))
         # 2. hint encoder, matched to the latent's batch
-        guided = self.encode_hint(hint)
+        if types:
+            hints = list(hint) if isinstance(hint, (list, tuple)) else [hint] * len(types)
+            guided = self.encode_union(hints, types, condition_weights)
+        elif isinstance(hint, (list, tuple)):
+            raise ControlNetError(f"{len(hint)} condition images were given without control types; a union ControlNet needs one type per image.")
+        else:
+            guided = self.encode_hint(hint)
         if guided.shape[-2:] != x.shape[-2:]:
             raise ControlNetError(
                 f"ControlNet hint of {tuple(hint.shape[-2:])} px encodes to {tuple(guided.shape[-2:])}, but the latent is {tuple(x.shape[-2:])}; "
@@ -157,6 +201,8 @@ class ControlNet(nn.Module):
         h = self.middle_block(h, emb, ctx)
         mid = self.middle_block_out(h, emb, ctx)
         res = ControlResiduals(tuple(down), mid)
+        if types and condition_weights is not None and len(types) == 1 and condition_weights[0] != 1.0:
+            res = res.map(lambda t: t * condition_weights[0])
         if cfg.global_average_pooling:
             res = res.map(lambda t: t.mean(dim=(2, 3), keepdim=True).expand_as(t))
         return res

@@ -213,7 +213,15 @@ class SuiteControl(ControlBase):
         timesteps = ms.timestep(t).float()
         x_in = ms.calculate_input(t, x_noisy)
         context = cond.get("crossattn_controlnet", cond["c_crossattn"])
-        return self.backend.residuals(x_in, self._hint_for(x_noisy, batched_number), timesteps, context, cond.get("y"))
+        return self.backend.residuals(x_in, self._hint_for(x_noisy, batched_number), timesteps, context, cond.get("y"), **self._union_args())
+
+    def _union_args(self) -> dict:
+        """The type that ComfyUI's SetUnionControlNetType node stored (`extra_args`), for union files only: the core
+        ignores it on other ControlNets, and so do we."""
+        types = getattr(self, "extra_args", {}).get("control_type")
+        if types and getattr(self.backend.config, "union_types", 0):
+            return {"control_types": list(types)}
+        return {}
 
 
 __all__ = ["SuiteControl", "to_comfy", "from_comfy", "merge_with_previous", "make_patcher", "base_info", "IncompatibleModelError"]

@@ -90,7 +90,7 @@ def comfy_unet(cfg: ControlNetConfig, seed: int = 0, dtype=torch.float32):
     return randomize_(unet, seed).eval()
 
 
-def comfy_cldm(cfg: ControlNetConfig, dtype=torch.float32):
+def comfy_cldm(cfg: ControlNetConfig, dtype=torch.float32, **extra):
     """ComfyUI's own `comfy.cldm.cldm.ControlNet` with the same architecture."""
     import comfy.ops
     from comfy.cldm.cldm import ControlNet as ComfyControlNet
@@ -98,7 +98,7 @@ def comfy_cldm(cfg: ControlNetConfig, dtype=torch.float32):
     kw = comfy_unet_kwargs(cfg)
     for k in ("out_channels", "transformer_depth_output"):
         kw.pop(k)
-    return ComfyControlNet(hint_channels=cfg.hint_channels, **kw, dtype=dtype, device="cpu", operations=comfy.ops.disable_weight_init).eval()
+    return ComfyControlNet(hint_channels=cfg.hint_channels, **kw, **extra, dtype=dtype, device="cpu", operations=comfy.ops.disable_weight_init).eval()
 
 
 def comfy_control_outputs(model, x, hint, t, ctx, y):

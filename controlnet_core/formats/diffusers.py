@@ -14,6 +14,8 @@ from ..errors import CheckpointError
 
 SIGNATURE = ("controlnet_cond_embedding.conv_in.weight", "controlnet_down_blocks.0.weight", "controlnet_mid_block.weight")
 
+UNION_MODULES = ("task_embedding", "transformer_layes", "spatial_ch_projs", "control_add_embedding")
+
 _RESNET = {"norm1": "in_layers.0", "conv1": "in_layers.2", "time_emb_proj": "emb_layers.1", "norm2": "out_layers.0", "conv2": "out_layers.3", "conv_shortcut": "skip_connection"}
 
 
@@ -28,6 +30,7 @@ def _static_pairs(n_down: int, hint_block_count: int = 6) -> list[tuple[str, str
         ("controlnet_cond_embedding.conv_out", "input_hint_block.14"),
         ("controlnet_mid_block", "middle_block_out.0"),
     ]
+    pairs += [(m, m) for m in UNION_MODULES]  # union extras keep their names in both layouts
     pairs += [(f"controlnet_cond_embedding.blocks.{k}", f"input_hint_block.{2 * (k + 1)}") for k in range(hint_block_count)]
     pairs += [(f"controlnet_down_blocks.{i}", f"zero_convs.{i}.0") for i in range(n_down)]
     return pairs

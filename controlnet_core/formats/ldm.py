@@ -9,7 +9,8 @@ from __future__ import annotations
 from typing import Iterable
 
 CONTROL_PREFIX = "control_model."
-MODULES = ("time_embed.", "label_emb.", "input_hint_block.", "input_blocks.", "zero_convs.", "middle_block.", "middle_block_out.")
+MODULES = ("time_embed.", "label_emb.", "input_hint_block.", "input_blocks.", "zero_convs.", "middle_block.", "middle_block_out.",
+           "task_embedding", "transformer_layes.", "spatial_ch_projs.", "control_add_embedding.")  # the last four: union ControlNets
 SIGNATURE = ("zero_convs.0.0.weight", "input_hint_block.0.weight", "middle_block_out.0.weight")
 
 
@@ -33,7 +34,7 @@ def canonical_map(keys: Iterable[str], prefix: str) -> dict[str, str]:
         if k.startswith(prefix):
             c = k[len(prefix):]
             if c.startswith(MODULES):
-                out[c] = k
+                out[c.replace(".attn.in_proj.", ".attn.in_proj_")] = k  # ComfyUI's own name for the union attention
     return out
 
 
