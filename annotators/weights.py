@@ -3,12 +3,21 @@
 Offline first: nothing is downloaded unless asked (`fetch`, or `auto_download=True` / CNS_AUTO_DOWNLOAD=1),
 and never when CNS_OFFLINE=1. A downloaded file is written to `<name>.part`, checked against its
 SHA-256, then renamed: a half-written or wrong file is never used.
+
+A download never hangs and never leaves debris: connecting and every read give up after CNS_DOWNLOAD_TIMEOUT
+seconds without data (default 30; `urlopen` alone waits forever on a silent server), a connection that closes
+before its Content-Length is a failure (Python's `read(n)` reports it as a normal end), failed attempts are retried
+CNS_DOWNLOAD_ATTEMPTS times in all (default 3) after waits of CNS_DOWNLOAD_BACKOFF seconds, doubling (default 2),
+and the `.part` file is deleted whatever stops the download, Ctrl-C included.
 """
 from __future__ import annotations
 
 import hashlib
+import http.client
 import logging
 import os
+import time
+import urllib.error
 import urllib.request
 from dataclasses import dataclass
 from pathlib import Path
@@ -25,6 +34,17 @@ FETCH_COMMAND = "python -m annotators fetch {name}"
 
 class AnnotatorWeightsError(ControlNetError):
     """A weight file is missing, fails its hash check, or cannot be read."""
+
+
+class DownloadError(AnnotatorWeightsError):
+    """A download that failed (after its retries) or delivered other bytes than the published file."""
+
+
+# (environment variable, default): seconds without data, attempts in all, first wait between attempts in seconds
+TIMEOUT = ("CNS_DOWNLOAD_TIMEOUT", 30.0)
+ATTEMPTS = ("CNS_DOWNLOAD_ATTEMPTS", 3)
+BACKOFF = ("CNS_DOWNLOAD_BACKOFF", 2.0)
+RETRY_HTTP = {408, 425, 429, 500, 502, 503, 504}  # the server may answer later; other HTTP errors stay errors
 
 
 @dataclass(frozen=True)
@@ -112,8 +132,16 @@ def find(filename: str, dirs: Optional[Sequence[os.PathLike]] = None, *, verify_
     raise AnnotatorWeightsError(f"annotator weights '{filename}' not found. Put the file in one of: {where}.{how}")
 
 
-def fetch(filename: str, dest: os.PathLike, *, opener=urllib.request.urlopen) -> Path:
-    """Download a manifest file into `dest`: `.part` first, verify, then rename. Refused offline or without a known hash."""
+def fetch(filename: str, dest: os.PathLike, *, opener=urllib.request.urlopen, timeout: Optional[float] = None,
+          attempts: Optional[int] = None, backoff: Optional[float] = None) -> Path:
+    """Download a manifest file into `dest`: `.part` first, verify, then rename. Refused offline or without a known hash.
+
+    timeout (seconds without data), attempts (in all) and backoff (first wait, doubling) default to the
+    CNS_DOWNLOAD_* environment variables (see the module docstring). Timeouts, refused or dropped connections,
+    short bodies and HTTP 408/429/5xx are retried; another HTTP error or a wrong SHA-256 is not (the server would
+    send the same again). Every failure deletes the `.part` file and raises `DownloadError` naming the URL, the
+    file and where to put a copy downloaded by hand.
+    """
     spec = MANIFEST.get(filename)
     if spec is None:
         raise AnnotatorWeightsError(f"'{filename}' is not in the annotator manifest; known files: {sorted(MANIFEST)}.")
@@ -121,24 +149,84 @@ def fetch(filename: str, dest: os.PathLike, *, opener=urllib.request.urlopen) ->
         raise AnnotatorWeightsError(f"offline mode (CNS_OFFLINE=1): not downloading {filename}; download {spec.url} into {dest} yourself.")
     if spec.sha256 is None:
         raise AnnotatorWeightsError(f"no SHA-256 is known for {filename}, so it is not downloaded automatically; download {spec.url} into {dest} yourself.")
+    timeout = _setting(TIMEOUT, timeout, float)
+    attempts = max(1, _setting(ATTEMPTS, attempts, int))
+    backoff = _setting(BACKOFF, backoff, float)
+    if not timeout > 0 or not backoff >= 0:
+        raise AnnotatorWeightsError(f"download timeout must be > 0 s and backoff >= 0 s; got {timeout} and {backoff} "
+                                    f"(see {TIMEOUT[0]}, {BACKOFF[0]}).")
     dest = Path(dest)
     dest.mkdir(parents=True, exist_ok=True)
     final, part = dest / filename, dest / (filename + ".part")
+    by_hand = f"Download it yourself and place it at {final} (SHA-256 {spec.sha256}), or try again later."
+    attempt = 0
+    while True:
+        attempt += 1
+        log.info("downloading %s from %s (attempt %d of %d)", filename, spec.url, attempt, attempts)
+        try:
+            digest = _download(spec.url, part, opener, timeout)
+        except (OSError, http.client.HTTPException) as e:  # URLError, HTTPError, timeouts, resets, IncompleteRead
+            part.unlink(missing_ok=True)
+            why = _reason(e, timeout)
+            code = getattr(e, "code", None)
+            if attempt == attempts or (code is not None and code not in RETRY_HTTP):
+                tried = f" after {attempt} attempts" if attempt > 1 else ""
+                raise DownloadError(f"download of {filename} from {spec.url} failed{tried}: {why}. {by_hand}") from None
+            wait = backoff * 2 ** (attempt - 1)
+            log.warning("download of %s from %s failed (%s); attempt %d of %d in %g s", filename, spec.url, why, attempt + 1, attempts, wait)
+            time.sleep(wait)
+            continue
+        except BaseException:  # Ctrl-C, or anything unexpected: no .part is left behind either
+            part.unlink(missing_ok=True)
+            raise
+        if digest != spec.sha256:
+            part.unlink(missing_ok=True)
+            raise DownloadError(f"downloaded {filename} from {spec.url} has SHA-256 {digest[:16]}..., expected {spec.sha256[:16]}...; "
+                                f"it was deleted (the server sent another file: an error page, a login page or a newer version). {by_hand}")
+        os.replace(part, final)
+        return final
+
+
+def _download(url: str, part: Path, opener, timeout: float) -> str:
+    """Stream `url` into `part`; the SHA-256 of what came. A body shorter than its Content-Length raises IncompleteRead."""
     h = hashlib.sha256()
-    log.info("downloading %s from %s", filename, spec.url)
+    received = 0
+    with opener(url, timeout=timeout) as r, open(part, "wb") as f:
+        length = (getattr(r, "headers", None) or {}).get("Content-Length")
+        while block := r.read(1 << 20):
+            h.update(block)
+            f.write(block)
+            received += len(block)
+    if length is not None and length.isdigit() and received < int(length):
+        raise http.client.IncompleteRead(b"", int(length) - received)
+    return h.hexdigest()
+
+
+def _reason(e: BaseException, timeout: float) -> str:
+    """One line on why an attempt failed."""
+    if isinstance(e, urllib.error.HTTPError):
+        return f"HTTP {e.code} {e.reason}"
+    if isinstance(e, urllib.error.URLError) and isinstance(e.reason, BaseException):
+        e = e.reason  # the socket error under urllib's wrapper
+    if isinstance(e, TimeoutError) or "timed out" in str(e):
+        return f"no data for {timeout:g} s (raise CNS_DOWNLOAD_TIMEOUT for a slow connection)"
+    if isinstance(e, http.client.IncompleteRead):
+        return f"the connection closed with {e.expected} bytes still to come"
+    return f"{type(e).__name__}: {e}" if str(e) else type(e).__name__
+
+
+def _setting(which: tuple, given, kind):
+    """An explicit argument, else the environment variable, else the default."""
+    if given is not None:
+        return kind(given)
+    var, default = which
+    text = os.environ.get(var, "").strip()
+    if not text:
+        return default
     try:
-        with opener(spec.url) as r, open(part, "wb") as f:
-            while block := r.read(1 << 20):
-                h.update(block)
-                f.write(block)
-    except OSError as e:
-        part.unlink(missing_ok=True)
-        raise AnnotatorWeightsError(f"download of {filename} from {spec.url} failed: {e}. Download it into {dest} yourself.") from None
-    if h.hexdigest() != spec.sha256:
-        part.unlink(missing_ok=True)
-        raise AnnotatorWeightsError(f"downloaded {filename} has SHA-256 {h.hexdigest()[:16]}..., expected {spec.sha256[:16]}...; it was deleted.")
-    os.replace(part, final)
-    return final
+        return kind(text)
+    except ValueError:
+        raise AnnotatorWeightsError(f"{var}={text!r}: expected a number (default {default}).") from None
 
 
 def load_state_dict(path: os.PathLike, *, strip_prefixes: Iterable[str] = (), unwrap: Iterable[str] = ()) -> dict[str, torch.Tensor]:
