@@ -25,12 +25,13 @@ import comfy.model_management
 import comfy.utils
 import folder_paths
 
-from ..controlnet_core import ControlNetError, create_from_unet, load_control
+from ..controlnet_core import ControlNetError, LimitExceededError, create_from_unet, load_control
 from ..controlnet_core.base_models.conditioning import SIZE_EMBED_DIM, sdxl_size_embedding
 from ..controlnet_core.train import ControlDataset, DatasetError, TrainConfig, Trainer
 from ..controlnet_core.train.buckets import Buckets
 from ..controlnet_core.train.cache import encoder_identity
 from ..controlnet_core.train.conditions import annotator_condition, annotator_names, annotator_params
+from ..controlnet_core.train.dataset_check import BATCH_LIMIT, IMAGE_LIMIT
 from ..controlnet_core.train.report import TrainingReport
 from ..controlnet_core.train.run_files import CHECKPOINT, check_can_start, resumable
 from ..controlnet_core.unet import UNetModel, unet_from_state_dict
@@ -265,13 +266,16 @@ class ControlNetSuiteTrain:
                     "Total optimizer steps. A resumed run continues up to this number.")}),
                 "learning_rate": ("FLOAT", {"default": 1e-5, "min": 1e-8, "max": 1e-2, "step": 1e-6, "round": False, "tooltip": (
                     "AdamW learning rate. The paper uses 1e-5.")}),
-                "batch_size": ("INT", {"default": 4, "min": 1, "max": 512, "tooltip": "Images per step (from one aspect-ratio bucket)."}),
+                "batch_size": ("INT", {"default": 4, "min": 1, "max": 512, "tooltip": (
+                    f"Images per step (from one aspect-ratio bucket). A batch may hold up to {BATCH_LIMIT[1]:g} megapixels "
+                    f"(e.g. 16 at 1024, 64 at 512; environment variable {BATCH_LIMIT[0]}); above that the node stops before training.")}),
                 "empty_prompt_rate": ("FLOAT", {"default": 0.5, "min": 0.0, "max": 1.0, "step": 0.05, "tooltip": (
                     "Share of captions replaced by the empty prompt, so the ControlNet learns to read the condition "
                     "itself. The paper uses 0.5.")}),
                 "resolution": ("INT", {"default": 512, "min": 64, "max": 4096, "step": 64, "tooltip": (
                     "Training images are resized and centre-cropped into aspect-ratio buckets of about resolution x "
-                    "resolution pixels (sides multiples of 64).")}),
+                    f"resolution pixels (sides multiples of 64). Up to {IMAGE_LIMIT[1]:g} megapixels per image (about 2048; "
+                    f"environment variable {IMAGE_LIMIT[0]}); above that the node stops before training.")}),
                 "seed": ("INT", {"default": 0, "min": 0, "max": 2**31 - 1, "tooltip": (
                     "Seed of the data order, noise, timesteps and empty-prompt draws: the same seed and data train the same "
                     "model. Keep it fixed (control after generate: fixed): a checkpoint resumes only with the same seed.")}),
@@ -320,12 +324,13 @@ class ControlNetSuiteTrain:
 
             params = {"resolution": resolution} if "resolution" in annotator_params(annotator) else {}
             condition_fn = annotator_condition(annotator, device=device, dirs=annotator_dirs(), **params)
-        try:
+        try:  # every file, and the memory of a batch of resolution x batch_size, before anything is loaded
             dataset = ControlDataset(folder, buckets=Buckets(resolution=resolution), condition_fn=condition_fn)
-        except DatasetError as e:
+            if len(dataset) < batch_size:
+                raise _error(f"{folder} has {len(dataset)} training pairs, fewer than one batch of {batch_size}; add data or lower batch_size.")
+            dataset.check_batches(batch_size)
+        except (DatasetError, LimitExceededError) as e:
             raise _error(str(e)) from None
-        if len(dataset) < batch_size:
-            raise _error(f"{folder} has {len(dataset)} training pairs, fewer than one batch of {batch_size}; add data or lower batch_size.")
 
         run_dir = Path(folder_paths.get_output_directory()) / "controlnet_training" / stem
         ckpt = run_dir / CHECKPOINT

@@ -132,7 +132,7 @@ def test_bad_data_gets_clear_errors(tmp_path):
         ControlDataset(tmp_path / "empty")
     root = make_fill50k(tmp_path / "d", n=3)
     (root / "target" / "1.png").unlink()
-    with pytest.raises(DatasetError, match="do not exist"):
+    with pytest.raises(DatasetError, match="target/1.png: does not exist"):
         ControlDataset(root)
     root = make_fill50k(tmp_path / "e", n=3)
     (root / "target" / "1.png").write_bytes(b"not a png")

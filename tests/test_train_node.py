@@ -244,14 +244,19 @@ def test_cancel_saves_a_checkpoint_and_resume_ends_where_an_uninterrupted_run_do
     assert a.keys() == b.keys() and all(torch.equal(a[k], b[k]) for k in a)
 
 
+def refusal(host, clip_checkpoint, folder, **kw) -> str:
+    """The message with which the Train node refuses these inputs."""
+    g = Graph()
+    ckpt = g.add("CheckpointLoaderSimple", ckpt_name=clip_checkpoint)
+    g.add("ControlNetSuiteTrain", **train_inputs(ckpt, folder, **{"output_name": "bad_cn", **kw}))
+    with pytest.raises(PromptFailed) as e:
+        host.run(g.prompt)
+    return str(e.value)
+
+
 def test_clear_errors_for_missing_folder_empty_dataset_and_too_little_data(host, clip_checkpoint, tmp_path):
     def run(folder, **kw):
-        g = Graph()
-        ckpt = g.add("CheckpointLoaderSimple", ckpt_name=clip_checkpoint)
-        g.add("ControlNetSuiteTrain", **train_inputs(ckpt, folder, **{"output_name": "bad_cn", **kw}))
-        with pytest.raises(PromptFailed) as e:
-            host.run(g.prompt)
-        return str(e.value)
+        return refusal(host, clip_checkpoint, folder, **kw)
 
     msg = run(tmp_path / "nope")
     assert "Train ControlNet (Suite)" in msg and "does not exist" in msg and "nope" in msg
@@ -265,6 +270,34 @@ def test_clear_errors_for_missing_folder_empty_dataset_and_too_little_data(host,
     one = make_fill50k(tmp_path / "one", n=1, size=64)
     assert "fewer than one batch of 2" in run(one)
     assert "not a plain file name" in run(one, output_name="../escape")
+
+
+def test_bad_files_and_memory_beyond_the_limits_stop_the_node_before_training(host, clip_checkpoint, tmp_path):
+    """Every bad file named at once; the resolution widget's maximum and a batch above the megapixel limit refused with
+    the size, the limit and what to change; nothing loaded or written (the UNet is never copied, no run folder)."""
+    import cv2
+    import numpy as np
+
+    from controlnet_core.train.toy import make_fill50k
+
+    def run(folder, **kw):
+        return refusal(host, clip_checkpoint, folder, output_name="limited_cn", **kw)
+
+    bad = make_fill50k(tmp_path / "bad", n=4, size=64)
+    (bad / "target" / "1.png").write_bytes(b"GIF89a, or so it says")
+    cv2.imwrite(str(bad / "source" / "3.png"), np.zeros((48, 64, 3), np.uint8))
+    msg = run(bad)
+    assert "Train ControlNet (Suite): " in msg and "2 problems in the training data, found before training started" in msg
+    assert "target/1.png: not a readable image" in msg and "source/3.png: is 64x48 but its image target/3.png is 64x64" in msg
+    good = make_fill50k(tmp_path / "good", n=32, size=64)
+    msg = run(good, resolution=4096)  # the widget's maximum
+    assert "training at 4096x4096 (its largest bucket) is 16.78 megapixels per image, above the limit of 4.7" in msg
+    assert "Lower the resolution" in msg and "CNS_MAX_TRAIN_MEGAPIXELS" in msg
+    msg = run(good, resolution=1024, batch_size=32)
+    assert "a batch of 32 images at 1024x1024 (its largest bucket) is 33.6 megapixels, above the limit of 19" in msg
+    assert "Lower the batch size" in msg and "CNS_MAX_TRAIN_BATCH_MEGAPIXELS" in msg
+    assert not (host.dirs["output"] / "controlnet_training" / "limited_cn").exists()
+    assert not (host.dirs["controlnet"] / "limited_cn.safetensors").exists()
 
 
 def test_derived_conditions_from_an_annotator(host, clip_checkpoint, tmp_path):

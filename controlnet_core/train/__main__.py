@@ -51,6 +51,8 @@ def main(argv: list[str] | None = None) -> int:
             return 0
         if args.cmd == "sd":
             return sd_cli.run(args)
+        dataset = ControlDataset(Path(args.data))  # every file checked before the model is built
+        dataset.check_batches(args.batch)
         torch.manual_seed(args.seed)
         if args.base:
             src = open_checkpoint(args.base)
@@ -59,7 +61,7 @@ def main(argv: list[str] | None = None) -> int:
             unet = UNetModel(TOY_UNET).eval()
         cn = create_from_unet(unet.state_dict(), seed=args.seed)
         cfg = TrainConfig(lr=args.lr, batch_size=args.batch, empty_prompt_rate=args.empty_prompt_rate, seed=args.seed)
-        trainer = Trainer(unet, cn, ToyTextEncoder(dim=unet.config.encoder.context_dim), toy_encode_image, ControlDataset(Path(args.data)), cfg)
+        trainer = Trainer(unet, cn, ToyTextEncoder(dim=unet.config.encoder.context_dim), toy_encode_image, dataset, cfg)
         out = Path(args.out)
         ckpt = out / CHECKPOINT
         check_can_start(out, resume=args.resume, overwrite=args.overwrite)

@@ -13,7 +13,6 @@ from __future__ import annotations
 
 import math
 from dataclasses import dataclass
-from pathlib import Path
 from typing import Sequence
 
 import numpy as np
@@ -66,25 +65,6 @@ class Buckets:
         return min(self.sizes(), key=lambda hw: (abs(math.log(hw[0] / hw[1]) - r), -hw[0] * hw[1]))
 
 
-def image_size(path: Path) -> tuple[int, int]:
-    """(height, width) of an image file, from its header when Pillow is there (no full decode)."""
-    try:
-        from PIL import Image
-
-        with Image.open(path) as im:
-            w, h = im.size
-        return h, w
-    except ImportError:
-        import cv2
-
-        img = cv2.imread(str(path), cv2.IMREAD_UNCHANGED)
-        if img is None:
-            raise ControlNetError(f"{path}: not a readable image (corrupt, or not an image). Remove or replace it.") from None
-        return img.shape[0], img.shape[1]
-    except OSError as e:
-        raise ControlNetError(f"{path}: not a readable image ({e}). Remove or replace it.") from None
-
-
 def fit(img: np.ndarray, height: int, width: int) -> np.ndarray:
     """Resize to cover (height, width) keeping the aspect ratio, then crop the centre: no distortion."""
     import cv2
@@ -128,4 +108,4 @@ def epoch_order(bucket_of: Sequence[tuple[int, int]], epoch: int, seed: int, glo
     return torch.tensor([i for j in order.tolist() for i in batches[j]], dtype=torch.long)
 
 
-__all__ = ["Buckets", "assign", "epoch_order", "fit", "image_size"]
+__all__ = ["Buckets", "assign", "epoch_order", "fit"]

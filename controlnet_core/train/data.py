@@ -6,7 +6,9 @@ Two layouts:
 - plain folders: `conditions/NAME.png`, `images/NAME.png`, `captions/NAME.txt` (a missing caption = "").
 With a `condition_fn` (an annotator, see conditions.py) conditions are derived from the images, and `images/`
 (+ `captions/`) is enough. Sizes: as stored, a square `size`, or aspect-ratio `buckets` (see buckets.py).
-Bad data is reported with the file and what to do, at construction (paths) or at read (pixels).
+Bad data is reported before training: the constructor opens every file and raises one `DatasetError` naming every
+missing or unreadable file, every size mismatch and every bad prompt line (see dataset_check.py), and
+`check_batches` refuses mixed sizes and batches above the memory limits.
 """
 from __future__ import annotations
 
@@ -19,16 +21,12 @@ from typing import Optional, Sequence
 import numpy as np
 import torch
 
-from ..errors import ControlNetError
-from .buckets import Buckets, assign, epoch_order, fit, image_size
+from .buckets import Buckets, assign, epoch_order, fit
 from .cache import file_key
 from .conditions import ConditionFn
+from .dataset_check import DatasetError, check_batches, check_files, dataset_error, not_a_file
 
 IMAGE_EXTS = (".png", ".jpg", ".jpeg", ".webp", ".bmp")
-
-
-class DatasetError(ControlNetError):
-    """A training folder that cannot be used as it is."""
 
 
 @dataclass(frozen=True)
@@ -49,40 +47,67 @@ def _read_image(path: Path) -> np.ndarray:
 
 def scan(root: Path, derive_conditions: bool = False) -> list[Sample]:
     """The samples of a dataset folder. derive_conditions: conditions are computed from the images (an
-    annotator), so `images/` (+ `captions/`) is enough; each sample's condition path is then its image."""
-    root = Path(root)
+    annotator), so `images/` (+ `captions/`) is enough; each sample's condition path is then its image.
+    Every bad prompt line, unreadable caption and missing file is named in one `DatasetError`."""
+    samples, problems = _collect(Path(root), derive_conditions)
+    listed = dict.fromkeys(p for s in samples for p in (s.condition, s.target))
+    problems += [(p, what) for p in listed if (what := not_a_file(p))]
+    if problems:
+        raise dataset_error(root, problems)
+    return samples
+
+
+def _collect(root: Path, derive_conditions: bool) -> tuple[list[Sample], list[tuple[Path, str]]]:
+    """The samples, and every (file, what is wrong) found in the prompt file and captions."""
     if not root.is_dir():
         raise DatasetError(f"{root}: no such dataset folder.")
     pj = root / "prompt.json"
     if pj.is_file():
-        samples = []
-        for n, line in enumerate(pj.read_text(encoding="utf-8").splitlines(), 1):
-            if not line.strip():
-                continue
-            try:
-                d = json.loads(line)
-                samples.append(Sample(root / d["source"], root / d["target"], str(d.get("prompt", ""))))
-            except (json.JSONDecodeError, KeyError, TypeError) as e:
-                raise DatasetError(f"{pj}, line {n}: expected {{\"source\": ..., \"target\": ..., \"prompt\": ...}} ({e}).") from None
-        if not samples:
-            raise DatasetError(f"{pj}: the prompt file is empty; it needs one JSON line per training pair.")
+        samples, problems = _fill50k(root, pj)
     elif (root / "images").is_dir() and ((root / "conditions").is_dir() or derive_conditions):
-        samples = []
-        for img in sorted(p for p in (root / "images").iterdir() if p.suffix.lower() in IMAGE_EXTS):
-            conds = [img] if derive_conditions else [root / "conditions" / (img.stem + e) for e in IMAGE_EXTS if (root / "conditions" / (img.stem + e)).is_file()]
-            if not conds:
-                raise DatasetError(f"{img}: no condition image conditions/{img.stem}.* for it.")
-            cap = root / "captions" / (img.stem + ".txt")
-            samples.append(Sample(conds[0], img, cap.read_text(encoding="utf-8").strip() if cap.is_file() else ""))
-        if not samples:
-            raise DatasetError(f"{root}/images: no images ({', '.join(IMAGE_EXTS)}).")
+        samples, problems = _folders(root, derive_conditions)
     else:
         raise DatasetError(f"{root}: expected prompt.json (fill50k layout) or images/ + conditions/ (+ captions/) folders "
                            "(images/ alone is enough when an annotator derives the conditions).")
-    missing = [str(p) for s in samples for p in (s.condition, s.target) if not p.is_file()]
-    if missing:
-        raise DatasetError(f"{root}: {len(missing)} listed image files do not exist, e.g. {missing[:3]}.")
-    return samples
+    return samples, problems
+
+
+def _fill50k(root: Path, pj: Path) -> tuple[list[Sample], list[tuple[Path, str]]]:
+    try:
+        lines = pj.read_text(encoding="utf-8").splitlines()
+    except (OSError, UnicodeDecodeError) as e:
+        raise DatasetError(f"{pj}: the prompt file cannot be read ({e}); it must be UTF-8 text, one JSON line per pair.") from None
+    samples, problems = [], []
+    for n, line in enumerate(lines, 1):
+        if not line.strip():
+            continue
+        try:
+            d = json.loads(line)
+            samples.append(Sample(root / d["source"], root / d["target"], str(d.get("prompt", ""))))
+        except (json.JSONDecodeError, KeyError, TypeError) as e:
+            problems.append((pj, f"line {n}: expected {{\"source\": ..., \"target\": ..., \"prompt\": ...}} ({e})"))
+    if not samples and not problems:
+        raise DatasetError(f"{pj}: the prompt file is empty; it needs one JSON line per training pair.")
+    return samples, problems
+
+
+def _folders(root: Path, derive_conditions: bool) -> tuple[list[Sample], list[tuple[Path, str]]]:
+    samples, problems = [], []
+    for img in sorted(p for p in (root / "images").iterdir() if p.suffix.lower() in IMAGE_EXTS):
+        conds = [img] if derive_conditions else [root / "conditions" / (img.stem + e) for e in IMAGE_EXTS if (root / "conditions" / (img.stem + e)).is_file()]
+        if not conds:
+            problems.append((img, f"no condition image conditions/{img.stem}.* for it"))
+            continue
+        cap = root / "captions" / (img.stem + ".txt")
+        try:
+            prompt = cap.read_text(encoding="utf-8").strip() if cap.is_file() else ""
+        except (OSError, UnicodeDecodeError) as e:
+            problems.append((cap, f"caption not readable as UTF-8 text ({e})"))
+            continue
+        samples.append(Sample(conds[0], img, prompt))
+    if not samples and not problems:
+        raise DatasetError(f"{root}/images: no images ({', '.join(IMAGE_EXTS)}).")
+    return samples, problems
 
 
 class ControlDataset(torch.utils.data.Dataset):
@@ -96,14 +121,29 @@ class ControlDataset(torch.utils.data.Dataset):
         if size and buckets:
             raise DatasetError("ControlDataset: give either size (square resize) or buckets (aspect-ratio buckets), not both.")
         self.root = Path(root)
-        self.samples = scan(root, derive_conditions=condition_fn is not None)
+        # every file is opened here (headers), and every problem named in one error: nothing bad waits for step N
+        self.samples, problems = _collect(self.root, condition_fn is not None)
+        self.stored_sizes, more = check_files(self.root, self.samples, derive_conditions=condition_fn is not None)
+        if problems or more:
+            raise dataset_error(self.root, problems + more)
         self.size = size
         self.buckets = buckets
         self.condition_fn = condition_fn
-        self.bucket_of = assign([image_size(s.target) for s in self.samples], buckets) if buckets else None
+        self.bucket_of = assign(self.stored_sizes, buckets) if buckets else None
 
     def __len__(self) -> int:
         return len(self.samples)
+
+    def training_sizes(self) -> list[tuple[int, int]]:
+        """Each sample's (height, width) as training sees it: its bucket, the square size, or as stored."""
+        if self.bucket_of:
+            return list(self.bucket_of)
+        return [(self.size, self.size)] * len(self) if self.size else list(self.stored_sizes)
+
+    def check_batches(self, batch_size: int) -> None:
+        """Refuse mixed stored sizes (a batch must share one) and batches above the memory limits, before step 1."""
+        how = "buckets" if self.bucket_of else "size" if self.size else "stored"
+        check_batches(self.root, self.training_sizes(), batch_size, [s.target for s in self.samples], how)
 
     def epoch_order(self, epoch: int, seed: int, global_batch: int) -> Optional[torch.Tensor]:
         """The bucketed sample order of an epoch (each global batch from one bucket); None without buckets."""

@@ -18,7 +18,7 @@ import torch
 from ..create import create_from_unet
 from ..errors import ControlNetError
 from ..export import save_ldm
-from .data import ControlDataset, scan
+from .data import ControlDataset
 from .run_files import CHECKPOINT, check_can_start, resumable
 from .trainer import TrainConfig, Trainer
 
@@ -70,7 +70,11 @@ def run(args: argparse.Namespace) -> int:
         raise ControlNetError(f"--steps must be >= 0 and --batch >= 1 (got {args.steps}, {args.batch}).")
     if args.resolution is not None and (args.resolution <= 0 or args.resolution % 8):
         raise ControlNetError(f"--resolution {args.resolution}: must be a positive multiple of 8 (latents are 1/8 of the image size).")
-    scan(Path(args.data))  # a bad dataset is reported before minutes of loading
+    # a bad dataset (every unreadable file, size mismatch, and with --resolution the memory limits) is reported
+    # before minutes of loading
+    dataset = ControlDataset(Path(args.data), size=args.resolution)
+    if args.resolution:
+        dataset.check_batches(args.batch)
     check_can_start(Path(args.out), resume=args.resume, overwrite=args.overwrite)  # and an earlier run in --out
     torch.manual_seed(args.seed)
     device = torch.device(args.device or ("cuda" if torch.cuda.is_available() else "cpu"))
@@ -92,7 +96,9 @@ def run(args: argparse.Namespace) -> int:
           f"parameters, {resolution} px, on {device} (loaded in {time.perf_counter() - t0:.1f} s)", flush=True)
     cfg = TrainConfig(lr=args.lr, batch_size=args.batch, empty_prompt_rate=args.empty_prompt_rate, seed=args.seed, grad_accum=args.grad_accum,
                       mixed_precision=args.mixed_precision, prediction=prediction, cache_dir=getattr(args, "cache_dir", None))
-    trainer = Trainer(base.unet, cn, base.text, base.vae, ControlDataset(Path(args.data), size=resolution), cfg)
+    if resolution != args.resolution:  # the family's default size: the files are read again (headers, about 0.1 ms each)
+        dataset = ControlDataset(Path(args.data), size=resolution)
+    trainer = Trainer(base.unet, cn, base.text, base.vae, dataset, cfg)
     out = Path(args.out)
     ckpt = out / CHECKPOINT
     if args.resume and resumable(out):

@@ -22,7 +22,7 @@ from ..model import ControlNet
 from ..residuals import ControlResiduals
 from ..unet import UNetModel
 from . import run_files
-from .data import drop_prompts
+from .data import DatasetError, drop_prompts
 
 log = logging.getLogger(__name__)
 
@@ -69,6 +69,9 @@ class Trainer:
             raise ControlNetError(f"grad_accum must be >= 1, not {config.grad_accum}.")
         if len(dataset) < config.batch_size:
             raise ControlNetError(f"the dataset has {len(dataset)} samples, fewer than one batch of {config.batch_size}.")
+        check_batches = getattr(dataset, "check_batches", None)  # a ControlDataset: mixed sizes and memory, before step 1
+        if check_batches is not None:
+            check_batches(config.batch_size)
         self.unet, self.controlnet, self.config = unet, controlnet, config
         self.trained = controlnet if controlnet is not None else unet  # the module whose weights the optimizer owns
         if controlnet is None and config.distributed == "fsdp":
@@ -125,9 +128,21 @@ class Trainer:
             idx.append(int(self._order[self.position]))
             self.position += 1
         b = self.config.batch_size
-        items = [self.dataset[i] for i in idx[self.rank * b : (self.rank + 1) * b]]
-        return {"hint": torch.stack([it["hint"] for it in items]), "target": torch.stack([it["target"] for it in items]),
+        mine = idx[self.rank * b : (self.rank + 1) * b]
+        items = [self.dataset[i] for i in mine]
+        return {"hint": self._stack(items, "hint", mine), "target": self._stack(items, "target", mine),
                 "prompt": [it["prompt"] for it in items], "keys": [it.get("key") for it in items]}
+
+    def _stack(self, items: list, key: str, idx: list) -> torch.Tensor:
+        """torch.stack, or an error naming the samples when their sizes differ (a dataset without `check_batches`)."""
+        shapes = [tuple(it[key].shape) for it in items]
+        if len(set(shapes)) > 1:
+            samples = getattr(self.dataset, "samples", None)
+            names = [str(samples[i].target) if samples is not None else f"sample {i}" for i in idx]
+            found = ", ".join(f"{n} {'x'.join(map(str, s[::-1][:2]))}" for n, s in zip(names, shapes))
+            raise DatasetError(f"a batch must share one size, but its {key} tensors differ: {found}. Resize the data to one "
+                               "size, or use a square size or aspect-ratio buckets (see controlnet_core.train.buckets).")
+        return torch.stack([it[key] for it in items])
 
     # -- one optimisation step --
 
