@@ -103,7 +103,7 @@ def _sibling_diffusers_config(source: TensorSource) -> Optional[dict]:
     cfg = source.path.parent / "config.json"
     if cfg.is_file():
         data = diffusers_fmt.read_config_json(cfg)
-        if data.get("_class_name", "ControlNetModel") == "ControlNetModel":
+        if data.get("_class_name", "ControlNetModel") in ("ControlNetModel", "ControlNetUnionModel"):
             return data
     return None
 

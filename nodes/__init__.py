@@ -3,6 +3,7 @@ from .apply import ControlNetSuiteApply, ControlNetSuiteApplyStack, ControlNetSu
 from .annotator_nodes import node_mappings
 from .loader import ControlNetSuiteLoader
 from .train_node import ControlNetSuiteTrain
+from .union import ControlNetSuiteUnion
 
 NODE_CLASS_MAPPINGS: dict[str, type] = {
     "ControlNetSuiteLoader": ControlNetSuiteLoader,
@@ -10,6 +11,7 @@ NODE_CLASS_MAPPINGS: dict[str, type] = {
     "ControlNetSuiteStack": ControlNetSuiteStack,
     "ControlNetSuiteApplyStack": ControlNetSuiteApplyStack,
     "ControlNetSuiteTrain": ControlNetSuiteTrain,
+    "ControlNetSuiteUnion": ControlNetSuiteUnion,
 }
 NODE_DISPLAY_NAME_MAPPINGS: dict[str, str] = {
     "ControlNetSuiteLoader": "Load ControlNet (Suite)",
@@ -17,6 +19,7 @@ NODE_DISPLAY_NAME_MAPPINGS: dict[str, str] = {
     "ControlNetSuiteStack": "ControlNet Stack (Suite)",
     "ControlNetSuiteApplyStack": "Apply ControlNet Stack (Suite)",
     "ControlNetSuiteTrain": "Train ControlNet (Suite)",
+    "ControlNetSuiteUnion": "ControlNet Union (Suite)",
 }
 
 _annotator_classes, _annotator_names = node_mappings()

@@ -9,6 +9,7 @@ Works with ComfyUI a28a9dc (4-argument `get_control`) and 0.8.0 (5 arguments).
 from __future__ import annotations
 
 import logging
+from dataclasses import dataclass
 from typing import Optional, Union
 
 import torch
@@ -70,6 +71,16 @@ def make_patcher(model: torch.nn.Module) -> "comfy.model_patcher.ModelPatcher":
     )
 
 
+@dataclass(frozen=True)
+class UnionConditions:
+    """A union ControlNet's conditions for one unit: the apply node's image has `types[0]`; `extra_images[i]` has
+    `types[i + 1]`. Images are (B, H, W, C) IMAGE batches, prepared like the main hint."""
+
+    types: tuple[int, ...]
+    weights: tuple[float, ...]
+    extra_images: tuple[torch.Tensor, ...] = ()
+
+
 class SuiteControl(ControlBase):
     """One control unit: our loaded model (or ComfyUI's own ControlNet object) + hint, strength, range, mode, mask."""
 
@@ -87,6 +98,7 @@ class SuiteControl(ControlBase):
         self._prepared: Optional[tuple] = None  # (key, hint tensor) for the current latent size
         self._mask_cache: dict = {}  # resized masks per site, kept across sampling steps
         self._checked_size: Optional[tuple] = None  # the last (height, width, batch) that passed check_hint_size
+        self.union: Optional[UnionConditions] = None  # several conditions of a union ControlNet (ControlNet Union (Suite))
 
     @property
     def is_foreign(self) -> bool:
@@ -114,6 +126,7 @@ class SuiteControl(ControlBase):
         c = SuiteControl(self.backend, self.patcher, mode=self.mode, resize_mode=self.resize_mode, mask=self.mask, name=self.name)
         self.copy_to(c)
         c.vae = getattr(self, "vae", None)
+        c.union = self.union
         if self._inner is not None:
             c._inner = self._inner.copy()
         return c
@@ -172,7 +185,8 @@ class SuiteControl(ControlBase):
 
     def _check_size(self, x_noisy) -> None:
         """The hint's memory bound, for our models and foreign ones alike (both make the hint at the pixel size)."""
-        size = (x_noisy.shape[-2] * 8, x_noisy.shape[-1] * 8, x_noisy.shape[0])
+        conditions = 1 + (len(self.union.extra_images) if self.union is not None else 0)
+        size = (x_noisy.shape[-2] * 8, x_noisy.shape[-1] * 8, x_noisy.shape[0] * conditions)
         if size != self._checked_size:
             check_hint_size(*size, who=self.name)
             self._checked_size = size
@@ -200,8 +214,13 @@ class SuiteControl(ControlBase):
             h, w = -(-h // u) * u, -(-w // u) * u
         key = (x_noisy.shape[0], h, w, batched_number)
         if self._prepared is None or self._prepared[0] != key:
-            hint = prepare_hint(self.cond_hint_original, h, w, cfg.hint_channels, x_noisy.shape[0], self.resize_mode, batched_number)
-            self._prepared = (key, hint.to(x_noisy.device))
+            def prepared(image):
+                return prepare_hint(image, h, w, cfg.hint_channels, x_noisy.shape[0], self.resize_mode, batched_number).to(x_noisy.device)
+
+            hint = prepared(self.cond_hint_original)
+            if self.union is not None and self.union.extra_images:
+                hint = [hint] + [prepared(img.movedim(-1, 1)) for img in self.union.extra_images]
+            self._prepared = (key, hint)
         return self._prepared[1]
 
     def _raw_residuals(self, x_noisy, t, cond, batched_number, transformer_options) -> ControlResiduals:
@@ -218,10 +237,12 @@ class SuiteControl(ControlBase):
     def _union_args(self) -> dict:
         """The type that ComfyUI's SetUnionControlNetType node stored (`extra_args`), for union files only: the core
         ignores it on other ControlNets, and so do we."""
+        if self.union is not None:
+            return {"control_types": list(self.union.types), "condition_weights": list(self.union.weights)}
         types = getattr(self, "extra_args", {}).get("control_type")
         if types and getattr(self.backend.config, "union_types", 0):
             return {"control_types": list(types)}
         return {}
 
 
-__all__ = ["SuiteControl", "to_comfy", "from_comfy", "merge_with_previous", "make_patcher", "base_info", "IncompatibleModelError"]
+__all__ = ["SuiteControl", "UnionConditions", "to_comfy", "from_comfy", "merge_with_previous", "make_patcher", "base_info", "IncompatibleModelError"]

@@ -210,7 +210,7 @@ def test_hints_of_other_size_channels_and_batch(host, kind):
 def test_node_metadata_tooltips_and_descriptions(host):
     from nodes import NODE_CLASS_MAPPINGS as M  # ComfyUI's registry
 
-    control = {"ControlNetSuiteLoader", "ControlNetSuiteApply", "ControlNetSuiteStack", "ControlNetSuiteApplyStack"}
+    control = {"ControlNetSuiteLoader", "ControlNetSuiteApply", "ControlNetSuiteStack", "ControlNetSuiteApplyStack", "ControlNetSuiteUnion"}
     assert control <= set(M)
     ours = {k: M[k] for k in control}  # annotator nodes are checked in test_annotator_nodes.py
     for name, cls in ours.items():

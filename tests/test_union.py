@@ -1,5 +1,7 @@
 """SDXL union ControlNets (xinsir ControlNet++ / ProMax): detection, and parity with diffusers' `ControlNetUnionModel`
 and with ComfyUI's own union code, on the same random weights (fp32)."""
+from pathlib import Path
+
 import pytest
 import torch
 
@@ -124,3 +126,60 @@ def test_single_type_and_no_type_match_comfyui_core(comfy, types):
         res = ours(x, hint, t, ctx, y, control_types=types)
         out = theirs(x, hint, t, ctx, y, control_type=list(types))
     _close(res, list(out["output"]), out["middle"][0])
+
+
+@pytest.mark.parametrize("layout", ["ldm", "diffusers"])
+def test_a_union_file_round_trips_in_both_layouts(tmp_path, promax, layout):
+    from controlnet_core import save_diffusers, save_ldm
+
+    ref, ours = promax
+    x, t, ctx, added, y, hints = _inputs(1)
+    if layout == "ldm":
+        again = load_control(save_ldm(ours, tmp_path / "union_ldm.safetensors"))
+    else:
+        folder = save_diffusers(ours, tmp_path / "union_diffusers", addition_time_embed_dim=8)
+        again = load_control(folder / "diffusion_pytorch_model.safetensors")
+        theirs = diffusers.ControlNetUnionModel.from_pretrained(folder).eval()
+        down, mid = _reference(theirs, x, t, ctx, added, hints[:2], [0, 1], [1.0, 0.5], 8)
+        with torch.no_grad():
+            _close(ours.model(x, hints[:2], t, ctx, y, control_types=[0, 1], condition_weights=[1.0, 0.5]), down, mid)
+    assert again.config == ours.config
+    for k, v in ours.model.state_dict().items():
+        assert torch.equal(again.model.state_dict()[k], v), k
+
+
+def test_full_size_promax_matches_comfyui_builtin_loader_once(comfy):
+    """ComfyUI's loader detects a diffusers union file only at full SDXL size: random weights, one forward at 128 px.
+
+    The state dict is handed over in memory, in the published diffusers layout (no 5 GB file written)."""
+    import comfy.controlnet
+    from controlnet_core.formats import diffusers as diffusers_fmt
+    from factories import SDXL, comfy_control_outputs
+
+    cfg = ControlNetConfig(**{**SDXL.__dict__, "union_types": 8})
+    ours_model = random_controlnet(cfg, seed=21)
+    names = diffusers_fmt.from_canonical_map(cfg, ours_model.state_dict().keys())
+    published = {names[k]: v for k, v in ours_model.state_dict().items()}
+    # the published 6-type file's keys and shapes (tests/data/keys), with 8 types where the type count shows
+    rows = [line.split("\t") for line in (Path(__file__).parent / "data/keys/keys_diffusers_union_sdxl.tsv").read_text().splitlines() if line]
+    real = {k: tuple(int(d) for d in shape.strip("()").split(",") if d.strip()) for k, shape in rows}
+    real.update({"task_embedding": (8, 320), "control_add_embedding.linear_1.weight": (1280, 8 * 256)})
+    assert {k: tuple(v.shape) for k, v in published.items()} == real
+    ours = load_control(dict(published))
+    del ours_model
+    theirs = comfy.controlnet.load_controlnet_state_dict(dict(published))
+    assert theirs is not None and theirs.control_model.task_embedding.shape == (8, 320)
+    net = theirs.control_model.float()
+    del published
+    g = torch.Generator().manual_seed(3)
+    x = torch.randn(1, 4, 16, 16, generator=g)
+    hint = torch.rand(1, 3, 128, 128, generator=g)
+    t = torch.tensor([500.0])
+    ctx = torch.randn(1, 77, 2048, generator=g)
+    y = torch.randn(1, 2816, generator=g)
+    with torch.no_grad():
+        for types in ([], [1]):
+            res = ours.residuals(x, hint, t, ctx, y, control_types=types)
+            out = net(x, hint, t, ctx, y, control_type=types)
+            down, mid = (list(out["output"]), out["middle"][0]) if isinstance(out, dict) else comfy_control_outputs(net, x, hint, t, ctx, y)
+            _close(res, down, mid)

@@ -165,6 +165,9 @@ def config_json(config: ControlNetConfig, addition_time_embed_dim: int = 256) ->
             )
         d.update({"addition_embed_type": "text_time", "addition_time_embed_dim": addition_time_embed_dim,
                   "projection_class_embeddings_input_dim": config.adm_in_channels})
+    if config.union_types:  # xinsir's union: diffusers' ControlNetUnionModel
+        d.update({"_class_name": "ControlNetUnionModel", "num_control_type": config.union_types, "num_trans_channel": config.model_channels,
+                  "num_trans_layer": config.union_layers, "num_proj_channel": config.model_channels})
     return d
 
 

@@ -94,6 +94,8 @@ class SuiteTestSpy:
                 "cond_or_uncond": list(args["cond_or_uncond"]),
                 "sigma": float(args["timestep"][0]),
                 "control": ctrl,
+                "input": args["input"].clone(),
+                "context": c["c_crossattn"].clone() if c.get("c_crossattn") is not None else None,
                 "output": out.clone(),
             })
             return out
