@@ -31,9 +31,11 @@ SOCKETS = {
     "SolidMask": ([], [("MASK", "MASK")]),
     "MaskComposite": ([("destination", "MASK"), ("source", "MASK")], [("MASK", "MASK")]),
     "ControlNetSuiteTrain": ([("model", "MODEL"), ("clip", "CLIP"), ("vae", "VAE")], [("control_net", "CONTROL_NET")]),
+    "ControlNetSuiteUnion": ([("control_net", "CONTROL_NET"), ("image_2", "IMAGE"), ("image_3", "IMAGE")], [("control_net", "CONTROL_NET")]),
 }
 OPTIONAL = {("ControlNetSuiteLoader", "model"), ("ControlNetSuiteApply", "mask"), ("ControlNetSuiteApply", "vae"),
-            ("ControlNetSuiteStack", "mask"), ("ControlNetSuiteStack", "stack"), ("ControlNetSuiteApplyStack", "vae")}
+            ("ControlNetSuiteStack", "mask"), ("ControlNetSuiteStack", "stack"), ("ControlNetSuiteApplyStack", "vae"),
+            ("ControlNetSuiteUnion", "image_2"), ("ControlNetSuiteUnion", "image_3")}
 
 # Where each loader's files live (the host's model folder names) and the published files the workflows name.
 # Why: a newcomer opening a workflow without the models gets the frontend's missing-models dialog, which offers a
@@ -45,8 +47,12 @@ HF_CONTROLNET = "https://huggingface.co/comfyanonymous/ControlNet-v1-1_fp16_safe
 CKPT = "v1-5-pruned-emaonly-fp16.safetensors"
 CN_CANNY, CN_SCRIBBLE, CN_POSE, CN_DEPTH, CN_SEG = (f"control_{k}_fp16.safetensors" for k in (
     "v11p_sd15_canny", "v11p_sd15_scribble", "v11p_sd15_openpose", "v11f1p_sd15_depth", "v11p_sd15_seg"))
+CKPT_XL = "sd_xl_base_1.0.safetensors"
+CN_UNION = "diffusion_pytorch_model_promax.safetensors"  # xinsir's ProMax union file, under its published name
 MODEL_URLS = {CKPT: "https://huggingface.co/Comfy-Org/stable-diffusion-v1-5-archive/resolve/main/" + CKPT,
-              **{cn: HF_CONTROLNET + cn for cn in (CN_CANNY, CN_SCRIBBLE, CN_POSE, CN_DEPTH, CN_SEG)}}
+              **{cn: HF_CONTROLNET + cn for cn in (CN_CANNY, CN_SCRIBBLE, CN_POSE, CN_DEPTH, CN_SEG)},
+              CKPT_XL: "https://huggingface.co/stabilityai/stable-diffusion-xl-base-1.0/resolve/main/" + CKPT_XL,
+              CN_UNION: "https://huggingface.co/xinsir/controlnet-union-sdxl-1.0/resolve/main/" + CN_UNION}
 
 
 def published_models(type_: str, widgets: list) -> list[dict]:
@@ -141,19 +147,19 @@ class Workflow:
 NEG = "lowres, blurry, worst quality, watermark"
 
 
-def common(w: Workflow, prompt: str):
-    ckpt = w.node("CheckpointLoaderSimple", [CKPT], (0, 0))
+def common(w: Workflow, prompt: str, ckpt_file: str = CKPT):
+    ckpt = w.node("CheckpointLoaderSimple", [ckpt_file], (0, 0))
     pos = w.node("CLIPTextEncode", [prompt], (360, -200), title="Positive prompt", clip=(ckpt, 1))
     neg = w.node("CLIPTextEncode", [NEG], (360, 0), title="Negative prompt", clip=(ckpt, 1))
     return ckpt, pos, neg
 
 
 def sample(w: Workflow, ckpt: int, pos: tuple, neg: tuple, prefix: str, seed: int = 42, x: int = 1110,
-           latent_at: tuple = (760, 410)):
+           latent_at: tuple = (760, 410), size: int = 512):
     """Sampler column at x, decode and save beside it, the empty latent under the apply node: compact, and the bottom
     right corner (where the frontend shows its minimap) left free, so the fitted view stays above the zoom at which
     the frontend stops drawing node text (8/14 by default)."""
-    latent = w.node("EmptyLatentImage", [512, 512, 1], latent_at)
+    latent = w.node("EmptyLatentImage", [size, size, 1], latent_at)
     ks = w.node("KSampler", [seed, "fixed", 20, 7.0, "euler", "normal", 1.0], (x, 0), model=(ckpt, 0), positive=pos, negative=neg, latent_image=(latent, 0))
     dec = w.node("VAEDecode", [], (x + 360, 0), samples=(ks, 0), vae=(ckpt, 2))
     w.node("SaveImage", [prefix], (x + 360, 160), images=(dec, 0))
@@ -206,6 +212,22 @@ def regional():
     w.save("regional_two_masked_units")
 
 
+def union():
+    """SDXL union: pose and depth through one ControlNet Union (Suite) unit, fused in one forward pass."""
+    w = Workflow("SDXL union (ProMax): pose + depth in one ControlNet pass")
+    ckpt, pos, neg = common(w, "a dancer in a sunlit stone courtyard, photo, detailed", CKPT_XL)
+    pose_img = w.node("LoadImage", ["pose_example.png", "image"], (0, 300), title="OpenPose image")
+    depth_img = w.node("LoadImage", ["depth_example.png", "image"], (0, 650), title="Depth map")
+    cn = w.node("ControlNetSuiteLoader", [CN_UNION, "auto"], (360, 300), title="Union ControlNet (xinsir ProMax)")
+    # type, weight, type_2, weight_2, type_3, weight_3 (image_3 unconnected)
+    uni = w.node("ControlNetSuiteUnion", ["openpose", 1.0, "depth", 0.7, "openpose", 1.0], (360, 500), control_net=(cn, 0),
+                 image_2=(depth_img, 0))
+    app = w.node("ControlNetSuiteApply", [0.9, 0.0, 0.9, "balanced", "crop and resize"], (760, 0), positive=(pos, 0), negative=(neg, 0),
+                 control_net=(uni, 0), image=(pose_img, 0))
+    sample(w, ckpt, (app, 0), (app, 1), "controlnet_sdxl_union", size=1024)
+    w.save("sdxl_union_pose_depth")
+
+
 def train():
     """Train a ControlNet on a folder, then try it at once: the trained CONTROL_NET feeds the apply node directly."""
     w = Workflow("Train a ControlNet on a dataset folder, then sample with it")
@@ -236,6 +258,7 @@ def main() -> None:
                "canny_example.png", canny=True, mode=mode)
     multi()
     regional()
+    union()
     train()
 
 

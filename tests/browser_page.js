@@ -146,8 +146,9 @@
             set(n, 'resolution', o.size)
             set(n, 'resume', false)
             break
-          case 'ControlNetSuiteLoader':
-            set(n, 'control_net_name', o.controlnets[k++ % o.controlnets.length])
+          case 'ControlNetSuiteLoader': // a union file (by name or title) gets the tiny union, the others the plain ones
+            if (/union|promax/i.test(`${widget(n, 'control_net_name').value} ${n.title}`)) set(n, 'control_net_name', o.union)
+            else set(n, 'control_net_name', o.controlnets[k++ % o.controlnets.length])
             break
           case 'EmptyLatentImage':
             set(n, 'width', o.size)

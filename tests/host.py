@@ -18,6 +18,18 @@ from factories import ControlNetConfig, comfy_unet, randomize_, save
 
 ROOT = Path(__file__).resolve().parents[1]
 TINY_UNET = ControlNetConfig(model_channels=320, channel_mult=(1,), num_res_blocks=(1,), transformer_depth=(1,), context_dim=768)
+TINY_UNION = ControlNetConfig(**{**TINY_UNET.__dict__, "union_types": 8, "union_type_dim": 256})  # a ProMax-like union for it
+TINY_UNION_FILE = "union_promax_tiny.safetensors"
+
+
+def tiny_union_file(folder: Path) -> Path:
+    """The tiny 8-type union ControlNet (random weights, seed 11) that stands in for the SDXL ProMax file."""
+    from factories import random_controlnet
+
+    path = folder / TINY_UNION_FILE
+    if not path.exists():
+        save(path, random_controlnet(TINY_UNION, seed=11).state_dict())
+    return path
 
 
 class Stub:

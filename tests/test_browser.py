@@ -30,6 +30,7 @@ from PIL import Image
 from browser import Page, artifacts_dir, require_chromium
 from comfy_host import is_oldest_host
 from comfy_server import ComfyServer
+from host import TINY_UNION_FILE, tiny_union_file
 
 ROOT = Path(__file__).resolve().parents[1]
 WORKFLOWS = sorted((ROOT / "workflows").glob("*.json"))
@@ -69,7 +70,8 @@ def server(chromium, host, tmp_path_factory):
     clip_ckpt = tiny_checkpoint_with_clip(host)
     (run / "models" / "checkpoints").mkdir(parents=True)
     (run / "models" / "checkpoints" / clip_ckpt).symlink_to(ckpts / clip_ckpt)  # 250 MB: linked, not copied
-    srv = ComfyServer(run, models={"checkpoints": [ckpts / host.checkpoint], "controlnet": [cns / "cn_a.safetensors", cns / "cn_b.safetensors"]})
+    srv = ComfyServer(run, models={"checkpoints": [ckpts / host.checkpoint],
+                                   "controlnet": [cns / "cn_a.safetensors", cns / "cn_b.safetensors", tiny_union_file(cns)]})
     make_fill50k(run / "input" / "controlnet_dataset", n=2, size=TINY)
     with srv.start():
         # the server placed the shipped example images, if there are any; any image a workflow names and that is
@@ -296,7 +298,8 @@ def test_workflow_runs_when_queued_from_the_page(page, server, host, ours, path)
     wf = json.loads(path.read_text())
     load(page, wf)
     swapped = page.js("return __cns.swap(arguments[0])", {"checkpoint": host.checkpoint, "trainCheckpoint": server.clip_checkpoint,
-                                                         "controlnets": ["cn_a.safetensors", "cn_b.safetensors"], "size": TINY, "steps": 2})
+                                                         "controlnets": ["cn_a.safetensors", "cn_b.safetensors"], "union": TINY_UNION_FILE,
+                                                         "size": TINY, "steps": 2})
     assert len(swapped) == sum(n["type"] == "CLIPTextEncode" for n in wf["nodes"]), swapped
     before = set(server.get("/history"))
     queued = page.js_async("return await __cns.queue()")

@@ -4,18 +4,16 @@ import torch
 
 from controlnet_core import ControlNetConfig, load_control
 from factories import random_controlnet, save
-from host import TINY_UNET, PromptFailed, base_graph, finish
+from host import TINY_UNION, PromptFailed, base_graph, finish, tiny_union_file
 from test_nodes import apply, image, loader, run_plain, spy_calls
-
-TINY_UNION = ControlNetConfig(**{**TINY_UNET.__dict__, "union_types": 8, "union_type_dim": 256})
 
 
 @pytest.fixture(scope="module")
 def union_files(host):
     folder = host.dirs["controlnet"]
-    save(folder / "union_promax_tiny.safetensors", random_controlnet(TINY_UNION, seed=11).state_dict())
+    promax = tiny_union_file(folder).name
     save(folder / "union_v1_tiny.safetensors", random_controlnet(ControlNetConfig(**{**TINY_UNION.__dict__, "union_types": 6}), seed=12).state_dict())
-    return "union_promax_tiny.safetensors", "union_v1_tiny.safetensors"
+    return promax, "union_v1_tiny.safetensors"
 
 
 def union(g, cn, type_, weight=1.0, **extra):

@@ -11,13 +11,13 @@ from PIL import Image
 
 from clip_checkpoint import fp32_text_encoder, tiny_checkpoint_with_clip
 from controlnet_core.train.toy import make_fill50k
-from host import Host
+from host import Host, tiny_union_file
 from ui_workflow import ui_to_api
 
 WORKFLOWS = sorted((Path(__file__).resolve().parents[1] / "workflows").glob("*.json"))
 REQUIRED = {"canny", "scribble", "pose", "depth", "segmentation", "multi_control_pose_canny", "regional_two_masked_units",
             "mode_balanced", "mode_prompt_more_important", "mode_controlnet_more_important", "mode_cfg_resolution_weighting",
-            "train_controlnet"}
+            "train_controlnet", "sdxl_union_pose_depth"}
 
 
 def test_all_required_workflows_are_shipped():
@@ -126,6 +126,8 @@ def substitute(prompt: dict, host: Host) -> dict:
             if not data.exists():
                 make_fill50k(data, n=2, size=64)
             inp.update(steps=1, batch_size=2, resolution=64, resume=False)
+        elif ct == "ControlNetSuiteLoader" and "union" in inp["control_net_name"].lower() + str(node.get("_meta", "")).lower():
+            inp["control_net_name"] = tiny_union_file(host.dirs["controlnet"]).name
         elif ct == "ControlNetSuiteLoader":
             inp["control_net_name"] = tiny_cns[k % 2]
             k += 1
