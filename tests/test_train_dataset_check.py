@@ -106,6 +106,10 @@ def test_memory_limits_per_image_and_per_batch(tmp_path, monkeypatch):
         trainer(ControlDataset(root), batch_size=4)
     monkeypatch.setenv("CNS_MAX_TRAIN_BATCH_MEGAPIXELS", "100")
     bucketed.check_batches(20)  # the variable raises the limit
+    monkeypatch.setenv("CNS_MAX_TRAIN_MEGAPIXELS", "0.001")
+    with pytest.raises(LimitExceededError, match=r"training at 64x64 \(the stored size\) is 0.00 megapixels per image, above the limit of "
+                                                 r"0.001 megapixels per image. Downscale the images or train at a smaller square size"):
+        ControlDataset(root).check_batches(1)
     monkeypatch.setenv("CNS_MAX_TRAIN_MEGAPIXELS", "lots")
     with pytest.raises(LimitExceededError, match=r"CNS_MAX_TRAIN_MEGAPIXELS='lots' is not a positive number of megapixels"):
         bucketed.check_batches(1)

@@ -157,7 +157,8 @@ def check_batches(root: Path, sizes: Sequence[tuple[int, int]], batch_size: int,
     if mp > image_mp:
         raise LimitExceededError(
             f"{root}: training at {w}x{h} ({what}) is {mp:.2f} megapixels per image, above the limit of {image_mp:g} megapixels "
-            f"per image. Lower the resolution, or raise the limit with the environment variable {IMAGE_LIMIT[0]} (memory permitting).")
+            f"per image. {'Downscale the images or train at a smaller square size' if how == 'stored' else 'Lower the resolution'}, "
+            f"or raise the limit with the environment variable {IMAGE_LIMIT[0]} (memory permitting).")
     batch_mp = _limit(*BATCH_LIMIT)
     if batch_size * mp > batch_mp:
         raise LimitExceededError(
