@@ -5,7 +5,6 @@ Images are (B, C, H, W) in [0, 1]; masks (B, H, W) or (H, W) in [0, 1].
 from __future__ import annotations
 
 import logging
-import os
 from enum import Enum
 from typing import Optional
 
@@ -13,6 +12,7 @@ import torch
 import torch.nn.functional as F
 
 from .errors import ControlNetError, LimitExceededError
+from .limits import megapixel_limit
 from .residuals import ControlResiduals
 
 log = logging.getLogger(__name__)
@@ -101,30 +101,16 @@ def match_batch(t: torch.Tensor, batch: int, what: str = "hint", batched_number:
 # Hint bounds (megapixels). Why: the hint is made at the latent's pixel size (8x its side) for every image of the
 # sampler's batch, and the control model's first layers run at that size (SD ControlNets: about 100 bytes per pixel in
 # fp32). An EmptyLatentImage of 16384 x 16384 would ask for a 3.2 GB hint and tens of GB of activations; on a CPU the
-# kernel's OOM killer then takes the whole ComfyUI process instead of raising. Read at each call, so a user can raise a
-# limit without restarting anything but the prompt.
+# kernel's OOM killer then takes the whole ComfyUI process instead of raising.
 _MP_8192 = 8192 * 8192 / 1e6
 HINT_LIMITS = (("CNS_MAX_HINT_MEGAPIXELS", _MP_8192, "per image"), ("CNS_MAX_HINT_BATCH_MEGAPIXELS", 2 * _MP_8192, "per sampling call"))
-
-
-def _limit(var: str, default: float) -> float:
-    raw = os.environ.get(var)
-    if raw is None:
-        return default
-    try:
-        value = float(raw)
-    except ValueError:
-        value = float("nan")
-    if not value > 0:
-        raise LimitExceededError(f"the environment variable {var}={raw!r} is not a positive number of megapixels; unset it or set e.g. {default:.4g}.")
-    return value
 
 
 def check_hint_size(height: int, width: int, batch: int, who: str = "hint") -> None:
     """Refuse, before any allocation, a hint above the per-image or per-call megapixel limit, saying what to change."""
     per_image = height * width / 1e6
     for (var, default, scope), needed in zip(HINT_LIMITS, (per_image, per_image * batch)):
-        limit = _limit(var, default)
+        limit = megapixel_limit(var, default)
         if needed > limit:
             raise LimitExceededError(
                 f"{who}: sampling at {width}x{height} pixels with {batch} image(s) per model call needs the hint at that size, "

@@ -19,7 +19,7 @@ from pathlib import Path
 from typing import Optional, Sequence
 
 from ..errors import ControlNetError, LimitExceededError
-from ..hint import _limit  # the hint bounds' reader: one rule for every CNS_MAX_*_MEGAPIXELS variable
+from ..limits import megapixel_limit
 
 MAX_LISTED = 20  # problems named in one message; the rest are counted
 
@@ -99,7 +99,7 @@ def _probe_decoding(path: Path) -> tuple[Optional[tuple[int, int]], Optional[str
 def check_files(root: Path, samples: Sequence, derive_conditions: bool = False) -> tuple[list[tuple[int, int]], list[tuple[Path, str]]]:
     """The (height, width) of every sample's image (None where unreadable), and the problems of all files: unreadable,
     above the stored-file limit, or a condition whose size is not its image's (the pairing rule of `ControlDataset`)."""
-    file_mp = _limit(*FILE_LIMIT)
+    file_mp = megapixel_limit(*FILE_LIMIT)
     sizes: list = []
     problems: list[tuple[Path, str]] = []
     seen: dict[Path, Optional[tuple[int, int]]] = {}
@@ -153,13 +153,13 @@ def check_batches(root: Path, sizes: Sequence[tuple[int, int]], batch_size: int,
     h, w = max(set(sizes), key=lambda hw: (hw[0] * hw[1], hw))
     mp = h * w / 1e6
     what = {"stored": "the stored size", "size": "the square training size", "buckets": "its largest bucket"}.get(how, "training size")
-    image_mp = _limit(*IMAGE_LIMIT)
+    image_mp = megapixel_limit(*IMAGE_LIMIT)
     if mp > image_mp:
         raise LimitExceededError(
             f"{root}: training at {w}x{h} ({what}) is {mp:.2f} megapixels per image, above the limit of {image_mp:g} megapixels "
             f"per image. {'Downscale the images or train at a smaller square size' if how == 'stored' else 'Lower the resolution'}, "
             f"or raise the limit with the environment variable {IMAGE_LIMIT[0]} (memory permitting).")
-    batch_mp = _limit(*BATCH_LIMIT)
+    batch_mp = megapixel_limit(*BATCH_LIMIT)
     if batch_size * mp > batch_mp:
         raise LimitExceededError(
             f"{root}: a batch of {batch_size} images at {w}x{h} ({what}) is {batch_size * mp:.1f} megapixels, above the limit of "
