@@ -6,7 +6,7 @@ there is no key table. Messages name no file: the loader puts the file's name in
 
 Not this layout: Stability's own SD3.5 ControlNets (`transformer_blocks.N.adaLN_modulation.*`, loaded by ComfyUI's
 `load_controlnet_sd35`) and diffusers' conversion of the SD3.5 large ones, which has neither `pos_embed` nor
-`context_embedder` (it borrows the base model's patch embedding and single-stream blocks).
+`context_embedder`: it takes the base model's patch embedding and its blocks attend over image tokens only.
 """
 from __future__ import annotations
 
