@@ -13,7 +13,9 @@ from .errors import (
     IncompatibleModelError,
     LimitExceededError,
     NonFiniteResidualsError,
+    NonFiniteWeightsError,
     NotACheckpointError,
+    OutputPathError,
     UnknownLayoutError,
     UnsafeCheckpointError,
 )
@@ -30,7 +32,7 @@ __version__ = "0.1.0"
 
 __all__ = [
     "BaseModelInfo", "check_compatible", "ControlNetConfig", "config_from_unet_like_state_dict", "create_from_unet",
-    "BaseModelRequiredError", "CheckpointError", "ControlNetError", "IncompatibleModelError", "LimitExceededError", "NonFiniteResidualsError", "NotACheckpointError",
+    "BaseModelRequiredError", "CheckpointError", "ControlNetError", "IncompatibleModelError", "LimitExceededError", "NonFiniteResidualsError", "NonFiniteWeightsError", "NotACheckpointError", "OutputPathError",
     "UnknownLayoutError", "UnsafeCheckpointError", "save_diffusers", "save_ldm", "FORMATS", "detect_format",
     "LoadedControl", "load_control", "ControlNet", "RESIDUALS_API_VERSION", "ControlResiduals", "add", "all_finite",
     "cfg_resolution_weights", "combine", "scale", "soft_weights", "T2IAdapter", "T2IAdapterConfig",

@@ -1,26 +1,31 @@
 """Lazy, safe access to the tensors of a weight file.
 
-Why not `safetensors.torch.load_file`: it maps the whole file and copies every tensor, so a v1.0
-checkpoint (ControlNet + UNet + VAE + CLIP) would be read entirely to keep a quarter of it, and
-peak memory doubles while the file's pages stay mapped. Here a `.safetensors` header is parsed and
-each tensor is read straight into its own buffer, only when asked for. Pickled checkpoints are
-opened with `torch.load(weights_only=True, mmap=True)`, which never runs code and reads lazily.
+Why not `safetensors.torch.load_file`: it copies every tensor of the file, so a v1.0 checkpoint (ControlNet +
+UNet + VAE + CLIP) would be read entirely to keep a quarter of it. Here each tensor is read into its own buffer,
+only when asked for.
+
+`.safetensors` files are opened with the library's own `safe_open`: its header validation is the reference
+(negative or overlapping offsets, bytes no tensor covers, a shape that does not fit its byte range, metadata that
+is not strings), where a parser of our own accepted several such files. Our code is kept for what the library
+cannot say: `_sniff` names the usual non-checkpoints (HTML page, Git-LFS pointer, empty file), which the library
+reports only as a bad header. Pickled checkpoints are opened with `torch.load(weights_only=True, mmap=True)`,
+which never runs code and reads lazily.
 """
 from __future__ import annotations
 
 import abc
-import json
+import functools
 import logging
 import os
 import pickle
-import struct
+import re
 import zipfile
 from pathlib import Path
-from typing import Iterator, Mapping, Optional, Union
+from typing import Callable, Iterator, Mapping, Optional, Union
 
 import torch
 
-from .errors import NotACheckpointError, UnsafeCheckpointError
+from .errors import NotACheckpointError, OutputPathError, UnsafeCheckpointError
 
 log = logging.getLogger(__name__)
 
@@ -34,7 +39,9 @@ for _name, _attr in (("F8_E4M3", "float8_e4m3fn"), ("F8_E5M2", "float8_e5m2")):
     if hasattr(torch, _attr):
         _ST_DTYPES[_name] = getattr(torch, _attr)
 
-_MAX_HEADER = 100 * 1024 * 1024
+# The library's messages that mean "the bytes end before the header says they do" (or the header length is garbage).
+_TRUNCATED = ("header too small", "invalid header length", "header too large", "not fully covered")
+_ANSI = re.compile(r"\x1b\[[0-9;]*[A-Za-z]")
 
 
 class TensorSource(abc.ABC):
@@ -54,6 +61,10 @@ class TensorSource(abc.ABC):
     @abc.abstractmethod
     def get(self, key: str, dtype: Optional[torch.dtype] = None) -> torch.Tensor:
         """Abstract."""
+
+    def stored_dtype(self, key: str) -> torch.dtype:
+        """The dtype as stored (before any conversion); sources that know it without reading the tensor override this."""
+        return self.get(key).dtype
 
     def __contains__(self, key: str) -> bool:
         return key in self._key_set()
@@ -82,46 +93,59 @@ class DictSource(TensorSource):
     def shape(self, key: str) -> tuple[int, ...]:
         return tuple(self.sd[key].shape)
 
+    def stored_dtype(self, key: str) -> torch.dtype:
+        return self.sd[key].dtype
+
     def get(self, key: str, dtype: Optional[torch.dtype] = None) -> torch.Tensor:
         t = self.sd[key]
         return t if dtype is None or t.dtype == dtype else t.to(dtype)
 
 
+@functools.lru_cache(maxsize=None)
+def _has_pread_backend() -> bool:
+    """Whether the installed safetensors reads with `pread` (newer releases); older ones only memory-map."""
+    from safetensors import safe_open
+
+    return "backend" in (getattr(safe_open, "__text_signature__", None) or "")
+
+
 class SafetensorsSource(TensorSource):
-    def __init__(self, path: Path):
+    """A `.safetensors` file, validated and read tensor by tensor by the `safetensors` library.
+
+    Where the library has the `pread` backend, one handle stays open and each tensor is read into its own buffer.
+    Otherwise the library memory-maps the whole file: then each read opens the file anew and copies the tensor out,
+    so that no returned tensor keeps the mapping alive (a mapped file cannot be replaced or deleted on Windows,
+    and its pages would count twice in memory while the model holds the copies).
+    """
+
+    def __init__(self, path: Path, *, pread: Optional[bool] = None):
         self.path = path
-        size = path.stat().st_size
-        with open(path, "rb") as f:
-            raw = f.read(8)
-            if len(raw) < 8:
-                raise NotACheckpointError(f"{path}: file is {size} bytes, too short to be a .safetensors file. Download it again.")
-            (n,) = struct.unpack("<Q", raw)
-            if n == 0 or n > _MAX_HEADER or n + 8 > size:
-                raise NotACheckpointError(
-                    f"{path}: not a valid .safetensors file (header length {n} for a file of {size} bytes). "
-                    "It is truncated or not a weight file; download it again."
-                )
-            try:
-                header = json.loads(f.read(n))
-            except (UnicodeDecodeError, json.JSONDecodeError) as e:
-                raise NotACheckpointError(f"{path}: the .safetensors header is not valid JSON ({e}); the file is corrupt. Download it again.") from None
-        self.metadata = dict(header.pop("__metadata__", None) or {})
-        self._data_start = 8 + n
-        self._entries: dict[str, tuple[torch.dtype, tuple[int, ...], int, int]] = {}
-        data_size = size - self._data_start
-        for key, info in header.items():
-            try:
-                dtype = _ST_DTYPES[info["dtype"]]
-                start, end = info["data_offsets"]
-                shape = tuple(info["shape"])
-            except (KeyError, TypeError, ValueError):
-                raise NotACheckpointError(f"{path}: tensor '{key}' has an unreadable header entry {info!r}; the file is corrupt.") from None
-            if end > data_size or start > end:
-                raise NotACheckpointError(
-                    f"{path}: tensor '{key}' ends at byte {end} of the data, but the file holds only {data_size} data bytes: "
-                    "the file is truncated (an interrupted download?). Download it again."
-                )
-            self._entries[key] = (dtype, shape, start, end)
+        self._pread = _has_pread_backend() if pread is None else pread
+        handle = self._open()
+        self.metadata = dict(handle.metadata() or {})
+        self._entries: dict[str, tuple[str, tuple[int, ...]]] = {}
+        for key in handle.keys():
+            view = handle.get_slice(key)
+            self._entries[key] = (view.get_dtype(), tuple(view.get_shape()))
+        self._handle = handle if self._pread else None
+
+    def _open(self):
+        from safetensors import SafetensorError, safe_open
+
+        try:
+            if self._pread:
+                return safe_open(str(self.path), framework="pt", backend="pread")
+            return safe_open(str(self.path), framework="pt")
+        except (SafetensorError, OSError) as e:
+            text = str(e).replace("Error while deserializing header: ", "")
+            size = self.path.stat().st_size if self.path.is_file() else 0
+            if any(m in text for m in _TRUNCATED):
+                hint = "the file is truncated (an interrupted download?) or corrupt"
+            else:
+                hint = "the file is corrupt"
+            raise NotACheckpointError(
+                f"{self.path}: not a valid .safetensors file ({text}; {size} bytes): {hint}. Download it again."
+            ) from None
 
     def keys(self) -> list[str]:
         return list(self._entries)
@@ -130,18 +154,22 @@ class SafetensorsSource(TensorSource):
         return self._entries[key][1]
 
     def stored_dtype(self, key: str) -> torch.dtype:
-        return self._entries[key][0]
+        name = self._entries[key][0]
+        return _ST_DTYPES[name] if name in _ST_DTYPES else self.get(key).dtype
 
     def get(self, key: str, dtype: Optional[torch.dtype] = None) -> torch.Tensor:
-        stored, shape, start, end = self._entries[key]
-        buf = torch.empty(end - start, dtype=torch.uint8)
-        with open(self.path, "rb") as f:
-            f.seek(self._data_start + start)
-            got = f.readinto(buf.numpy()) if end > start else 0
-        if got != end - start:
-            raise NotACheckpointError(f"{self.path}: could not read tensor '{key}' (got {got} of {end - start} bytes); the file is truncated.")
-        t = buf.view(stored).reshape(shape)
-        return t if dtype is None or dtype == stored else t.to(dtype)
+        from safetensors import SafetensorError
+
+        try:
+            if self._handle is not None:
+                t = self._handle.get_tensor(key)
+            else:
+                with self._open() as handle:
+                    t = handle.get_tensor(key)
+                t = t.clone() if dtype is None or dtype == t.dtype else t.to(dtype)
+        except (SafetensorError, OSError, TypeError, ValueError) as e:
+            raise NotACheckpointError(f"{self.path}: could not read tensor '{key}' ({e}); the file is corrupt or was changed while open.") from None
+        return t if dtype is None or dtype == t.dtype else t.to(dtype)
 
 
 class PickleSource(TensorSource):
@@ -155,20 +183,25 @@ class PickleSource(TensorSource):
 
     @staticmethod
     def _load(path: Path):
+        from safetensors import SafetensorError
+
         errors = []
         for mmap in (True, False):
             try:
-                return torch.load(path, map_location="cpu", weights_only=True, mmap=mmap)
+                if mmap:
+                    return torch.load(path, map_location="cpu", weights_only=True, mmap=True)
+                with open(path, "rb") as f:  # a file object: torch.load hands any path named .safetensors to safetensors
+                    return torch.load(f, map_location="cpu", weights_only=True)
             except pickle.UnpicklingError as e:
-                msg = str(e)
-                if "weights_only" in msg or "Unsupported global" in msg or "GLOBAL" in msg:
+                refused = refused_pickle_global(e)
+                if refused is not None:
                     raise UnsafeCheckpointError(
-                        f"{path}: this pickle needs more than tensors to load ({msg.splitlines()[0][:200]}). "
-                        "Unpickling it could run arbitrary code, so it is refused. Use a .safetensors version of the file."
+                        f"{path}: refused: this pickle would import {refused}, which is not a tensor or a plain container, "
+                        "and unpickling it could run code. Use a .safetensors version of the file."
                     ) from None
-                errors.append(msg)
-            except (RuntimeError, EOFError, ValueError, zipfile.BadZipFile, OSError) as e:
-                errors.append(str(e).splitlines()[0] if str(e) else type(e).__name__)
+                errors.append(_first_line(e))
+            except (RuntimeError, EOFError, ValueError, zipfile.BadZipFile, OSError, SafetensorError) as e:
+                errors.append(_first_line(e))
         raise NotACheckpointError(f"{path}: could not be read as a PyTorch checkpoint ({errors[-1][:200]}). The file is corrupt or truncated; download it again.")
 
     def keys(self) -> list[str]:
@@ -177,11 +210,31 @@ class PickleSource(TensorSource):
     def shape(self, key: str) -> tuple[int, ...]:
         return tuple(self.sd[key].shape)
 
+    def stored_dtype(self, key: str) -> torch.dtype:
+        return self.sd[key].dtype
+
     def get(self, key: str, dtype: Optional[torch.dtype] = None) -> torch.Tensor:
         t = self.sd[key]
         if dtype is not None and t.dtype != dtype:
             return t.to(dtype)
         return t.clone()  # detach from the file mapping
+
+
+def _first_line(error: BaseException) -> str:
+    text = _ANSI.sub("", str(error)).strip()
+    return text.splitlines()[0] if text else type(error).__name__
+
+
+def refused_pickle_global(error: BaseException) -> Optional[str]:
+    """What a `weights_only` load refused (e.g. 'posix.system'), or None when `error` is no such refusal.
+
+    torch's own message advises loading with `weights_only=False` and carries terminal colour codes; our messages
+    name the object instead and never repeat that advice (it would run the file's code)."""
+    text = _ANSI.sub("", str(error))
+    if "weights_only" not in text and "GLOBAL" not in text and "Unsupported global" not in text:
+        return None
+    found = re.search(r"GLOBAL ([\w.]+)", text)
+    return f"'{found[1]}'" if found else "objects other than tensors and plain containers"
 
 
 def _flatten_state_dict(obj, path: Path) -> dict[str, torch.Tensor]:
@@ -203,11 +256,14 @@ def _flatten_state_dict(obj, path: Path) -> dict[str, torch.Tensor]:
 
 def _sniff(path: Path) -> str:
     """Tell the container from the first bytes, and recognise the usual non-checkpoints."""
-    size = path.stat().st_size
+    try:
+        size = path.stat().st_size
+        with open(path, "rb") as f:
+            head = f.read(512)
+    except OSError as e:
+        raise NotACheckpointError(f"{path}: cannot be read ({e.strerror or e}).") from None
     if size == 0:
         raise NotACheckpointError(f"{path}: the file is empty (0 bytes). The download failed; download it again.")
-    with open(path, "rb") as f:
-        head = f.read(512)
     text = head.lstrip()
     if text.startswith(b"version https://git-lfs"):
         raise NotACheckpointError(
@@ -220,12 +276,12 @@ def _sniff(path: Path) -> str:
             f"{path}: this is a web page (HTML), not weights; the download saved a login or error page. "
             "Download the file again from its direct link."
         )
+    if len(head) >= 9 and head[8:9] == b"{":  # before the pickle test: a header length can begin with byte 0x80
+        return "safetensors"
     if head[:4] == b"PK\x03\x04":
         return "torch-zip"
     if head[:1] == b"\x80":
         return "torch-legacy"
-    if len(head) >= 9 and head[8:9] == b"{":
-        return "safetensors"
     raise NotACheckpointError(
         f"{path}: not a recognised weight file (first bytes {head[:16]!r}). Expected .safetensors or a PyTorch .pth/.ckpt/.bin; "
         "the file may be corrupt or of another kind."
@@ -235,6 +291,8 @@ def _sniff(path: Path) -> str:
 def open_checkpoint(path: PathLike) -> TensorSource:
     """Open a weight file lazily; raises a `ControlNetError` subclass for anything that is not one."""
     path = Path(path)
+    if path.is_dir():
+        raise NotACheckpointError(f"{path}: is a folder; expected a weight file (.safetensors, .pth, .ckpt or .bin).")
     if not path.is_file():
         raise NotACheckpointError(f"{path}: no such file.")
     kind = _sniff(path)
@@ -243,14 +301,36 @@ def open_checkpoint(path: PathLike) -> TensorSource:
     return PickleSource(path)
 
 
-def save_safetensors(tensors: Mapping[str, torch.Tensor], path: PathLike, metadata: Optional[Mapping[str, str]] = None) -> None:
-    """Write through a temporary file so an interrupted save never leaves a half-written checkpoint."""
+def check_output_file(path: Path, overwrite: bool) -> None:
+    """Refuse, before any work, an output file that would replace a folder, or an existing file unless asked to."""
+    if path.is_dir():
+        raise OutputPathError(f"{path}: is a folder; the output here is one file (give a name such as {path / 'controlnet.safetensors'}).")
+    if path.exists() and not overwrite:
+        raise OutputPathError(f"{path}: already exists; choose another name, or overwrite it (--overwrite).")
+
+
+def write_atomically(path: Path, write: Callable[[Path], None]) -> None:
+    """`write(tmp)`, then move the temporary file onto `path`; the temporary file is removed whatever happens, so a
+    failed save leaves neither a half-written file nor a stray `.part`. OS errors become `OutputPathError`."""
+    tmp = path.with_name(path.name + ".part")
+    try:
+        write(tmp)
+        os.replace(tmp, path)
+    except OSError as e:
+        raise OutputPathError(f"{path}: could not be written ({e.strerror or e}).") from None
+    finally:
+        tmp.unlink(missing_ok=True)
+
+
+def save_safetensors(tensors: Mapping[str, torch.Tensor], path: PathLike, metadata: Optional[Mapping[str, str]] = None, *,
+                     overwrite: bool = True) -> None:
+    """Save atomically (see `write_atomically`); `overwrite=False` refuses an existing file before any work."""
     from safetensors.torch import save_file
 
     path = Path(path)
-    tmp = path.with_name(path.name + ".part")
-    save_file({k: v.detach().contiguous() for k, v in tensors.items()}, str(tmp), metadata=dict(metadata or {}))
-    os.replace(tmp, path)
+    check_output_file(path, overwrite)
+    sd = {k: v.detach().contiguous() for k, v in tensors.items()}
+    write_atomically(path, lambda tmp: save_file(sd, str(tmp), metadata=dict(metadata or {})))
 
 
 def iter_prefixed(source: TensorSource, prefix: str) -> Iterator[str]:

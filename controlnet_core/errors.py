@@ -40,3 +40,12 @@ class LimitExceededError(ControlNetError):
 
 class NonFiniteResidualsError(ControlNetError):
     """A control model's residuals turned NaN or infinite during sampling: stopped instead of returning black."""
+
+
+class NonFiniteWeightsError(ControlNetError):
+    """A weight file holding NaN or infinite values: refused at load, as such a model only ever gives black images."""
+
+
+class OutputPathError(ControlNetError):
+    """An output that cannot be written where asked: the path exists (and overwriting was not asked for), is a
+    folder where a file goes, or the system refused the write."""
