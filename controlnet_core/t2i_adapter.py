@@ -6,6 +6,7 @@ SDXL, `mid` sites). Their output does not depend on the timestep, so it is compu
 """
 from __future__ import annotations
 
+import re
 from dataclasses import dataclass
 from typing import Mapping, Optional
 
@@ -13,6 +14,7 @@ import torch
 import torch.nn.functional as F
 from torch import nn
 
+from .config import count_numbered
 from .errors import ControlNetError
 from .model import tensor_version
 from .residuals import ControlResiduals
@@ -27,6 +29,18 @@ class T2IAdapterConfig:
     ksize: int = 1  # kernel of block2 / in_conv / skep (full adapter)
     use_conv: bool = False  # strided-conv downsampling (else average pooling)
     xl: bool = False  # SDXL layout: unshuffle 16, features after input blocks 3, 5, 8 and the middle block
+
+    def __post_init__(self) -> None:
+        """Refuse impossible adapters at construction (they come from a file's shapes, which may be damaged)."""
+        problems = []
+        if self.cin < 1 or self.cin % self.unshuffle**2:
+            problems.append(f"cin = {self.cin} is not a positive multiple of {self.unshuffle**2} (pixel-unshuffle {self.unshuffle})")
+        if not self.channels or min(self.channels) < (1 if self.light else 4):
+            problems.append(f"channels = {self.channels}")
+        if self.nums_rb < 1 or self.ksize < 1 or self.ksize % 2 == 0:
+            problems.append(f"nums_rb = {self.nums_rb}, ksize = {self.ksize} (need >= 1, and an odd kernel)")
+        if problems:
+            raise ControlNetError("impossible T2IAdapterConfig: " + "; ".join(problems) + ".")
 
     @property
     def unshuffle(self) -> int:
@@ -181,16 +195,16 @@ class T2IAdapter(nn.Module):
 def config_from_t2i_shapes(shapes: Mapping[str, tuple[int, ...]]) -> T2IAdapterConfig:
     """Derive the adapter's config from canonical (original-layout) key shapes."""
     keys = set(shapes)
-    body_idx = [int(k.split(".")[1]) for k in keys if k.startswith("body.")]
+    body_idx = [int(m[1]) for k in keys if (m := re.match(r"body\.(\d+)\.", k))]
     if not body_idx:
         raise ControlNetError("T2I-Adapter state dict has no 'body.*' keys.")
     if "conv_in.weight" not in keys:  # light adapter: body.i.{in_conv, body.j, out_conv}
-        levels = 1 + max(body_idx)
-        nums_rb = 1 + max(int(k.split(".")[3]) for k in keys if k.startswith("body.0.body."))
+        levels = count_numbered(body_idx, "body blocks", "T2I-Adapter")
+        nums_rb = count_numbered((int(m[1]) for k in keys if (m := re.match(r"body\.0\.body\.(\d+)\.", k))), "body.0 blocks", "T2I-Adapter")
         chans = tuple(shapes[f"body.{i}.out_conv.weight"][0] for i in range(levels))
         return T2IAdapterConfig(light=True, cin=shapes["body.0.in_conv.weight"][1], channels=chans, nums_rb=nums_rb, ksize=3)
     cin = shapes["conv_in.weight"][1]
-    n_body = 1 + max(body_idx)
+    n_body = count_numbered(body_idx, "body blocks", "T2I-Adapter")
     nums_rb = 2  # every published full adapter; ComfyUI and diffusers assume it too
     if n_body % nums_rb:
         raise ControlNetError(f"T2I-Adapter with {n_body} body blocks: expected {nums_rb} per level.")

@@ -64,6 +64,6 @@ class ControlNetSuiteLoader:
         try:
             loaded = load_control(path, base_unet=base, dtype=_compute_dtype(), device=comfy.model_management.unet_offload_device(),
                                   global_average_pooling=gap)
-        except ControlNetError as e:
-            raise ControlNetError(f"Load ControlNet (Suite): {e}") from None
+        except ControlNetError as e:  # the library's message, with its class, behind the node's name
+            raise type(e)(f"Load ControlNet (Suite): {e}") from None
         return (SuiteControl(loaded, make_patcher(loaded.model), name=Path(control_net_name).name),)

@@ -9,7 +9,7 @@ import json
 import re
 from typing import Iterable, Mapping, Optional
 
-from ..config import ControlNetConfig
+from ..config import ControlNetConfig, count_numbered
 from ..errors import CheckpointError
 
 SIGNATURE = ("controlnet_cond_embedding.conv_in.weight", "controlnet_down_blocks.0.weight", "controlnet_mid_block.weight")
@@ -66,18 +66,21 @@ def _rename(key: str, pairs: list[tuple[str, str]]) -> Optional[str]:
 
 
 def _layout_from_keys(keys: set[str]) -> tuple[list[int], list[bool], bool]:
-    blocks: dict[int, int] = {}
+    resnets: dict[int, set[int]] = {}
     attn: dict[int, bool] = {}
     for k in keys:
         m = re.match(r"down_blocks\.(\d+)\.(resnets|attentions)\.(\d+)\.", k)
         if m:
             b, kind, j = int(m.group(1)), m.group(2), int(m.group(3))
-            blocks[b] = max(blocks.get(b, 0), j + 1)
+            resnets.setdefault(b, set())
+            if kind == "resnets":
+                resnets[b].add(j)
             attn[b] = attn.get(b, False) or kind == "attentions"
-    if not blocks:
+    if not resnets:
         raise CheckpointError("diffusers ControlNet without 'down_blocks.*' keys.")
-    n = max(blocks) + 1
-    return [blocks.get(b, 0) for b in range(n)], [attn.get(b, False) for b in range(n)], any(k.startswith("mid_block.attentions.") for k in keys)
+    n = count_numbered(resnets, "down_blocks", "diffusers ControlNet")
+    layers = [count_numbered(resnets[b], f"down_blocks.{b}.resnets", "diffusers ControlNet") for b in range(n)]
+    return layers, [attn[b] for b in range(n)], any(k.startswith("mid_block.attentions.") for k in keys)
 
 
 def canonical_map(keys: Iterable[str]) -> dict[str, str]:
@@ -106,14 +109,23 @@ def from_canonical_map(config: ControlNetConfig, canonical_keys: Iterable[str]) 
     return out
 
 
+def _is_count(v) -> bool:
+    return isinstance(v, int) and not isinstance(v, bool) and v > 0
+
+
 def heads_from_config(cfg_json: Mapping, level_channels: tuple[int, ...]) -> tuple[Optional[int], Optional[int]]:
     """(num_heads, num_head_channels) from a diffusers config; diffusers' `attention_head_dim` is really the head count."""
-    heads = cfg_json.get("num_attention_heads") or cfg_json.get("attention_head_dim")
+    name = "num_attention_heads" if cfg_json.get("num_attention_heads") is not None else "attention_head_dim"
+    heads = cfg_json.get(name)
     if heads is None:
         return None, None
-    if isinstance(heads, int):
+    if _is_count(heads):
         return heads, -1
-    heads = list(heads)
+    heads = list(heads) if isinstance(heads, tuple) else heads  # an in-memory config may hold tuples
+    if not isinstance(heads, list) or not heads or not all(_is_count(h) for h in heads):
+        raise CheckpointError(f"diffusers config: {name} is {heads!r}; expected a positive head count, or one per level.")
+    if len(heads) != len(level_channels):
+        raise CheckpointError(f"diffusers config: {name} {heads} gives {len(heads)} head counts for the weights' {len(level_channels)} levels {list(level_channels)}.")
     if len(set(heads)) == 1:
         return heads[0], -1
     per_head = {c // h for c, h in zip(level_channels, heads)}
@@ -171,9 +183,43 @@ def config_json(config: ControlNetConfig, addition_time_embed_dim: int = 256) ->
     return d
 
 
+def config_mismatches(cfg_json: Mapping, config: ControlNetConfig) -> list[str]:
+    """Where a diffusers config.json disagrees with the architecture the weights give, as "field X (tensors: Y)".
+
+    Only fields present in the file are compared; diffusers' defaults are not assumed."""
+    have: dict[str, object] = {
+        "in_channels": config.in_channels,
+        "conditioning_channels": config.hint_channels,
+        "block_out_channels": list(config.level_channels),
+        "layers_per_block": list(config.num_res_blocks),
+        "down_block_types": [d > 0 for d in config.transformer_depth],
+        "conditioning_embedding_out_channels": list(config.hint_block_channels),
+    }
+    if any(d > 0 for d in config.transformer_depth) or config.transformer_depth_middle > 0:
+        have["cross_attention_dim"] = config.context_dim
+    out = []
+    for name, value in have.items():
+        if name not in cfg_json:
+            continue
+        said = list(cfg_json[name]) if isinstance(cfg_json[name], tuple) else cfg_json[name]  # an in-memory config may hold tuples
+        if name == "layers_per_block" and _is_count(said):
+            said = [said] * len(config.num_res_blocks)
+        if name == "down_block_types" and isinstance(said, list):  # compared as: levels, and which have attention
+            said = ["CrossAttn" in str(t) for t in said]
+            if said != value:
+                out.append(f"down_block_types {list(cfg_json[name])} (tensors: {len(value)} levels, attention in {[i for i, a in enumerate(value) if a]})")
+            continue
+        if said != value:
+            out.append(f"{name} {said!r} (tensors: {value!r})")
+    return out
+
+
 def read_config_json(path) -> dict:
     try:
         with open(path, encoding="utf-8") as f:
-            return json.load(f)
-    except (OSError, json.JSONDecodeError) as e:
-        raise CheckpointError(f"{path}: unreadable diffusers config.json ({e}).") from None
+            data = json.load(f)
+    except (OSError, ValueError, RecursionError) as e:
+        raise CheckpointError(f"{path}: unreadable diffusers config.json ({type(e).__name__}: {e}).") from None
+    if not isinstance(data, dict):
+        raise CheckpointError(f"{path}: a diffusers config.json holds a JSON object of settings; this one holds a {type(data).__name__}.")
+    return data
