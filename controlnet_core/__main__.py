@@ -8,6 +8,7 @@ import sys
 import torch
 
 from . import ControlNetError, create_from_unet, load_control, save_diffusers, save_ldm
+from .export import check_output
 from .formats import FORMATS
 
 _DTYPES = {"fp32": torch.float32, "fp16": torch.float16, "bf16": torch.bfloat16}
@@ -25,10 +26,12 @@ def main(argv: list[str] | None = None) -> int:
     conv.add_argument("--to", choices=["ldm", "diffusers"], default="ldm")
     conv.add_argument("--base")
     conv.add_argument("--dtype", choices=list(_DTYPES), default=None)
+    conv.add_argument("--overwrite", action="store_true", help="replace an existing output file, or the model in an existing folder")
     create = sub.add_parser("create", help="create a zero-initialised ControlNet from a base UNet/checkpoint")
     create.add_argument("base")
     create.add_argument("out")
     create.add_argument("--hint-channels", type=int, default=3)
+    create.add_argument("--overwrite", action="store_true", help="replace an existing output file")
     args = ap.parse_args(argv)
     logging.basicConfig(level=logging.INFO, format="%(message)s")
     try:
@@ -39,15 +42,17 @@ def main(argv: list[str] | None = None) -> int:
             print(f"config: {lc.config}")
             print(f"params: {sum(p.numel() for p in lc.model.parameters()):,}")
         elif args.cmd == "convert":
+            check_output(args.out, folder=args.to == "diffusers", overwrite=args.overwrite)  # before the load, which may be long
             lc = load_control(args.file, base_unet=args.base)
             dt = _DTYPES[args.dtype] if args.dtype else None
-            out = save_ldm(lc, args.out, dtype=dt) if args.to == "ldm" else save_diffusers(lc, args.out, dtype=dt)
-            print(f"wrote {out}")
+            save = save_ldm if args.to == "ldm" else save_diffusers
+            print(f"wrote {save(lc, args.out, dtype=dt, overwrite=args.overwrite)}")
         elif args.cmd == "create":
+            check_output(args.out, folder=False, overwrite=args.overwrite)
             model = create_from_unet(args.base, hint_channels=args.hint_channels)
-            print(f"wrote {save_ldm(model, args.out)}")
+            print(f"wrote {save_ldm(model, args.out, overwrite=args.overwrite)}")
     except ControlNetError as e:
-        print(f"error: {e}", file=sys.stderr)
+        print("error: " + " ".join(str(e).splitlines()), file=sys.stderr)  # one line, whatever the message
         return 2
     return 0
 

@@ -13,7 +13,7 @@ import torch
 from torch import nn
 
 from .config import config_from_unet_like_state_dict
-from .errors import CheckpointError
+from .errors import CheckpointError, ControlNetError
 from .formats import patches
 from .loader import StateDictLike, as_source
 from .model import ControlNet
@@ -40,6 +40,8 @@ def create_from_unet(
     seed: Optional[int] = None,
 ) -> ControlNet:
     """A ControlNet whose residuals are all exactly zero, initialised from `unet` (ldm keys, bare or in a checkpoint)."""
+    if isinstance(hint_channels, bool) or not isinstance(hint_channels, int) or hint_channels < 1:
+        raise ControlNetError(f"hint_channels = {hint_channels!r}: a ControlNet needs at least one hint channel (an RGB hint has 3).")
     base = as_source(unet, "base UNet")
     prefix = patches.unet_prefix(base)
     shapes = {k[len(prefix):]: torch.empty(base.shape(k), device="meta") for k in base.keys() if k.startswith(prefix)}

@@ -8,8 +8,8 @@ from typing import Optional, Union
 
 import torch
 
-from .checkpoint import save_safetensors
-from .errors import ControlNetError
+from .checkpoint import check_output_file, save_safetensors, write_atomically
+from .errors import ControlNetError, OutputPathError
 from .formats import diffusers as diffusers_fmt
 from .formats import ldm as ldm_fmt
 from .formats import t2i as t2i_fmt
@@ -28,11 +28,27 @@ def _state(model: torch.nn.Module, dtype: Optional[torch.dtype]) -> dict[str, to
     return {k: (v.to(dtype) if dtype is not None else v).detach().cpu() for k, v in model.state_dict().items()}
 
 
-def save_ldm(control, path: PathLike, *, prefix: str = ldm_fmt.CONTROL_PREFIX, dtype: Optional[torch.dtype] = None) -> Path:
+def check_output(path: PathLike, *, folder: bool, overwrite: bool) -> None:
+    """Refuse an output before any work: a file where a folder is, or an existing result unless `overwrite`.
+
+    folder: the output is a diffusers folder (`save_diffusers`), else one file (`save_ldm`)."""
+    path = Path(path)
+    if not folder:
+        check_output_file(path, overwrite)
+    elif path.exists() and not path.is_dir():
+        raise OutputPathError(f"{path}: is a file; a diffusers model is saved as a folder (config.json + diffusion_pytorch_model.safetensors).")
+    elif path.is_dir() and any(path.iterdir()) and not overwrite:
+        raise OutputPathError(f"{path}: is a folder that is not empty; choose another folder, or overwrite its model (--overwrite).")
+
+
+def save_ldm(control, path: PathLike, *, prefix: str = ldm_fmt.CONTROL_PREFIX, dtype: Optional[torch.dtype] = None,
+             overwrite: bool = True) -> Path:
     """v1.1 layout (`control_model.*`), readable by this library, ComfyUI and sd-webui-controlnet.
 
-    T2I-Adapters are saved in their original layout (no prefix).
+    T2I-Adapters are saved in their original layout (no prefix). An existing folder at `path` is always refused, an
+    existing file unless `overwrite`.
     """
+    check_output(path, folder=False, overwrite=overwrite)
     model = _model(control)
     sd = _state(model, dtype)
     meta = {"format": "pt"}
@@ -43,18 +59,20 @@ def save_ldm(control, path: PathLike, *, prefix: str = ldm_fmt.CONTROL_PREFIX, d
     elif not isinstance(model, T2IAdapter):
         raise ControlNetError(f"cannot export a {type(model).__name__}; expected a ControlNet or T2IAdapter.")
     path = Path(path)
-    save_safetensors(sd, path, meta)
+    save_safetensors(sd, path, meta, overwrite=overwrite)
     return path
 
 
-def save_diffusers(control, directory: PathLike, *, dtype: Optional[torch.dtype] = None, addition_time_embed_dim: int = 256) -> Path:
-    """A diffusers folder: `diffusion_pytorch_model.safetensors` + `config.json`.
+def save_diffusers(control, directory: PathLike, *, dtype: Optional[torch.dtype] = None, addition_time_embed_dim: int = 256,
+                   overwrite: bool = True) -> Path:
+    """A diffusers folder: `diffusion_pytorch_model.safetensors` + `config.json`, each written atomically.
 
     addition_time_embed_dim: SDXL only, the width of each size embedding inside `y` (256 for SDXL).
+    overwrite: False refuses a folder that is not empty.
     """
+    check_output(directory, folder=True, overwrite=overwrite)
     model = _model(control)
     directory = Path(directory)
-    directory.mkdir(parents=True, exist_ok=True)
     sd = _state(model, dtype)
     if isinstance(model, ControlNet):
         names = diffusers_fmt.from_canonical_map(model.config, sd.keys())
@@ -66,8 +84,11 @@ def save_diffusers(control, directory: PathLike, *, dtype: Optional[torch.dtype]
                "channels": list(c.channels), "in_channels": c.hint_channels, "num_res_blocks": c.nums_rb, "downscale_factor": c.unshuffle}
     else:
         raise ControlNetError(f"cannot export a {type(model).__name__}; expected a ControlNet or T2IAdapter.")
+    try:
+        directory.mkdir(parents=True, exist_ok=True)
+    except OSError as e:
+        raise OutputPathError(f"{directory}: the folder could not be made ({e.strerror or e}).") from None
     save_safetensors({names[k]: v for k, v in sd.items()}, directory / "diffusion_pytorch_model.safetensors", {"format": "pt"})
-    tmp = directory / "config.json.part"
-    tmp.write_text(json.dumps(cfg, indent=2, sort_keys=True))
-    os.replace(tmp, directory / "config.json")
+    text = json.dumps(cfg, indent=2, sort_keys=True)
+    write_atomically(directory / "config.json", lambda tmp: tmp.write_text(text))
     return directory
