@@ -228,7 +228,7 @@ def _first_line(error: BaseException) -> str:
 def refused_pickle_global(error: BaseException) -> Optional[str]:
     """What a `weights_only` load refused (e.g. 'posix.system'), or None when `error` is no such refusal.
 
-    torch's own message advises loading with `weights_only=False` and carries terminal colour codes; our messages
+    torch's own message advises turning the weights-only protection off and carries terminal colour codes; our messages
     name the object instead and never repeat that advice (it would run the file's code)."""
     text = _ANSI.sub("", str(error))
     if "weights_only" not in text and "GLOBAL" not in text and "Unsupported global" not in text:

@@ -21,6 +21,7 @@ from typing import Iterable, Optional
 
 import torch
 
+from ..checkpoint import refused_pickle_global
 from ..errors import ControlNetError
 
 log = logging.getLogger(__name__)
@@ -104,12 +105,13 @@ def save_checkpoint(state: dict, path: Path) -> None:
 
 
 def _reason(error: BaseException) -> str:
-    """What went wrong, in one line, without torch's advice to turn off weights_only (never follow it for a file
-    you did not write) and without terminal colour codes."""
+    """What went wrong, in one line, without torch's advice to turn the weights-only protection off (never follow it
+    for a file you did not write) and without terminal colour codes."""
+    refused = refused_pickle_global(error)
+    if refused is not None or "UnpicklingError" in type(error).__name__:
+        named = f" ({refused})" if refused and refused.startswith("'") else ""
+        return f"it holds pickled objects other than tensors and plain data{named}, which are never loaded"
     text = re.sub(r"\x1b\[[0-9;]*m", "", str(error)).strip()
-    if "weights_only" in text or "Unsupported global" in text or "UnpicklingError" in type(error).__name__:
-        found = re.search(r"GLOBAL ([\w.]+)", text) or re.search(r"Unsupported global: (?:GLOBAL )?([\w.]+)", text)
-        return "it holds pickled objects other than tensors and plain data" + (f" ({found[1]})" if found else "") + ", which are never loaded"
     first = text.splitlines()[0] if text else ""
     return f"{type(error).__name__}: {first}" if first else type(error).__name__
 
