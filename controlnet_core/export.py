@@ -42,11 +42,12 @@ def check_output(path: PathLike, *, folder: bool, overwrite: bool) -> None:
 
 
 def save_ldm(control, path: PathLike, *, prefix: str = ldm_fmt.CONTROL_PREFIX, dtype: Optional[torch.dtype] = None,
-             overwrite: bool = True) -> Path:
+             overwrite: bool = False) -> Path:
     """v1.1 layout (`control_model.*`), readable by this library, ComfyUI and sd-webui-controlnet.
 
-    T2I-Adapters are saved in their original layout (no prefix). An existing folder at `path` is always refused, an
-    existing file unless `overwrite`.
+    T2I-Adapters are saved in their original layout (no prefix). An existing folder at `path` is always refused, and
+    an existing file too (`OutputPathError`, before any work) unless `overwrite=True`. The file is written to
+    `<path>.part` and renamed into place, so a failed save leaves the old file as it was and no `.part`.
     """
     check_output(path, folder=False, overwrite=overwrite)
     model = _model(control)
@@ -64,11 +65,12 @@ def save_ldm(control, path: PathLike, *, prefix: str = ldm_fmt.CONTROL_PREFIX, d
 
 
 def save_diffusers(control, directory: PathLike, *, dtype: Optional[torch.dtype] = None, addition_time_embed_dim: int = 256,
-                   overwrite: bool = True) -> Path:
+                   overwrite: bool = False) -> Path:
     """A diffusers folder: `diffusion_pytorch_model.safetensors` + `config.json`, each written atomically.
 
     addition_time_embed_dim: SDXL only, the width of each size embedding inside `y` (256 for SDXL).
-    overwrite: False refuses a folder that is not empty.
+    overwrite: a folder that is not empty is refused (`OutputPathError`, before any work) unless this is True; then
+        its two model files are replaced, each through a `.part` file and a rename.
     """
     check_output(directory, folder=True, overwrite=overwrite)
     model = _model(control)

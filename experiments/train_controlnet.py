@@ -98,9 +98,10 @@ def train_controlnet(s: Settings, variant: str, steps: int, base: Path = BASE_FI
     seconds = time.perf_counter() - t0
     with_p, per_item = evaluate(unet, cn, s, s.ddim_steps, True)
     without_p, _ = evaluate(unet, cn, s, s.ddim_steps, False)
-    save_ldm(cn, run / "controlnet.safetensors", dtype=torch.float16)
+    # the run folder is always resumed and its files refreshed; --out names a file to write (replaced if it exists)
+    save_ldm(cn, run / "controlnet.safetensors", dtype=torch.float16, overwrite=True)
     if out is not None:
-        save_ldm(cn, out, dtype=torch.float16)
+        save_ldm(cn, out, dtype=torch.float16, overwrite=True)
     result = {"variant": variant, "zero_init": zero, "empty_prompt_rate": rate, "steps": trainer.step, "settings": s.to_json(),
               "curve": record["curve"], "losses": record["losses"], "iou_with_prompts": round(with_p, 4),
               "iou_without_prompts": round(without_p, 4), "iou_per_item_with_prompts": per_item,
@@ -118,7 +119,7 @@ def main() -> None:
     ap.add_argument("--base", type=Path, default=BASE_FILE)
     ap.add_argument("--work", type=Path, default=WORK)
     ap.add_argument("--results", type=Path, default=RESULTS)
-    ap.add_argument("--out", type=Path, help="also write the ControlNet here (v1.1 layout, fp16)")
+    ap.add_argument("--out", type=Path, help="also write the ControlNet here (v1.1 layout, fp16; an existing file is replaced)")
     a = ap.parse_args()
     set_threads()
     s = QUICK if a.quick else Settings()

@@ -378,7 +378,7 @@ class ControlNetSuiteTrain:
         out.parent.mkdir(parents=True, exist_ok=True)
         check_may_write(run_dir, out, resume=True, overwrite=overwrite)  # again: the file may have appeared meanwhile
         replaced = out.exists()
-        trainer.save_controlnet(out)
+        trainer.save_controlnet(out, overwrite=True)  # check_may_write above decided
         record_output(run_dir, out)
         log.info("%s: %d steps, saved %s%s", NODE, trainer.step, out, " (replacing the earlier file of that name)" if replaced else "")
         del trainer, unet, controlnet

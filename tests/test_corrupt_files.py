@@ -11,7 +11,7 @@ import torch
 
 from controlnet_core import (
     CheckpointError, ControlNetError, NonFiniteWeightsError, NotACheckpointError, OutputPathError, UnsafeCheckpointError, load_control,
-    save_ldm,
+    save_diffusers, save_ldm,
 )
 from controlnet_core.__main__ import main
 from controlnet_core.checkpoint import SafetensorsSource, save_safetensors
@@ -179,6 +179,42 @@ def test_library_export_never_replaces_a_folder(tmp_path):
     with pytest.raises(OutputPathError, match="is a folder"):
         save_ldm(random_controlnet(MINI), folder)
     assert _parts(tmp_path) == []
+
+
+def test_library_export_refuses_an_existing_output_unless_asked(tmp_path, monkeypatch):
+    """save_ldm / save_diffusers called from code: an existing file or a non-empty folder is kept unless
+    overwrite=True, and a failed replacement leaves the old file and no `.part`."""
+    model = random_controlnet(MINI)
+    existing = tmp_path / "out.safetensors"
+    existing.write_bytes(b"keep me")
+    with pytest.raises(OutputPathError, match="already exists") as e:
+        save_ldm(model, existing)
+    assert str(existing) in str(e.value) and existing.read_bytes() == b"keep me"
+    folder = tmp_path / "diffusers"
+    folder.mkdir()
+    (folder / "config.json").write_text("{}")
+    with pytest.raises(OutputPathError, match="not empty") as e:
+        save_diffusers(model, folder)
+    assert str(folder) in str(e.value) and [p.name for p in folder.iterdir()] == ["config.json"]
+    assert (folder / "config.json").read_text() == "{}"
+
+    def refuse(src, dst):
+        raise PermissionError(13, "Permission denied")
+
+    with monkeypatch.context() as m:
+        m.setattr(os, "replace", refuse)
+        with pytest.raises(OutputPathError, match="Permission denied"):
+            save_ldm(model, existing, overwrite=True)
+    assert existing.read_bytes() == b"keep me" and _parts(tmp_path) == []
+
+    assert save_ldm(model, existing, overwrite=True) == existing
+    assert load_control(existing).config == MINI
+    assert save_diffusers(model, folder, overwrite=True) == folder
+    assert load_control(folder).config == MINI
+    assert _parts(tmp_path) == []
+    empty = tmp_path / "empty"
+    empty.mkdir()
+    assert load_control(save_diffusers(model, empty)).config == MINI  # an empty folder holds nothing to keep
 
 
 @pytest.mark.parametrize("count", ["0", "-2"])

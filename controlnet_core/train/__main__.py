@@ -76,7 +76,7 @@ def main(argv: list[str] | None = None) -> int:
             print(f"step {step}/{args.steps}  loss {loss:.4f}  {dt * 1000:.0f} ms/step  {args.batch / max(dt, 1e-9):.1f} img/s", flush=True)
 
         trainer.train(max(0, args.steps - trainer.step), checkpoint=ckpt, save_every=args.save_every, on_step=report)
-        print(f"wrote {save_ldm(cn, out / 'controlnet.safetensors')}", flush=True)
+        print(f"wrote {save_ldm(cn, out / 'controlnet.safetensors', overwrite=True)}", flush=True)  # the run's own file; check_can_start decided
     except ControlNetError as e:
         print(f"error: {e}", file=sys.stderr)
         return 2

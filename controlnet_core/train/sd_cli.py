@@ -105,7 +105,7 @@ def run(args: argparse.Namespace) -> int:
         trainer.load_checkpoint(ckpt)  # a damaged or missing newest checkpoint: the error names the previous one
         print(f"resumed at step {trainer.step}", flush=True)
     trainer.train(max(0, args.steps - trainer.step), checkpoint=ckpt, save_every=args.save_every, on_step=progress_printer(args.steps, args.batch * args.grad_accum))
-    print(f"wrote {save_ldm(cn, out / 'controlnet.safetensors')}", flush=True)
+    print(f"wrote {save_ldm(cn, out / 'controlnet.safetensors', overwrite=True)}", flush=True)  # the run's own file; check_can_start decided
     return 0
 
 

@@ -348,9 +348,10 @@ class Trainer:
             out.load_state_dict(weights)
         return out.eval()
 
-    def save_controlnet(self, path: Path, ema: Optional[bool] = None) -> Optional[Path]:
-        """The v1.1-layout safetensors of `export_controlnet` (rank 0 writes; returns None elsewhere)."""
+    def save_controlnet(self, path: Path, ema: Optional[bool] = None, *, overwrite: bool = False) -> Optional[Path]:
+        """The v1.1-layout safetensors of `export_controlnet` (rank 0 writes; returns None elsewhere). An existing
+        file at `path` is refused (`OutputPathError`) unless `overwrite=True`, as in `save_ldm`."""
         from ..export import save_ldm
 
         model = self.export_controlnet(ema)
-        return save_ldm(model, path) if self.rank == 0 else None
+        return save_ldm(model, path, overwrite=overwrite) if self.rank == 0 else None
