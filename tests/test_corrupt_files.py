@@ -1,5 +1,6 @@
 """One error contract for malformed files (issue 12, item 4): a `ControlNetError` subclass naming the file and the
 problem, from the library and as one `error:` line with exit code 2 from the CLI; nothing half-written left behind."""
+import dataclasses
 import json
 import os
 import subprocess
@@ -125,6 +126,56 @@ def test_without_a_config_a_removed_block_is_a_smaller_model(tmp_path):
     assert load_control(path).config.num_res_blocks == (2, 1)
     with pytest.raises(CheckpointError, match="disagree"):
         load_control(CORPUS["a block removed (metadata says otherwise)"][0](tmp_path / "declared.safetensors"))
+
+
+CONTROL_ONLY = ("input_hint_block.", "zero_convs.", "middle_block_out.")
+LORA_MINI = dataclasses.replace(MINI, hint_block_channels=(16, 32, 96, 256))  # a control-LoRA's hint widths are the standard ones
+
+
+def control_lora(folder: Path, bad: str = "", dtype: torch.dtype = torch.float32) -> tuple[Path, Path]:
+    """A rank-2 control-LoRA of LORA_MINI and its base UNet file, built like test_formats' control-LoRA (time_embed.2
+    left unpatched); `bad` names one tensor of either file, written as `dtype`."""
+    shape_src, g = state_dict(LORA_MINI), torch.Generator().manual_seed(5)
+    base = {k: v.clone() for k, v in random_controlnet(LORA_MINI, seed=11).state_dict().items() if not k.startswith(CONTROL_ONLY)}
+    lora = {"lora_controlnet": torch.tensor([])}
+    for k, v in shape_src.items():
+        if k.startswith(CONTROL_ONLY) or v.ndim == 1:
+            lora[k] = v
+        elif k.startswith("time_embed.2."):  # not patched: the base's own weight is used
+            continue
+        else:
+            mod = k[: -len(".weight")]
+            lora[mod + ".up"] = torch.randn(v.shape[0], 2, *([1, 1] if v.ndim == 4 else []), generator=g) * 0.1
+            lora[mod + ".down"] = torch.randn(2, *v.shape[1:], generator=g) * 0.1
+    for sd in (lora, base):
+        if bad in sd:
+            sd[bad] = (sd[bad] * 100).to(dtype)
+    from safetensors.torch import save_file
+
+    path, base_path = folder / "control-lora-mini.safetensors", folder / "base_unet.safetensors"
+    save_file({k: v.contiguous() for k, v in lora.items()}, str(path))
+    save_file({"model.diffusion_model." + k: v.contiguous() for k, v in base.items()}, str(base_path))
+    return path, base_path
+
+
+def test_control_lora_integer_or_bool_tensors_are_named(tmp_path):
+    """Issue 12: a control-LoRA's stored weights, its up/down factors and the base weights it patches must be floating
+    point; each other dtype is refused naming the file, the key, the dtype and what was expected."""
+    path, base = control_lora(tmp_path)
+    good = load_control(path, base_unet=base)  # the well-formed file loads
+    assert good.format == "control-lora" and good.config == LORA_MINI
+    cases = [("zero_convs.0.0.weight", torch.int32, "lora"), ("input_blocks.1.0.in_layers.2.up", torch.int64, "lora"),
+             ("input_blocks.1.0.in_layers.2.down", torch.bool, "lora"), ("input_blocks.0.0.bias", torch.int16, "lora"),
+             ("input_blocks.1.0.in_layers.2.weight", torch.int32, "base"), ("time_embed.2.weight", torch.bool, "base")]
+    for key, dtype, where in cases:
+        folder = tmp_path / f"{key}-{dtype}".replace("torch.", "")
+        folder.mkdir()
+        path, base = control_lora(folder, bad=key, dtype=dtype)
+        with pytest.raises(CheckpointError) as e:
+            load_control(path, base_unet=base)
+        msg = str(e.value)
+        stored_as = f"'{key}' is stored as {dtype}" if where == "lora" else f"{base}: 'model.diffusion_model.{key}' is stored as {dtype}"
+        assert str(path) in msg and stored_as in msg and "must be floating point" in msg and "\n" not in msg, msg
 
 
 def test_every_reader_gives_the_same_tensors_and_releases_the_file(tmp_path):

@@ -28,11 +28,23 @@ def unet_prefix(base: TensorSource) -> str:
     )
 
 
+def _floating(source: TensorSource, key: str, what: str) -> None:
+    """Refuse a stored integer or bool tensor before it is converted (it would load as garbage weights); the dtype
+    comes from the header where the format has one, so nothing is read for the check."""
+    dtype = source.stored_dtype(key)
+    if not dtype.is_floating_point:
+        raise CheckpointError(
+            f"{source.name}: '{key}' is stored as {dtype}, but {what} must be floating point (float16, bfloat16, float32). "
+            "The file is damaged or holds no model."
+        )
+
+
 def diff_tensor(stored: torch.Tensor, key: str, base: TensorSource, base_prefix: str, dtype: torch.dtype) -> torch.Tensor:
     """control = stored delta + base, for every weight the UNet also has; zero convs and hint encoder are absolute."""
     bk = base_prefix + key
     if bk not in base:
         return stored.to(dtype)
+    _floating(base, bk, "a base model's UNet weights")
     b = base.get(bk)
     if tuple(b.shape) != tuple(stored.shape):
         raise CheckpointError(
@@ -45,12 +57,16 @@ def diff_tensor(stored: torch.Tensor, key: str, base: TensorSource, base_prefix:
 def lora_tensor(source: TensorSource, key: str, base: TensorSource, base_prefix: str, dtype: torch.dtype) -> Optional[torch.Tensor]:
     """The absolute weight of `key` in a control-LoRA: stored in full, or base + up @ down, or the base's own."""
     if key in source:
+        _floating(source, key, "a control-LoRA's weights")
         return source.get(key, dtype)
     module = key.rsplit(".", 1)[0]
     bk = base_prefix + key
     if key.endswith(".weight") and module + ".up" in source and module + ".down" in source:
         if bk not in base:
             raise CheckpointError(f"control-LoRA patches '{key}', which the base model does not have.")
+        for part in (module + ".up", module + ".down"):
+            _floating(source, part, "a control-LoRA's weights")
+        _floating(base, bk, "a base model's UNet weights")
         w = base.get(bk, torch.float32)
         up = source.get(module + ".up", torch.float32)
         down = source.get(module + ".down", torch.float32)
@@ -59,5 +75,6 @@ def lora_tensor(source: TensorSource, key: str, base: TensorSource, base_prefix:
             raise CheckpointError(f"control-LoRA: '{module}' up {tuple(up.shape)} @ down {tuple(down.shape)} does not fit the base weight {tuple(w.shape)}.")
         return (w + delta.reshape(w.shape)).to(dtype)
     if bk in base:
+        _floating(base, bk, "a base model's UNet weights")
         return base.get(bk, dtype)
     return None
