@@ -1,9 +1,9 @@
-"""controlnet_core: ControlNet for ldm-family UNets (SD1.x, SD2.x, SDXL), independent of any UI host.
+"""controlnet_core: ControlNet for ldm-family UNets (SD1.x, SD2.x, SDXL) and SD3-family MMDiTs, independent of any UI host.
 
 Paper: "Adding Conditional Control to Text-to-Image Diffusion Models", Zhang, Rao, Agrawala 2023.
 This package never imports ComfyUI; the ComfyUI nodes of this repository are a thin layer over it.
 """
-from .compat import BaseModelInfo, check_compatible
+from .compat import BaseModelInfo, TransformerModelInfo, check_compatible
 from .config import ControlNetConfig, config_from_unet_like_state_dict
 from .create import create_from_unet
 from .errors import (
@@ -31,7 +31,7 @@ from .t2i_adapter import T2IAdapter, T2IAdapterConfig
 __version__ = "0.1.0"
 
 __all__ = [
-    "BaseModelInfo", "check_compatible", "ControlNetConfig", "config_from_unet_like_state_dict", "create_from_unet",
+    "BaseModelInfo", "TransformerModelInfo", "check_compatible", "ControlNetConfig", "config_from_unet_like_state_dict", "create_from_unet",
     "BaseModelRequiredError", "CheckpointError", "ControlNetError", "IncompatibleModelError", "LimitExceededError", "NonFiniteResidualsError", "NonFiniteWeightsError", "NotACheckpointError", "OutputPathError",
     "UnknownLayoutError", "UnsafeCheckpointError", "save_diffusers", "save_ldm", "FORMATS", "detect_format",
     "LoadedControl", "load_control", "ControlNet", "RESIDUALS_API_VERSION", "ControlResiduals", "add", "all_finite",

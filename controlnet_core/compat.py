@@ -8,6 +8,7 @@ from .config import ControlNetConfig
 from .errors import IncompatibleModelError
 from .formats import patches
 from .loader import StateDictLike, as_source
+from .mmdit import SD3ControlNetConfig
 from .t2i_adapter import T2IAdapterConfig
 
 
@@ -35,8 +36,58 @@ class BaseModelInfo:
         return s + (f", label_emb {self.adm_in_channels})" if self.adm_in_channels else ", no label_emb)")
 
 
-def check_compatible(config: Union[ControlNetConfig, T2IAdapterConfig], base: BaseModelInfo, control_name: str = "ControlNet") -> None:
+@dataclass(frozen=True)
+class TransformerModelInfo:
+    """A base model without a UNet. `family` "sd3" (MMDiT: SD3 / SD3.5) carries the numbers an SD3 ControlNet must
+    match; any other family ("flux", ...) is known by name only, which is enough to refuse a UNet ControlNet."""
+
+    family: str
+    name: str = "base model"
+    hidden_size: Optional[int] = None
+    in_channels: Optional[int] = None
+    context_dim: Optional[int] = None  # width of the text tokens the model's context embedder takes
+    patch_size: Optional[int] = None
+
+    def describe(self) -> str:
+        if self.family == "sd3":
+            return (f"{self.name} (an SD3-family MMDiT of width {self.hidden_size}, {self.in_channels} latent channels, "
+                    f"text width {self.context_dim}, patch {self.patch_size})")
+        return f"{self.name} (a {self.family} transformer, no UNet)"
+
+
+AnyBaseInfo = Union[BaseModelInfo, TransformerModelInfo]
+AnyControlConfig = Union[ControlNetConfig, T2IAdapterConfig, SD3ControlNetConfig]
+
+
+def _check_sd3(config: SD3ControlNetConfig, base: AnyBaseInfo, control_name: str) -> None:
+    if not isinstance(base, TransformerModelInfo) or base.family != "sd3":
+        raise IncompatibleModelError(
+            f"{control_name} is an {config.summary()}, but {base.describe()}. SD3 ControlNets steer SD3 / SD3.5 models only: "
+            "load an SD3 or SD3.5 checkpoint, or pick a ControlNet made for this model's family.")
+    problems = []
+    if config.hidden_size != base.hidden_size:
+        problems.append(f"width {config.hidden_size} vs {base.hidden_size}")
+    if config.in_channels != base.in_channels:
+        problems.append(f"latent channels {config.in_channels} vs {base.in_channels}")
+    if base.patch_size is not None and config.patch_size != base.patch_size:
+        problems.append(f"patch {config.patch_size} vs {base.patch_size}")
+    if base.context_dim is not None and config.joint_attention_dim != base.context_dim:
+        problems.append(f"text width {config.joint_attention_dim} vs {base.context_dim}")
+    if problems:
+        raise IncompatibleModelError(
+            f"{control_name} is an {config.summary()} and does not fit {base.describe()}: {'; '.join(problems)}. "
+            "SD3 medium, SD3.5 medium and SD3.5 large have different widths: pick the ControlNet made for this model.")
+
+
+def check_compatible(config: AnyControlConfig, base: AnyBaseInfo, control_name: str = "ControlNet") -> None:
     """Raise `IncompatibleModelError` naming both models when the control cannot steer `base`."""
+    if isinstance(config, SD3ControlNetConfig):
+        return _check_sd3(config, base, control_name)
+    if isinstance(base, TransformerModelInfo):
+        what = "T2I-Adapter" if isinstance(config, T2IAdapterConfig) else f"{config.family()} ControlNet"
+        raise IncompatibleModelError(
+            f"{control_name} is a {what} for UNet models (SD1.x / SD2.x / SDXL), but {base.describe()}. It cannot steer "
+            "this model: pick a ControlNet made for its family.")
     if isinstance(config, T2IAdapterConfig):
         if config.channels[0] != base.model_channels:
             raise IncompatibleModelError(

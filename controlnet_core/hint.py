@@ -133,6 +133,8 @@ def prepare_hint(image: torch.Tensor, height: int, width: int, channels: int, ba
 def mask_residuals(res: ControlResiduals, mask: Optional[torch.Tensor], batched_number: int = 1, cache: Optional[dict] = None) -> ControlResiduals:
     """Multiply every residual by the mask resized (area-averaged) to its own resolution; None = everywhere.
 
+    Token residuals (`res.token_grid` set) get one value per token: the mask's mean over the token's patch.
+
     `cache`: a dict the caller keeps across sampling steps, so each site's resized mask is made once.
     """
     if mask is None:
@@ -143,14 +145,29 @@ def mask_residuals(res: ControlResiduals, mask: Optional[torch.Tensor], batched_
         raise ControlNetError(f"mask must be (batch, height, width) or (height, width); got shape {tuple(mask.shape)}.")
     m = mask[:, None].float()
     cache = {} if cache is None else cache
+    grid = res.token_grid
+
+    def resized(t: torch.Tensor, size: tuple[int, int], mode: str = "bilinear") -> torch.Tensor:
+        # only the masks match_batch will use: a long mask batch (video) is not resized whole for one latent chunk
+        per = t.shape[0] // batched_number if batched_number > 1 and t.shape[0] % batched_number == 0 else t.shape[0]
+        kw = dict(align_corners=False, antialias=True) if mode == "bilinear" else {}
+        r = F.interpolate(m[:per].to(t.device), size=size, mode=mode, **kw)
+        return match_batch(r, t.shape[0], "mask", batched_number).to(t.dtype)
 
     def apply(t: torch.Tensor) -> torch.Tensor:
+        if grid is not None:  # DiT tokens (B, rows * columns, C), row-major over the latent's patches
+            rows, cols = grid
+            if t.ndim != 3 or t.shape[1] != rows * cols:
+                raise ControlNetError(f"a token residual has shape {list(t.shape)}; a mask over a {rows}x{cols} token grid needs "
+                                      f"[batch, {rows * cols}, channels].")
+            key = ("tokens", t.shape[0], rows, cols, t.device, t.dtype, batched_number)
+            if key not in cache:
+                # each token gets the mask's mean over its patch: a region edge on a patch edge stays sharp
+                cache[key] = resized(t, (rows, cols), "area").flatten(2).transpose(1, 2)  # (B, rows * cols, 1)
+            return t * cache[key]
         key = (t.shape[0], t.shape[-2], t.shape[-1], t.device, t.dtype, batched_number)
         if key not in cache:
-            # only the masks match_batch will use: a long mask batch (video) is not resized whole for one latent chunk
-            per = t.shape[0] // batched_number if batched_number > 1 and t.shape[0] % batched_number == 0 else t.shape[0]
-            r = F.interpolate(m[:per].to(t.device), size=t.shape[-2:], mode="bilinear", align_corners=False, antialias=True)
-            cache[key] = match_batch(r, t.shape[0], "mask", batched_number).to(t.dtype)
+            cache[key] = resized(t, tuple(t.shape[-2:]))
         return t * cache[key]
 
     return res.map(apply)

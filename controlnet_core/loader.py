@@ -22,7 +22,9 @@ from .errors import BaseModelRequiredError, CheckpointError, ControlNetError, No
 from .formats import diffusers as diffusers_fmt
 from .formats import ldm as ldm_fmt
 from .formats import patches
+from .formats import sd3_keys
 from .formats import t2i as t2i_fmt
+from .mmdit import SD3ControlNet, SD3ControlNetConfig
 from .model import ControlNet
 from .residuals import ControlResiduals
 from .t2i_adapter import T2IAdapter, T2IAdapterConfig, config_from_t2i_shapes
@@ -39,16 +41,23 @@ StateDictLike = Union[str, os.PathLike, Mapping[str, torch.Tensor], TensorSource
 class LoadedControl:
     """A loaded control model plus where it came from."""
 
-    model: Union[ControlNet, T2IAdapter]
+    model: Union[ControlNet, T2IAdapter, SD3ControlNet]
     format: str  # a key of formats.FORMATS
     source: str  # file path or description
 
     @property
     def kind(self) -> str:
+        if isinstance(self.model, SD3ControlNet):
+            return "sd3_controlnet"
         return "t2i_adapter" if isinstance(self.model, T2IAdapter) else "controlnet"
 
     @property
-    def config(self) -> Union[ControlNetConfig, T2IAdapterConfig]:
+    def takes_latent_hint(self) -> bool:
+        """True when the hint is the condition image encoded by the base model's VAE (the DiT families), not pixels."""
+        return isinstance(self.model, SD3ControlNet)
+
+    @property
+    def config(self) -> Union[ControlNetConfig, T2IAdapterConfig, SD3ControlNetConfig]:
         return self.model.config
 
     def residuals(self, x: torch.Tensor, hint: torch.Tensor, timesteps: torch.Tensor, context: Optional[torch.Tensor], y: Optional[torch.Tensor] = None,
@@ -235,6 +244,8 @@ def _load(source: TensorSource, base_unet, dtype, device, global_average_pooling
         )
     if fmt.startswith("t2i"):
         return _load_t2i(source, fmt, dtype, device)
+    if fmt == "sd3-diffusers":
+        return _load_sd3(source, fmt, dtype, device)
 
     base: Optional[TensorSource] = None
     if fmt in ("diff", "control-lora"):
@@ -357,4 +368,18 @@ def _load_t2i(source: TensorSource, fmt: str, dtype: Optional[torch.dtype], devi
         model = T2IAdapter(config, dtype=dtype)
     _strict_fill(model, lambda k: _read(source, mapping[k], dtype), set(mapping), source.name, fmt)
     model.to(device).eval().requires_grad_(False)
+    return LoadedControl(model, fmt, source.name)
+
+
+def _load_sd3(source: TensorSource, fmt: str, dtype: Optional[torch.dtype], device) -> LoadedControl:
+    """SD3 / SD3.5 ControlNets of the diffusers layout: their keys are our parameter names, so no key table."""
+    keys = list(source.keys())
+    config = sd3_keys.config_from_shapes({k: source.shape(k) for k in keys})
+    if dtype is None:
+        dtype = _first_float_dtype(source, "pos_embed.proj.weight")
+    with torch.device("meta"):
+        model = SD3ControlNet(config, dtype=dtype)
+    _strict_fill(model, lambda k: _read(source, k, dtype), set(keys), source.name, fmt)
+    model.to(device).eval().requires_grad_(False)
+    log.info("loaded %s as '%s': %s", source.name, fmt, config.summary())
     return LoadedControl(model, fmt, source.name)

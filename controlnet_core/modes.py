@@ -10,6 +10,12 @@
 "prompt" and "controlnet" follow sd-webui-controlnet (its soft injection: 0.825 ** (12 - i) for
 SD1.5's 13 sites); "controlnet" is also the original repository's guess mode, where the
 unconditional side gets no control.
+
+DiT families (token residuals, `ControlResiduals.token_grid` set) have one resolution and no middle block. Their
+sites are the control model's distinct outputs, in block order (a tensor shared by several base blocks is one site).
+"prompt" and "controlnet" weight output j of m by 0.825 ** (12 * (m - 1 - j) / (m - 1)): the same span as SD1.5's,
+first output 0.099, last 1, whatever the depth, so the modes feel alike across families. "cfg_resolution" has no
+resolutions to weigh and equals balanced there.
 """
 from __future__ import annotations
 
@@ -45,6 +51,8 @@ def mode_block_scales(mode: "str | ControlMode", res: ControlResiduals) -> Optio
     n = len(res.down) if res.down else len(res.input)
     if mode is ControlMode.BALANCED:
         return None
+    if res.is_tokens:
+        return _token_block_scales(mode, res)
     if mode in (ControlMode.PROMPT, ControlMode.CONTROLNET):
         return soft_weights(n + 1)
     # CFG resolution weighting needs each site's height; T2I features sit at input-block sites
@@ -53,3 +61,19 @@ def mode_block_scales(mode: "str | ControlMode", res: ControlResiduals) -> Optio
     top = heights[0] if heights else res.mid.shape[-2]
     w = [top / t.shape[-2] if t is not None else 1.0 for t in sites]
     return w + [top / res.mid.shape[-2] if res.mid is not None else 1.0]
+
+
+SOFT_SPAN = 12  # SD1.5's 13 sites: the first is weighted 0.825 ** 12 relative to the last
+
+
+def _token_block_scales(mode: ControlMode, res: ControlResiduals) -> Optional[list[float]]:
+    """Per-site weights for DiT token residuals: one weight per distinct control output (see the module doc)."""
+    if mode is ControlMode.CFG_RESOLUTION:
+        return None
+    order: dict[int, int] = {}
+    for t in res.down:
+        if t is not None:
+            order.setdefault(id(t), len(order))
+    m = len(order)
+    weights = [0.825 ** (SOFT_SPAN * (m - 1 - j) / (m - 1)) if m > 1 else 1.0 for j in range(m)]
+    return [weights[order[id(t)]] if t is not None else 1.0 for t in res.down] + [1.0]

@@ -9,6 +9,12 @@ list position alone:
 - ``input[k]`` is added to the hidden state right after ``input_blocks[k]`` (T2I-Adapter features).
 
 ``None`` anywhere means "nothing for this site".
+
+DiT families (SD3 / SD3.5 MMDiT) have no resolution levels: ``down[k]`` is then a token sequence (B, T, C) added to
+the image tokens after the base transformer's block k, and ``token_grid`` = (rows, columns) says how the first
+rows * columns tokens tile the latent (row-major, one token per patch). Consecutive base blocks often share one control
+output: the *same tensor object* sits at several sites, and every operation here keeps that sharing (one multiply per
+distinct tensor, not per site), as the host's own merge does.
 """
 from __future__ import annotations
 
@@ -27,14 +33,32 @@ class ControlResiduals:
     down: tuple[Optional[Tensor], ...] = ()
     mid: Optional[Tensor] = None
     input: tuple[Optional[Tensor], ...] = ()
+    token_grid: Optional[tuple[int, int]] = None  # DiT token residuals: the (rows, columns) of image tokens
 
     def tensors(self) -> list[Tensor]:
-        return [t for t in (*self.down, self.mid, *self.input) if t is not None]
+        """Every present residual once, even where one tensor serves several sites."""
+        seen: dict[int, Tensor] = {}
+        for t in (*self.down, self.mid, *self.input):
+            if t is not None:
+                seen.setdefault(id(t), t)
+        return list(seen.values())
+
+    @property
+    def is_tokens(self) -> bool:
+        return self.token_grid is not None
 
     def map(self, fn) -> "ControlResiduals":
-        """Apply `fn(tensor) -> tensor` to every present residual."""
-        f = lambda t: None if t is None else fn(t)
-        return ControlResiduals(tuple(map(f, self.down)), f(self.mid), tuple(map(f, self.input)))
+        """Apply `fn(tensor) -> tensor` to every present residual, once per distinct tensor (shared sites stay shared)."""
+        done: dict[int, Tensor] = {}
+
+        def f(t):
+            if t is None:
+                return None
+            if id(t) not in done:
+                done[id(t)] = fn(t)
+            return done[id(t)]
+
+        return ControlResiduals(tuple(map(f, self.down)), f(self.mid), tuple(map(f, self.input)), self.token_grid)
 
     def to(self, *args, **kwargs) -> "ControlResiduals":
         return self.map(lambda t: t.to(*args, **kwargs))
@@ -69,16 +93,21 @@ def scale(res: ControlResiduals, strength: float = 1.0, block_scales: Optional[S
     if block_scales is not None and len(block_scales) != n + 1:
         raise ValueError(f"block_scales has {len(block_scales)} entries; this control has {n} down sites + 1 middle = {n + 1}.")
     bs = list(block_scales) if block_scales is not None else [1.0] * (n + 1)
+    done: dict[tuple[int, float], Tensor] = {}  # a tensor shared by sites of equal weight is multiplied once
 
     def mul(t: Optional[Tensor], s: float) -> Optional[Tensor]:
         if t is None:
             return None
         s = s * strength
-        return t if s == 1.0 else t * s
+        if s == 1.0:
+            return t
+        if (id(t), s) not in done:
+            done[(id(t), s)] = t * s
+        return done[(id(t), s)]
 
     down = tuple(mul(t, bs[k]) for k, t in enumerate(res.down))
     inp = tuple(mul(t, bs[k] if k < n else 1.0) for k, t in enumerate(res.input))
-    return ControlResiduals(down, mul(res.mid, bs[n]), inp)
+    return ControlResiduals(down, mul(res.mid, bs[n]), inp, res.token_grid)
 
 
 def soft_weights(num_sites: int, base: float = 0.825) -> list[float]:
@@ -114,12 +143,21 @@ def _zip_add(a: tuple, b: tuple) -> tuple:
     n = max(len(a), len(b))
     a = a + (None,) * (n - len(a))
     b = b + (None,) * (n - len(b))
-    return tuple(_add(x, y) for x, y in zip(a, b))
+    done: dict[tuple[int, int], Optional[Tensor]] = {}  # pairs of shared tensors are added once and stay shared
+    out = []
+    for x, y in zip(a, b):
+        key = (id(x), id(y))
+        if key not in done:
+            done[key] = _add(x, y)
+        out.append(done[key])
+    return tuple(out)
 
 
 def add(a: ControlResiduals, b: ControlResiduals) -> ControlResiduals:
     """Site-wise sum: how the paper composes several ControlNets."""
-    return ControlResiduals(_zip_add(a.down, b.down), _add(a.mid, b.mid), _zip_add(a.input, b.input))
+    if a.token_grid and b.token_grid and a.token_grid != b.token_grid:
+        raise ValueError(f"cannot add token residuals of grids {a.token_grid} and {b.token_grid}: the controls were made for different latents.")
+    return ControlResiduals(_zip_add(a.down, b.down), _add(a.mid, b.mid), _zip_add(a.input, b.input), a.token_grid or b.token_grid)
 
 
 def combine(items: Iterable[ControlResiduals]) -> ControlResiduals:

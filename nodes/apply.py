@@ -8,7 +8,7 @@ from typing import Optional
 import torch
 
 from ..controlnet_core import ControlMode, ControlNetError, ResizeMode
-from .comfy_adapter import ControlBase, SuiteControl
+from .comfy_adapter import ControlBase, SuiteControl, needs_vae
 
 MODES = [m.value for m in ControlMode]
 RESIZE_MODES = [m.value for m in ResizeMode]
@@ -25,8 +25,10 @@ TIPS = {
                      "deeper blocks weaker. ControlNet is more important: same weights, conditional branch only, so CFG "
                      "amplifies the control. CFG resolution weighting: the paper's w_i = 64/h_i."),
     "resize_mode": "How a hint of another aspect ratio fits the latent: stretch, crop (cover, centred) or pad (fit, black borders).",
-    "mask": "Optional region mask: residuals are multiplied by it, resized to each block's resolution. None = everywhere.",
-    "vae": "Optional VAE, passed on to control models that need one (some of ComfyUI's own types).",
+    "mask": ("Optional region mask: residuals are multiplied by it, resized to each block's resolution (for SD3-family "
+             "models, to the grid of image tokens). None = everywhere."),
+    "vae": ("The base model's VAE. Required by SD3 / SD3.5 ControlNets, which read the condition image as a latent; "
+            "unused by UNet ControlNets and T2I-Adapters."),
     "stack": "Optional stack of units to add this one to.",
 }
 
@@ -99,6 +101,10 @@ def apply_units(positive, negative, units: list[ControlUnit], vae=None, node: st
     """Chain each unit onto every conditioning entry; positive and negative share one object per previous control."""
     for u in units:
         _check_unit(u, node)
+        if vae is None and needs_vae(u.control_net):
+            name = getattr(u.control_net, "name", type(u.control_net).__name__)
+            raise ControlNetError(f"{node}: '{name}' is an SD3-family ControlNet: it reads the condition image through the model's "
+                                  "VAE, and no VAE is connected. Connect the checkpoint loader's VAE output to this node's 'vae' input.")
     for u in units:
         if u.strength == 0:
             continue

@@ -4,6 +4,7 @@ ComfyUI calls, per sampling run: `get_models`, `pre_run` (once per cond entry: m
 `get_control` once per step, then `cleanup`. `get_control` returns fresh lists every call, since
 the UNet pops them: 'output' in input-block order (popped from the end, matching the skip
 connections), 'middle' as [residual], 'input' reversed (T2I-Adapters). `t` is sigma.
+SD3-family MMDiTs read `output[k]` as tokens added after joint block k (several entries may be one shared tensor).
 Works with ComfyUI a28a9dc (4-argument `get_control`) and 0.8.0 (5 arguments).
 """
 from __future__ import annotations
@@ -17,11 +18,15 @@ import torch
 import comfy.controlnet
 import comfy.model_management
 import comfy.model_patcher
+import comfy.utils
 
 from ..controlnet_core import (
-    BaseModelInfo, ControlMode, ControlResiduals, IncompatibleModelError, LoadedControl, NonFiniteResidualsError, ResizeMode,
-    all_finite, check_compatible, check_hint_size, mask_residuals, mode_block_scales, prepare_hint, scale,
+    BaseModelInfo, ControlMode, ControlNetError, ControlResiduals, IncompatibleModelError, LoadedControl, NonFiniteResidualsError,
+    ResizeMode, TransformerModelInfo, all_finite, check_compatible, check_hint_size, mask_residuals, mode_block_scales, prepare_hint,
+    scale,
 )
+from ..controlnet_core.hint import match_batch
+from ..controlnet_core.mmdit import append_keep_mask, hint_latent_from_vae
 from ..controlnet_core.t2i_adapter import T2IAdapterConfig
 
 log = logging.getLogger(__name__)
@@ -42,26 +47,50 @@ def from_comfy(out: Optional[dict]) -> ControlResiduals:
 
 
 def merge_with_previous(out: dict, prev: Optional[dict]) -> dict:
-    """Index-aligned sum with the previous control's output (new tensors: the UNet adds in place)."""
+    """Index-aligned sum with the previous control's output (new tensors: the UNet adds in place). Sites that share
+    one tensor in both (DiT outputs serving several blocks) share the sum too."""
     if not prev:
         return out
     for key in ("input", "middle", "output"):
         mine, theirs = out.setdefault(key, []), prev.get(key) or []
+        sums: dict = {}
         for i, p in enumerate(theirs):
             if i >= len(mine):
                 mine.append(p)
             elif p is not None:
-                mine[i] = p if mine[i] is None else mine[i] + p
+                if mine[i] is None:
+                    mine[i] = p
+                else:
+                    pair = (id(mine[i]), id(p))
+                    if pair not in sums:
+                        sums[pair] = mine[i] + p
+                    mine[i] = sums[pair]
     return out
 
 
-def base_info(model) -> Optional[BaseModelInfo]:
+def base_info(model) -> Optional[Union[BaseModelInfo, TransformerModelInfo]]:
     """What the compatibility check needs, from ComfyUI's BaseModel (None when it cannot tell)."""
     cfg = getattr(getattr(model, "model_config", None), "unet_config", None)
-    if not cfg or "model_channels" not in cfg:
+    name = f"the {type(getattr(model, 'model_config', model)).__name__} model"
+    if not cfg:
         return None
-    name = type(getattr(model, "model_config", model)).__name__
-    return BaseModelInfo(cfg["model_channels"], cfg.get("in_channels", 4), cfg.get("context_dim"), cfg.get("adm_in_channels"), name=f"the {name} model")
+    if "model_channels" in cfg:
+        return BaseModelInfo(cfg["model_channels"], cfg.get("in_channels", 4), cfg.get("context_dim"), cfg.get("adm_in_channels"), name=name)
+    net = getattr(model, "diffusion_model", None)
+    if net is None:
+        return None
+    if type(net).__module__.endswith(".mmdit"):  # SD3 / SD3.5: ComfyUI's MMDiT, 64-wide heads, width = 64 x depth
+        embedder = (cfg.get("context_embedder_config") or {}).get("params", {})
+        return TransformerModelInfo("sd3", name, 64 * cfg["depth"], cfg.get("in_channels"), embedder.get("in_features"), cfg.get("patch_size"))
+    return TransformerModelInfo(type(net).__module__.rsplit(".", 1)[-1], name)
+
+
+def needs_vae(control) -> bool:
+    """True for a control that reads its condition image through the base model's VAE (SD3 ControlNets, ours or the
+    host's; the host only warns when the VAE is missing and then fails inside sampling)."""
+    if isinstance(control, SuiteControl):
+        return control.is_foreign and needs_vae(control.backend) or (not control.is_foreign and control.backend.takes_latent_hint)
+    return getattr(control, "latent_format", None) is not None
 
 
 def make_patcher(model: torch.nn.Module) -> "comfy.model_patcher.ModelPatcher":
@@ -99,6 +128,9 @@ class SuiteControl(ControlBase):
         self._mask_cache: dict = {}  # resized masks per site, kept across sampling steps
         self._checked_size: Optional[tuple] = None  # the last (height, width, batch) that passed check_hint_size
         self.union: Optional[UnionConditions] = None  # several conditions of a union ControlNet (ControlNet Union (Suite))
+        # an inpainting SD3 ControlNet takes a keep mask after the latent: ComfyUI's inpainting apply node reads this
+        # flag and passes the mask as `extra_concat`
+        self.concat_mask = not self.is_foreign and self.backend.takes_latent_hint and self.backend.config.extra_conditioning_channels > 0
 
     @property
     def is_foreign(self) -> bool:
@@ -111,6 +143,7 @@ class SuiteControl(ControlBase):
         self.strength = strength
         self.timestep_percent_range = timestep_percent_range
         self.vae = vae
+        self.extra_concat_orig = list(extra_concat or [])
         self._prepared = None
         if self.is_foreign:  # the foreign control computes raw residuals; strength, range and mode are ours
             inner = self.backend.copy()
@@ -149,7 +182,7 @@ class SuiteControl(ControlBase):
         self._mask_cache = {}
         if self._inner is not None:
             self._inner.cleanup()
-        elif not self.is_foreign:
+        elif not self.is_foreign and hasattr(self.backend.model, "clear_hint_cache"):
             self.backend.model.clear_hint_cache()
         super().cleanup()
 
@@ -176,6 +209,8 @@ class SuiteControl(ControlBase):
             return prev
         self._check_size(x_noisy)
         res = self._raw_residuals(x_noisy, t, cond, batched_number, transformer_options)
+        if res.token_grid is None and any(r.ndim == 3 for r in res.tensors()):  # a foreign DiT control's tokens
+            res = ControlResiduals(res.down, res.mid, res.input, token_grid=_token_grid(x_noisy, 2))
         if not all_finite(res):
             raise self._non_finite(x_noisy, t)
         res = scale(res, self.strength, mode_block_scales(self.mode, res))
@@ -223,6 +258,39 @@ class SuiteControl(ControlBase):
             self._prepared = (key, hint)
         return self._prepared[1]
 
+    def _latent_hint_for(self, x_noisy, batched_number) -> torch.Tensor:
+        """The condition image through the base model's VAE, once per latent size (not per step): resized to the
+        latent's pixel size as `resize_mode` says, encoded, scaled, plus the keep mask of an inpainting ControlNet."""
+        cfg = self.backend.config
+        h, w = x_noisy.shape[-2:]
+        key = ("latent", x_noisy.shape[0], h, w, batched_number)
+        if self._prepared is not None and self._prepared[0] == key:
+            return self._prepared[1]
+        if self.vae is None:
+            raise ControlNetError(f"{self.name} is an SD3 ControlNet: it reads the condition image through the model's VAE, "
+                                  "but no VAE was connected. Connect the checkpoint loader's VAE to the apply node's 'vae' input.")
+        image = self.cond_hint_original
+        pixels = prepare_hint(image, h * 8, w * 8, 3, image.shape[0], self.resize_mode)
+        loaded = comfy.model_management.loaded_models(only_currently_used=True) if hasattr(comfy.model_management, "loaded_models") else None
+        latent = self.vae.encode(pixels.movedim(1, -1))
+        if loaded is not None:  # the VAE may have pushed the sampling models out: bring them back, as the host does
+            comfy.model_management.load_models_gpu(loaded)
+        if tuple(latent.shape[-2:]) != (h, w) or latent.shape[1] != cfg.in_channels:
+            raise ControlNetError(f"{self.name}: the VAE made a latent of shape {list(latent.shape)} from the condition image; this "
+                                  f"ControlNet needs [batch, {cfg.in_channels}, {h}, {w}]. Connect the VAE of the SD3 model being sampled.")
+        hint = hint_latent_from_vae(latent.float())
+        if cfg.extra_conditioning_channels:
+            keep = None
+            if self.extra_concat_orig:  # ComfyUI's inpainting apply node: 1 - mask, at the image's size
+                keep = self.extra_concat_orig[0].float().to(hint.device)
+                keep = comfy.utils.common_upscale(keep.reshape(-1, 1, *keep.shape[-2:]), w, h, self.upscale_algorithm, "center")
+                keep = match_batch(keep, hint.shape[0], "inpainting mask")
+            hint = append_keep_mask(hint, keep)
+        hint = match_batch(hint, x_noisy.shape[0], "hint", batched_number)
+        dtype = next(self.backend.model.parameters()).dtype
+        self._prepared = (key, hint.to(device=x_noisy.device, dtype=dtype))
+        return self._prepared[1]
+
     def _raw_residuals(self, x_noisy, t, cond, batched_number, transformer_options) -> ControlResiduals:
         if self._inner is not None:
             if transformer_options is None:
@@ -232,7 +300,16 @@ class SuiteControl(ControlBase):
         timesteps = ms.timestep(t).float()
         x_in = ms.calculate_input(t, x_noisy)
         context = cond.get("crossattn_controlnet", cond["c_crossattn"])
+        if self.backend.takes_latent_hint:
+            return self._sd3_residuals(x_in, timesteps, context, x_noisy, batched_number)
         return self.backend.residuals(x_in, self._hint_for(x_noisy, batched_number), timesteps, context, cond.get("y"), **self._union_args())
+
+    def _sd3_residuals(self, x_in, timesteps, context, x_noisy, batched_number) -> ControlResiduals:
+        model = self.backend.model
+        dtype = next(model.parameters()).dtype
+        hint = self._latent_hint_for(x_noisy, batched_number)
+        out = model(x_in.to(dtype), hint, timesteps, context.to(device=x_in.device, dtype=dtype))
+        return ControlResiduals(tuple(out.host_output(model.config.base_depth)), token_grid=_token_grid(x_noisy, model.config.patch_size))
 
     def _union_args(self) -> dict:
         """The type that ComfyUI's SetUnionControlNetType node stored (`extra_args`), for union files only: the core
@@ -245,4 +322,9 @@ class SuiteControl(ControlBase):
         return {}
 
 
-__all__ = ["SuiteControl", "UnionConditions", "to_comfy", "from_comfy", "merge_with_previous", "make_patcher", "base_info", "IncompatibleModelError"]
+def _token_grid(x_noisy: torch.Tensor, patch: int) -> tuple[int, int]:
+    """Rows and columns of image tokens a DiT makes of this latent (the host pads odd sizes up to whole patches)."""
+    return -(-x_noisy.shape[-2] // patch), -(-x_noisy.shape[-1] // patch)
+
+
+__all__ = ["SuiteControl", "needs_vae", "UnionConditions", "to_comfy", "from_comfy", "merge_with_previous", "make_patcher", "base_info", "IncompatibleModelError"]

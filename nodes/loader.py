@@ -26,8 +26,9 @@ def _compute_dtype():
 class ControlNetSuiteLoader:
     DESCRIPTION = (
         "Loads a ControlNet or T2I-Adapter in any common format: original v1.0/v1.1 .pth/.safetensors, diffusers, "
-        "'diff' ControlNets, Stability control-LoRAs and T2I-Adapters. The layout is detected from the file's tensors. "
-        "Diff ControlNets and control-LoRAs need the base model connected to 'model'."
+        "'diff' ControlNets, Stability control-LoRAs, T2I-Adapters, SDXL union (ControlNet++ / ProMax) and SD3 / SD3.5 "
+        "ControlNets of the diffusers layout (InstantX, alimama inpainting). The layout is detected from the file's tensors. "
+        "Diff ControlNets and control-LoRAs need the base model connected to 'model'; SD3 ControlNets need the VAE on the apply node."
     )
     CATEGORY = "loaders"
     RETURN_TYPES = ("CONTROL_NET",)

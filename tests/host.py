@@ -32,6 +32,46 @@ def tiny_union_file(folder: Path) -> Path:
     return path
 
 
+# A tiny SD3-family base (ComfyUI's MMDiT reads its depth as width / 64: 4 joint blocks of 256) and what its
+# ControlNets take: text tokens 96 wide, a pooled vector of 80, a 24 x 24 grid of positions.
+SD3_TINY = dict(width=256, context=96, pooled=80, grid=24)
+TINY_SD3_CHECKPOINT = "tiny_sd3.safetensors"
+
+
+def make_tiny_sd3_checkpoint(path: Path, seed: int = 20) -> Path:
+    """ComfyUI's own MMDiT (random weights) plus a 16-channel TAESD VAE, saved as a checkpoint CheckpointLoaderSimple
+    detects as SD3."""
+    if path.exists():
+        return path
+    import comfy.ops
+    import comfy.taesd.taesd
+    from comfy.ldm.modules.diffusionmodules.mmdit import OpenAISignatureMMDITWrapper
+
+    t = SD3_TINY
+    base = OpenAISignatureMMDITWrapper(
+        depth=t["width"] // 64, in_channels=16, out_channels=16, patch_size=2, adm_in_channels=t["pooled"], pos_embed_max_size=t["grid"],
+        num_patches=t["grid"] ** 2, context_embedder_config={"target": "torch.nn.Linear", "params": {"in_features": t["context"], "out_features": t["width"]}},
+        dtype=torch.float32, device="cpu", operations=comfy.ops.disable_weight_init,
+    )
+    randomize_(base, seed)
+    vae = randomize_(comfy.taesd.taesd.TAESD(latent_channels=16), seed + 1)
+    sd = {"model.diffusion_model." + k: v for k, v in base.state_dict().items()}
+    sd.update({"first_stage_model." + k: v for k, v in vae.state_dict().items()})
+    return save(path, sd)
+
+
+def tiny_sd3_controlnet(path: Path, *, width: int = SD3_TINY["width"], blocks: int = 2, inpaint: bool = False, seed: int = 21) -> Path:
+    """A random-weight SD3 ControlNet of the diffusers layout (the keys of diffusers' SD3ControlNetModel) for the tiny base."""
+    if path.exists():
+        return path
+    from controlnet_core.mmdit import SD3ControlNet, SD3ControlNetConfig
+
+    t = SD3_TINY
+    cfg = SD3ControlNetConfig(hidden_size=width, num_layers=blocks, control_channels=17 if inpaint else 16, pooled_projection_dim=t["pooled"],
+                              joint_attention_dim=t["context"], pos_embed_max_size=t["grid"], mlp_hidden_dim=4 * width)
+    return save(path, randomize_(SD3ControlNet(cfg), seed).state_dict())
+
+
 class Stub:
     """The bits of PromptServer the executor touches when headless."""
 

@@ -3,7 +3,7 @@ from __future__ import annotations
 
 from typing import Iterable
 
-from . import diffusers, ldm, patches, t2i
+from . import diffusers, ldm, patches, sd3_keys, t2i
 
 FORMATS = {
     "ldm-v1.0-full": "original ControlNet 1.0 checkpoint (control_model.* plus the whole SD model)",
@@ -16,6 +16,7 @@ FORMATS = {
     "t2i-light": "T2I-Adapter (light), original layout",
     "t2i-full-diffusers": "T2I-Adapter (full), diffusers layout",
     "t2i-light-diffusers": "T2I-Adapter (light), diffusers layout",
+    "sd3-diffusers": "SD3 / SD3.5 ControlNet, diffusers layout (InstantX canny / pose / tile, alimama inpainting)",
 }
 
 _SIGNATURES = {
@@ -25,6 +26,7 @@ _SIGNATURES = {
     "control-lora": (patches.LORA_MARKER, "input_hint_block.0.weight", "zero_convs.0.0.weight"),
     "t2i-full": t2i.SIGNATURE_FULL,
     "t2i-light": t2i.SIGNATURE_LIGHT,
+    "sd3-diffusers": sd3_keys.SIGNATURE,
 }
 _SIGNATURE_STEMS = {name: {k.split(".")[0] for k in sig} for name, sig in _SIGNATURES.items()}
 
@@ -34,6 +36,8 @@ def detect_format(keys: Iterable[str]) -> str | None:
     keys = set(keys)
     if patches.LORA_MARKER in keys:
         return "control-lora"
+    if sd3_keys.is_sd3_diffusers(keys):
+        return "sd3-diffusers"
     p = ldm.prefix_of(keys)
     if p is not None:
         if patches.DIFF_MARKER in keys:

@@ -20,6 +20,16 @@ from .config import SD3ControlNetConfig
 from .layers import JointTransformerBlock, PatchEmbed, TimeTextEmbedding
 
 
+# The SD3 VAE's latent scale. ControlNet hints take the VAE latent times this, *without* subtracting the VAE's shift
+# (0.0609): how InstantX trained them, and what ComfyUI and diffusers' ControlNet pipeline do.
+HINT_LATENT_SCALE = 1.5305
+
+
+def hint_latent_from_vae(latent: torch.Tensor) -> torch.Tensor:
+    """The SD3 VAE's raw encoding of a condition image -> the `hint_latent` an SD3 ControlNet takes."""
+    return latent * HINT_LATENT_SCALE
+
+
 @dataclass(frozen=True)
 class SD3ControlOutput:
     """What one forward pass gives.

@@ -13,11 +13,13 @@ class SuiteTestConditioning:
 
     @classmethod
     def INPUT_TYPES(cls):
-        return {"required": {"seed": ("INT", {"default": 0, "min": 0, "max": 2**31}), "width": ("INT", {"default": 768, "min": 8, "max": 4096})}}
+        return {"required": {"seed": ("INT", {"default": 0, "min": 0, "max": 2**31}), "width": ("INT", {"default": 768, "min": 8, "max": 4096})},
+                "optional": {"pooled": ("INT", {"default": 0, "min": 0, "max": 4096, "tooltip": "width of a pooled_output (SD3 needs one); 0: none"})}}
 
-    def make(self, seed, width):
+    def make(self, seed, width, pooled=0):
         g = torch.Generator().manual_seed(seed)
-        return ([[torch.randn(1, 77, width, generator=g), {}]],)
+        extra = {"pooled_output": torch.randn(1, pooled, generator=g)} if pooled else {}
+        return ([[torch.randn(1, 77, width, generator=g), extra]],)
 
 
 class SuiteTestImage:
