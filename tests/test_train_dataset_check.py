@@ -49,6 +49,59 @@ def test_every_bad_file_is_named_in_one_error_before_training(tmp_path):
     assert msg.count("; ") == 5  # one separator between problems, none inside one
 
 
+def noise(size=(64, 64)):
+    """Incompressible pixels, so a JPEG of them has a long entropy-coded part to cut."""
+    return np.random.default_rng(0).integers(0, 256, (*size, 3), dtype=np.uint8)
+
+
+@pytest.mark.parametrize("decoder", ["pillow", "opencv"])
+def test_truncated_jpeg_and_png_are_named(tmp_path, monkeypatch, decoder):
+    """Issue 12: OpenCV decodes a cut JPEG (grey below the cut, a libjpeg warning only); the check finds it, and a cut
+    PNG, from their missing end markers, with Pillow or with the OpenCV fallback. Complete files pass, also with bytes
+    appended after the end marker (as phones append a motion photo)."""
+    import sys
+
+    if decoder == "opencv":
+        monkeypatch.setitem(sys.modules, "PIL", None)  # `from PIL import Image` raises ImportError: the fallback
+    root = tmp_path / "plain"
+    for d in ("images", "conditions"):
+        (root / d).mkdir(parents=True)
+    for i in range(5):
+        cv2.imwrite(str(root / "images" / f"{i}.jpg"), noise())
+        cv2.imwrite(str(root / "conditions" / f"{i}.png"), noise())
+    assert len(ControlDataset(root)) == 5
+    jpeg, png = (root / "images" / "1.jpg").read_bytes(), (root / "conditions" / "2.png").read_bytes()
+    assert jpeg.endswith(b"\xff\xd9") and png.endswith(b"IEND\xaeB`\x82")
+    (root / "images" / "1.jpg").write_bytes(jpeg[: len(jpeg) * 2 // 3])  # cut inside the entropy-coded data
+    (root / "conditions" / "2.png").write_bytes(png[: len(png) * 2 // 3])
+    (root / "images" / "3.jpg").write_bytes(jpeg[:-2])  # only the end marker missing
+    (root / "images" / "4.jpg").write_bytes(jpeg + b"\x00\x00\x00\x18ftypmp42" + bytes(200))  # appended data: complete
+    (root / "conditions" / "4.png").write_bytes(png + b"appended by another program")
+    cut = cv2.imread(str(root / "images" / "1.jpg"))
+    assert cut is not None and cut.shape == (64, 64, 3)  # what the check is for: OpenCV reads it as an image
+    msg = str(pytest.raises(DatasetError, ControlDataset, root).value)
+    assert "3 problems" in msg and "\n" not in msg and msg.count("; ") == 2, msg
+    for name, data, marker in (("images/1.jpg", jpeg[: len(jpeg) * 2 // 3], "JPEG end-of-image marker FF D9"),
+                               ("conditions/2.png", png[: len(png) * 2 // 3], "PNG end chunk IEND"),
+                               ("images/3.jpg", jpeg[:-2], "JPEG end-of-image marker FF D9")):
+        assert f"{name}: not a readable image (truncated: its {len(data)} bytes end without the {marker})" in msg, name
+    assert "4.jpg" not in msg and "4.png" not in msg and "0.jpg" not in msg
+
+
+def test_truncation_check_is_exact_at_every_cut(tmp_path):
+    """Every length of a real JPEG and PNG short of the whole file is reported; the whole file never is."""
+    from controlnet_core.train.dataset_check import truncation
+
+    for ext in ("jpg", "png"):
+        path = tmp_path / f"whole.{ext}"
+        cv2.imwrite(str(path), noise((16, 24)))
+        data, cut = path.read_bytes(), tmp_path / f"cut.{ext}"
+        assert truncation(path) is None
+        for n in range(8, len(data)):
+            cut.write_bytes(data[:n])
+            assert truncation(cut) is not None, (ext, n, len(data))
+
+
 def test_a_long_list_is_cut_with_a_count(tmp_path):
     root = make_fill50k(tmp_path / "d", n=MAX_LISTED + 10)
     for p in (root / "target").iterdir():
