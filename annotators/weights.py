@@ -5,10 +5,12 @@ and never when CNS_OFFLINE=1. A downloaded file is written to `<name>.part`, che
 SHA-256, then renamed: a half-written or wrong file is never used.
 
 A download never hangs and never leaves debris: connecting and every read give up after CNS_DOWNLOAD_TIMEOUT
-seconds without data (default 30; `urlopen` alone waits forever on a silent server), a connection that closes
-before its Content-Length is a failure (Python's `read(n)` reports it as a normal end), failed attempts are retried
-CNS_DOWNLOAD_ATTEMPTS times in all (default 3) after waits of CNS_DOWNLOAD_BACKOFF seconds, doubling (default 2),
-and the `.part` file is deleted whatever stops the download, Ctrl-C included.
+seconds without data (default 30; `urlopen` alone waits forever on a silent server), an attempt still receiving
+after CNS_DOWNLOAD_DEADLINE seconds gives up too (default 3600; a server that trickles a byte every few seconds is
+never silent long enough for the first limit), a connection that closes before its Content-Length is a failure
+(Python's `read(n)` reports it as a normal end), failed attempts are retried CNS_DOWNLOAD_ATTEMPTS times in all
+(default 3) after waits of CNS_DOWNLOAD_BACKOFF seconds, doubling (default 2), and the `.part` file is deleted
+whatever stops the download, Ctrl-C included.
 """
 from __future__ import annotations
 
@@ -40,8 +42,11 @@ class DownloadError(AnnotatorWeightsError):
     """A download that failed (after its retries) or delivered other bytes than the published file."""
 
 
-# (environment variable, default): seconds without data, attempts in all, first wait between attempts in seconds
+# (environment variable, default): seconds without data, seconds per attempt in all, attempts in all, first wait
+# between attempts in seconds. Why an hour per attempt: the largest annotator file (body_pose_model.pth, 209 MB) at
+# 100 kB/s, a very slow but working connection, takes 35 minutes.
 TIMEOUT = ("CNS_DOWNLOAD_TIMEOUT", 30.0)
+DEADLINE = ("CNS_DOWNLOAD_DEADLINE", 3600.0)
 ATTEMPTS = ("CNS_DOWNLOAD_ATTEMPTS", 3)
 BACKOFF = ("CNS_DOWNLOAD_BACKOFF", 2.0)
 RETRY_HTTP = {408, 425, 429, 500, 502, 503, 504}  # the server may answer later; other HTTP errors stay errors
@@ -133,11 +138,12 @@ def find(filename: str, dirs: Optional[Sequence[os.PathLike]] = None, *, verify_
 
 
 def fetch(filename: str, dest: os.PathLike, *, opener=urllib.request.urlopen, timeout: Optional[float] = None,
-          attempts: Optional[int] = None, backoff: Optional[float] = None) -> Path:
+          attempts: Optional[int] = None, backoff: Optional[float] = None, deadline: Optional[float] = None) -> Path:
     """Download a manifest file into `dest`: `.part` first, verify, then rename. Refused offline or without a known hash.
 
-    timeout (seconds without data), attempts (in all) and backoff (first wait, doubling) default to the
-    CNS_DOWNLOAD_* environment variables (see the module docstring). Timeouts, refused or dropped connections,
+    timeout (seconds without data), deadline (seconds per attempt: checked after each read, so an attempt ends
+    within deadline + timeout), attempts (in all) and backoff (first wait, doubling) default to the CNS_DOWNLOAD_*
+    environment variables (see the module docstring). Timeouts, deadlines passed, refused or dropped connections,
     short bodies and HTTP 408/429/5xx are retried; another HTTP error or a wrong SHA-256 is not (the server would
     send the same again). Every failure deletes the `.part` file and raises `DownloadError` naming the URL, the
     file and where to put a copy downloaded by hand.
@@ -150,11 +156,12 @@ def fetch(filename: str, dest: os.PathLike, *, opener=urllib.request.urlopen, ti
     if spec.sha256 is None:
         raise AnnotatorWeightsError(f"no SHA-256 is known for {filename}, so it is not downloaded automatically; download {spec.url} into {dest} yourself.")
     timeout = _setting(TIMEOUT, timeout, float)
+    deadline = _setting(DEADLINE, deadline, float)
     attempts = max(1, _setting(ATTEMPTS, attempts, int))
     backoff = _setting(BACKOFF, backoff, float)
-    if not timeout > 0 or not backoff >= 0:
-        raise AnnotatorWeightsError(f"download timeout must be > 0 s and backoff >= 0 s; got {timeout} and {backoff} "
-                                    f"(see {TIMEOUT[0]}, {BACKOFF[0]}).")
+    if not timeout > 0 or not deadline > 0 or not backoff >= 0:
+        raise AnnotatorWeightsError(f"download timeout and deadline must be > 0 s and backoff >= 0 s; got {timeout}, {deadline} and {backoff} "
+                                    f"(see {TIMEOUT[0]}, {DEADLINE[0]}, {BACKOFF[0]}).")
     dest = Path(dest)
     dest.mkdir(parents=True, exist_ok=True)
     final, part = dest / filename, dest / (filename + ".part")
@@ -164,7 +171,7 @@ def fetch(filename: str, dest: os.PathLike, *, opener=urllib.request.urlopen, ti
         attempt += 1
         log.info("downloading %s from %s (attempt %d of %d)", filename, spec.url, attempt, attempts)
         try:
-            digest = _download(spec.url, part, opener, timeout)
+            digest = _download(spec.url, part, opener, timeout, deadline)
         except (OSError, http.client.HTTPException) as e:  # URLError, HTTPError, timeouts, resets, IncompleteRead
             part.unlink(missing_ok=True)
             why = _reason(e, timeout)
@@ -187,16 +194,32 @@ def fetch(filename: str, dest: os.PathLike, *, opener=urllib.request.urlopen, ti
         return final
 
 
-def _download(url: str, part: Path, opener, timeout: float) -> str:
-    """Stream `url` into `part`; the SHA-256 of what came. A body shorter than its Content-Length raises IncompleteRead."""
+class DeadlinePassed(TimeoutError):
+    """An attempt still receiving data when its deadline passed (retried like a timeout)."""
+
+    def __init__(self, deadline: float, received: int, length: Optional[str]):
+        super().__init__(f"still receiving after {deadline:g} s")
+        self.deadline, self.received, self.length = deadline, received, length
+
+
+def _download(url: str, part: Path, opener, timeout: float, deadline: float) -> str:
+    """Stream `url` into `part`; the SHA-256 of what came. A body shorter than its Content-Length raises IncompleteRead;
+    an attempt past `deadline` seconds raises DeadlinePassed.
+
+    Why `read1`: `read(n)` waits until n bytes have come, so on a trickling server it would not return (nor let the
+    deadline be checked) for hours; `read1(n)` returns whatever one receive brought."""
     h = hashlib.sha256()
     received = 0
+    start = time.monotonic()
     with opener(url, timeout=timeout) as r, open(part, "wb") as f:
         length = (getattr(r, "headers", None) or {}).get("Content-Length")
-        while block := r.read(1 << 20):
+        read = getattr(r, "read1", r.read)
+        while block := read(1 << 20):
             h.update(block)
             f.write(block)
             received += len(block)
+            if time.monotonic() - start > deadline:
+                raise DeadlinePassed(deadline, received, length)
     if length is not None and length.isdigit() and received < int(length):
         raise http.client.IncompleteRead(b"", int(length) - received)
     return h.hexdigest()
@@ -204,6 +227,10 @@ def _download(url: str, part: Path, opener, timeout: float) -> str:
 
 def _reason(e: BaseException, timeout: float) -> str:
     """One line on why an attempt failed."""
+    if isinstance(e, DeadlinePassed):
+        of = f" of {e.length}" if e.length is not None and e.length.isdigit() else ""
+        return (f"still downloading after {e.deadline:g} s, {e.received} bytes{of} received "
+                f"(raise {DEADLINE[0]}, in seconds, for a slow connection)")
     if isinstance(e, urllib.error.HTTPError):
         return f"HTTP {e.code} {e.reason}"
     if isinstance(e, urllib.error.URLError) and isinstance(e.reason, BaseException):

@@ -1,4 +1,4 @@
-"""Downloads against a real HTTP server on 127.0.0.1 that stalls, truncates, serves other bytes, or fails once: each
+"""Downloads against a real HTTP server on 127.0.0.1 that stalls, trickles, truncates, serves other bytes, or fails once: each
 ends within its timeout, is retried when another try can help, leaves no `.part`, and names the URL, the file and
 where to put a copy by hand; through the library, `python -m annotators fetch` and an annotator node in ComfyUI."""
 import hashlib
@@ -25,6 +25,18 @@ class Handler(http.server.BaseHTTPRequestHandler):
             mode = server.plan[min(server.requests, len(server.plan)) - 1]
         if mode == "stall":  # accept, then say nothing
             server.release.wait(10)
+            return
+        if mode == "trickle":  # a byte every 0.05 s: never silent for a read timeout, and never done
+            self.send_response(200)
+            self.send_header("Content-Length", str(len(PAYLOAD)))
+            self.end_headers()
+            for i in range(len(PAYLOAD)):
+                if server.release.wait(0.05):
+                    return
+                try:
+                    self.wfile.write(PAYLOAD[i:i + 1])
+                except OSError:  # the client gave up
+                    return
             return
         if mode == "reset":  # close without an answer
             self.close_connection = True
@@ -116,7 +128,7 @@ def test_ctrl_c_during_a_download_leaves_no_part_file(server, published, tmp_pat
 
     def interrupted(url, timeout):
         r = urllib.request.urlopen(url, timeout=timeout)
-        r.read = lambda n: (_ for _ in ()).throw(KeyboardInterrupt) if (tmp_path / "served_model.pth.part").exists() else b""
+        r.read = r.read1 = lambda n: (_ for _ in ()).throw(KeyboardInterrupt) if (tmp_path / "served_model.pth.part").exists() else b""
         return r
 
     with pytest.raises(KeyboardInterrupt):
@@ -133,6 +145,30 @@ def test_settings_come_from_the_environment(server, published, tmp_path, monkeyp
     monkeypatch.setenv("CNS_DOWNLOAD_TIMEOUT", "soon")
     with pytest.raises(weights.AnnotatorWeightsError, match="CNS_DOWNLOAD_TIMEOUT='soon': expected a number"):
         weights.fetch("served_model.pth", tmp_path)
+
+
+def test_a_trickling_server_meets_the_deadline(server, published, tmp_path, monkeypatch):
+    """Issue 12: a byte every 0.05 s never trips the 0.3 s read timeout; the per-attempt deadline ends each attempt,
+    and the error names the URL, the bytes received and the variable that raises the limit."""
+    server.plan = ["trickle"]
+    msg, seconds = failed(tmp_path, deadline=0.5)
+    assert server.requests == 2 and seconds < 3, seconds
+    assert f"download of served_model.pth from {published.url} failed after 2 attempts: still downloading after 0.5 s, " in msg, msg
+    received = int(msg.split("still downloading after 0.5 s, ")[1].split(" bytes")[0])
+    assert 0 < received < len(PAYLOAD) and f"{received} bytes of {len(PAYLOAD)} received (raise CNS_DOWNLOAD_DEADLINE, in seconds" in msg
+    assert f"place it at {tmp_path / 'served_model.pth'}" in msg
+    server.plan, server.requests = ["trickle", "ok"], 0  # a later attempt that is quick enough succeeds
+    assert weights.fetch("served_model.pth", tmp_path, **FAST, deadline=0.5).read_bytes() == PAYLOAD and server.requests == 2
+    monkeypatch.setenv("CNS_DOWNLOAD_DEADLINE", "0.3")  # from the environment
+    server.plan, server.requests = ["trickle"], 0
+    (tmp_path / "served_model.pth").unlink()
+    msg, seconds = failed(tmp_path, attempts=1)
+    assert server.requests == 1 and seconds < 2 and "failed: still downloading after 0.3 s" in msg, msg
+    for bad in ("soon", "0", "-5"):
+        monkeypatch.setenv("CNS_DOWNLOAD_DEADLINE", bad)
+        with pytest.raises(weights.AnnotatorWeightsError, match="CNS_DOWNLOAD_DEADLINE"):
+            weights.fetch("served_model.pth", tmp_path)
+    assert list(tmp_path.iterdir()) == []
 
 
 def test_cli_fetch_reports_the_failure_with_exit_code_2(server, published, tmp_path, monkeypatch, capsys):
