@@ -9,6 +9,7 @@ from .errors import IncompatibleModelError
 from .formats import patches
 from .loader import StateDictLike, as_source
 from .mmdit import SD3ControlNetConfig
+from .mmdit.sd35_stability import SD35ControlNetConfig
 from .t2i_adapter import T2IAdapterConfig
 
 
@@ -56,14 +57,14 @@ class TransformerModelInfo:
 
 
 AnyBaseInfo = Union[BaseModelInfo, TransformerModelInfo]
-AnyControlConfig = Union[ControlNetConfig, T2IAdapterConfig, SD3ControlNetConfig]
+AnyControlConfig = Union[ControlNetConfig, T2IAdapterConfig, SD3ControlNetConfig, SD35ControlNetConfig]
 
 
-def _check_sd3(config: SD3ControlNetConfig, base: AnyBaseInfo, control_name: str) -> None:
+def _check_sd3(config: Union[SD3ControlNetConfig, SD35ControlNetConfig], base: AnyBaseInfo, control_name: str) -> None:
     if not isinstance(base, TransformerModelInfo) or base.family != "sd3":
         raise IncompatibleModelError(
-            f"{control_name} is an {config.summary()}, but {base.describe()}. SD3 ControlNets steer SD3 / SD3.5 models only: "
-            "load an SD3 or SD3.5 checkpoint, or pick a ControlNet made for this model's family.")
+            f"{control_name} is an SD3-family ControlNet ({config.summary()}), but {base.describe()}. It steers SD3 / SD3.5 "
+            "models only: load an SD3 or SD3.5 checkpoint, or pick a ControlNet made for this model's family.")
     problems = []
     if config.hidden_size != base.hidden_size:
         problems.append(f"width {config.hidden_size} vs {base.hidden_size}")
@@ -71,17 +72,18 @@ def _check_sd3(config: SD3ControlNetConfig, base: AnyBaseInfo, control_name: str
         problems.append(f"latent channels {config.in_channels} vs {base.in_channels}")
     if base.patch_size is not None and config.patch_size != base.patch_size:
         problems.append(f"patch {config.patch_size} vs {base.patch_size}")
-    if base.context_dim is not None and config.joint_attention_dim != base.context_dim:
+    text_width = getattr(config, "joint_attention_dim", None)  # Stability's SD3.5 ControlNets read no text tokens
+    if base.context_dim is not None and text_width is not None and text_width != base.context_dim:
         problems.append(f"text width {config.joint_attention_dim} vs {base.context_dim}")
     if problems:
         raise IncompatibleModelError(
-            f"{control_name} is an {config.summary()} and does not fit {base.describe()}: {'; '.join(problems)}. "
+            f"{control_name} ({config.summary()}) does not fit {base.describe()}: {'; '.join(problems)}. "
             "SD3 medium, SD3.5 medium and SD3.5 large have different widths: pick the ControlNet made for this model.")
 
 
 def check_compatible(config: AnyControlConfig, base: AnyBaseInfo, control_name: str = "ControlNet") -> None:
     """Raise `IncompatibleModelError` naming both models when the control cannot steer `base`."""
-    if isinstance(config, SD3ControlNetConfig):
+    if isinstance(config, (SD3ControlNetConfig, SD35ControlNetConfig)):
         return _check_sd3(config, base, control_name)
     if isinstance(base, TransformerModelInfo):
         what = "T2I-Adapter" if isinstance(config, T2IAdapterConfig) else f"{config.family()} ControlNet"

@@ -22,9 +22,10 @@ from .errors import BaseModelRequiredError, CheckpointError, ControlNetError, No
 from .formats import diffusers as diffusers_fmt
 from .formats import ldm as ldm_fmt
 from .formats import patches
-from .formats import sd3_keys
+from .formats import sd3_keys, sd35_keys
 from .formats import t2i as t2i_fmt
 from .mmdit import SD3ControlNet, SD3ControlNetConfig
+from .mmdit.sd35_stability import SD35ControlNet, SD35ControlNetConfig
 from .model import ControlNet
 from .residuals import ControlResiduals
 from .t2i_adapter import T2IAdapter, T2IAdapterConfig, config_from_t2i_shapes
@@ -41,7 +42,7 @@ StateDictLike = Union[str, os.PathLike, Mapping[str, torch.Tensor], TensorSource
 class LoadedControl:
     """A loaded control model plus where it came from."""
 
-    model: Union[ControlNet, T2IAdapter, SD3ControlNet]
+    model: Union[ControlNet, T2IAdapter, SD3ControlNet, SD35ControlNet]
     format: str  # a key of formats.FORMATS
     source: str  # file path or description
 
@@ -49,15 +50,17 @@ class LoadedControl:
     def kind(self) -> str:
         if isinstance(self.model, SD3ControlNet):
             return "sd3_controlnet"
+        if isinstance(self.model, SD35ControlNet):
+            return "sd35_controlnet"
         return "t2i_adapter" if isinstance(self.model, T2IAdapter) else "controlnet"
 
     @property
     def takes_latent_hint(self) -> bool:
         """True when the hint is the condition image encoded by the base model's VAE (the DiT families), not pixels."""
-        return isinstance(self.model, SD3ControlNet)
+        return isinstance(self.model, (SD3ControlNet, SD35ControlNet))
 
     @property
-    def config(self) -> Union[ControlNetConfig, T2IAdapterConfig, SD3ControlNetConfig]:
+    def config(self) -> Union[ControlNetConfig, T2IAdapterConfig, SD3ControlNetConfig, SD35ControlNetConfig]:
         return self.model.config
 
     def residuals(self, x: torch.Tensor, hint: torch.Tensor, timesteps: torch.Tensor, context: Optional[torch.Tensor], y: Optional[torch.Tensor] = None,
@@ -246,6 +249,8 @@ def _load(source: TensorSource, base_unet, dtype, device, global_average_pooling
         return _load_t2i(source, fmt, dtype, device)
     if fmt == "sd3-diffusers":
         return _load_sd3(source, fmt, dtype, device)
+    if fmt == "sd35-stability":
+        return _load_sd35(source, fmt, dtype, device)
 
     base: Optional[TensorSource] = None
     if fmt in ("diff", "control-lora"):
@@ -380,6 +385,42 @@ def _load_sd3(source: TensorSource, fmt: str, dtype: Optional[torch.dtype], devi
     with torch.device("meta"):
         model = SD3ControlNet(config, dtype=dtype)
     _strict_fill(model, lambda k: _read(source, k, dtype), set(keys), source.name, fmt)
+    model.to(device).eval().requires_grad_(False)
+    log.info("loaded %s as '%s': %s", source.name, fmt, config.summary())
+    return LoadedControl(model, fmt, source.name)
+
+
+def _load_sd35(source: TensorSource, fmt: str, dtype: Optional[torch.dtype], device) -> LoadedControl:
+    """Stability's SD3.5 ControlNets. The base model's embedder (`SD35ControlNetConfig.base_embedders`) is not read
+    from the file: it starts as zeros and is adopted from the base model before sampling, as the reference does; a
+    copy the file may carry anyway is ignored, as ComfyUI ignores it."""
+    mapping = sd35_keys.canonical_map(source.keys())
+    control_type = None
+    if sd35_keys.CONTROL_TYPE_KEY in source.keys():
+        value = source.get(sd35_keys.CONTROL_TYPE_KEY)
+        if value.numel() != 1 or not bool(torch.isfinite(value.float()).all()):
+            raise CheckpointError(f"{source.name}: '{sd35_keys.CONTROL_TYPE_KEY}' holds {value.numel()} values; expected one number (0 blur, 1 canny, 2 depth).")
+        control_type = round(float(value.float().item()))
+    config = sd35_keys.config_from_shapes({k: source.shape(s) for k, s in mapping.items()}, control_type)
+    if dtype is None:
+        dtype = _first_float_dtype(source, mapping["pos_embed_input.proj.weight"])
+    with torch.device("meta"):
+        model = SD35ControlNet(config, dtype=dtype)
+    adopted = tuple(p + "." for p in config.base_embedders)
+    from_base = {k for k in model.state_dict() if k.startswith(adopted)}
+    ignored = sorted(k for k in mapping if k.startswith(adopted))
+    if ignored:
+        log.info("%s: ignoring %s; the base model's own replace them before sampling", source.name, ", ".join(ignored))
+    for k in ignored:
+        del mapping[k]
+    shapes = model.state_dict()
+
+    def get(key: str) -> torch.Tensor:
+        if key in from_base:
+            return torch.zeros(shapes[key].shape, dtype=dtype)
+        return _read(source, mapping[key], dtype)
+
+    _strict_fill(model, get, set(mapping) | from_base, source.name, fmt)
     model.to(device).eval().requires_grad_(False)
     log.info("loaded %s as '%s': %s", source.name, fmt, config.summary())
     return LoadedControl(model, fmt, source.name)

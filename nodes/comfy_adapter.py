@@ -26,7 +26,8 @@ from ..controlnet_core import (
     scale,
 )
 from ..controlnet_core.hint import match_batch
-from ..controlnet_core.mmdit import append_keep_mask, hint_latent_from_vae
+from ..controlnet_core.mmdit import SD3ControlNet, append_keep_mask, hint_latent_from_vae
+from ..controlnet_core.mmdit import sd35_stability
 from ..controlnet_core.t2i_adapter import T2IAdapterConfig
 
 log = logging.getLogger(__name__)
@@ -130,7 +131,7 @@ class SuiteControl(ControlBase):
         self.union: Optional[UnionConditions] = None  # several conditions of a union ControlNet (ControlNet Union (Suite))
         # an inpainting SD3 ControlNet takes a keep mask after the latent: ComfyUI's inpainting apply node reads this
         # flag and passes the mask as `extra_concat`
-        self.concat_mask = not self.is_foreign and self.backend.takes_latent_hint and self.backend.config.extra_conditioning_channels > 0
+        self.concat_mask = not self.is_foreign and getattr(self.backend.config, "extra_conditioning_channels", 0) > 0
 
     @property
     def is_foreign(self) -> bool:
@@ -175,6 +176,18 @@ class SuiteControl(ControlBase):
             info = base_info(model)
             if info is not None:
                 check_compatible(self.backend.config, info, control_name=self.name)
+            if isinstance(self.backend.model, sd35_stability.SD35ControlNet):
+                self._adopt_base_embedders(model)
+
+    def _adopt_base_embedders(self, model) -> None:
+        """Stability's SD3.5 ControlNets use the base model's own patch (or pooled-text) embedding, as the host does."""
+        net = model.diffusion_model
+        weights = {f"{name}.{k}": v for name in ("x_embedder", "y_embedder") if hasattr(net, name)
+                   for k, v in getattr(net, name).state_dict().items()}
+        try:
+            self.backend.model.adopt_base_embedders(weights)
+        except ControlNetError as e:
+            raise ControlNetError(f"{self.name}: {e}") from None
 
     def cleanup(self):
         self.model_sampling_current = None
@@ -271,6 +284,9 @@ class SuiteControl(ControlBase):
                                   "but no VAE was connected. Connect the checkpoint loader's VAE to the apply node's 'vae' input.")
         image = self.cond_hint_original
         pixels = prepare_hint(image, h * 8, w * 8, 3, image.shape[0], self.resize_mode)
+        stability = isinstance(self.backend.model, sd35_stability.SD35ControlNet)
+        if stability:  # how these were trained to see each control type
+            pixels = sd35_stability.prepare_pixels(pixels, cfg.control_type)
         loaded = comfy.model_management.loaded_models(only_currently_used=True) if hasattr(comfy.model_management, "loaded_models") else None
         latent = self.vae.encode(pixels.movedim(1, -1))
         if loaded is not None:  # the VAE may have pushed the sampling models out: bring them back, as the host does
@@ -278,8 +294,8 @@ class SuiteControl(ControlBase):
         if tuple(latent.shape[-2:]) != (h, w) or latent.shape[1] != cfg.in_channels:
             raise ControlNetError(f"{self.name}: the VAE made a latent of shape {list(latent.shape)} from the condition image; this "
                                   f"ControlNet needs [batch, {cfg.in_channels}, {h}, {w}]. Connect the VAE of the SD3 model being sampled.")
-        hint = hint_latent_from_vae(latent.float())
-        if cfg.extra_conditioning_channels:
+        hint = (sd35_stability.hint_latent_from_vae if stability else hint_latent_from_vae)(latent.float())
+        if getattr(cfg, "extra_conditioning_channels", 0):
             keep = None
             if self.extra_concat_orig:  # ComfyUI's inpainting apply node: 1 - mask, at the image's size
                 keep = self.extra_concat_orig[0].float().to(hint.device)
@@ -301,15 +317,24 @@ class SuiteControl(ControlBase):
         x_in = ms.calculate_input(t, x_noisy)
         context = cond.get("crossattn_controlnet", cond["c_crossattn"])
         if self.backend.takes_latent_hint:
-            return self._sd3_residuals(x_in, timesteps, context, x_noisy, batched_number)
+            return self._sd3_residuals(x_in, timesteps, context, cond.get("y"), x_noisy, batched_number)
         return self.backend.residuals(x_in, self._hint_for(x_noisy, batched_number), timesteps, context, cond.get("y"), **self._union_args())
 
-    def _sd3_residuals(self, x_in, timesteps, context, x_noisy, batched_number) -> ControlResiduals:
+    def _sd3_residuals(self, x_in, timesteps, context, y, x_noisy, batched_number) -> ControlResiduals:
+        """SD3-family controls: ComfyUI's MMDiT adds `output[k]` to its image tokens after joint block k."""
         model = self.backend.model
+        cfg = model.config
         dtype = next(model.parameters()).dtype
         hint = self._latent_hint_for(x_noisy, batched_number)
-        out = model(x_in.to(dtype), hint, timesteps, context.to(device=x_in.device, dtype=dtype))
-        return ControlResiduals(tuple(out.host_output(model.config.base_depth)), token_grid=_token_grid(x_noisy, model.config.patch_size))
+        if isinstance(model, SD3ControlNet):
+            sites = model(x_in.to(dtype), hint, timesteps, context.to(device=x_in.device, dtype=dtype)).host_output(cfg.base_depth)
+        else:  # Stability SD3.5: reads the pooled text, not the tokens
+            if y is None:
+                raise ControlNetError(f"{self.name}: the conditioning has no pooled text vector ('y'); SD3.5 ControlNets need the "
+                                      "output of the SD3.5 text encoders (CLIPTextEncode with an SD3.5 CLIP).")
+            outputs = model(x_in.to(dtype), hint, timesteps, y.to(device=x_in.device, dtype=dtype))
+            sites = sd35_stability.host_output_list(outputs, cfg.base_depth)
+        return ControlResiduals(tuple(sites), token_grid=_token_grid(x_noisy, cfg.patch_size))
 
     def _union_args(self) -> dict:
         """The type that ComfyUI's SetUnionControlNetType node stored (`extra_args`), for union files only: the core

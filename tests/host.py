@@ -33,8 +33,9 @@ def tiny_union_file(folder: Path) -> Path:
 
 
 # A tiny SD3-family base (ComfyUI's MMDiT reads its depth as width / 64: 4 joint blocks of 256) and what its
-# ControlNets take: text tokens 96 wide, a pooled vector of 80, a 24 x 24 grid of positions.
-SD3_TINY = dict(width=256, context=96, pooled=80, grid=24)
+# ControlNets take: text tokens 96 wide, a pooled vector of 2048 (the real width: ComfyUI fixes it for Stability's SD3.5
+# ControlNets), a 24 x 24 grid of positions.
+SD3_TINY = dict(width=256, context=96, pooled=2048, grid=24)
 TINY_SD3_CHECKPOINT = "tiny_sd3.safetensors"
 
 
@@ -70,6 +71,19 @@ def tiny_sd3_controlnet(path: Path, *, width: int = SD3_TINY["width"], blocks: i
     cfg = SD3ControlNetConfig(hidden_size=width, num_layers=blocks, control_channels=17 if inpaint else 16, pooled_projection_dim=t["pooled"],
                               joint_attention_dim=t["context"], pos_embed_max_size=t["grid"], mlp_hidden_dim=4 * width)
     return save(path, randomize_(SD3ControlNet(cfg), seed).state_dict())
+
+
+def tiny_sd35_controlnet(path: Path, control_type: int, *, blocks: int = 2, seed: int = 24) -> Path:
+    """A random-weight ControlNet in the layout of Stability's SD3.5 release files (no patch embedding: the base's)."""
+    if path.exists():
+        return path
+    from controlnet_core.mmdit.sd35_stability import SD35ControlNet, SD35ControlNetConfig
+
+    w = SD3_TINY["width"]
+    sd = randomize_(SD35ControlNet(SD35ControlNetConfig(hidden_size=w, num_layers=blocks, mlp_hidden_dim=4 * w)), seed).state_dict()
+    sd = {k: v for k, v in sd.items() if not k.startswith("x_embedder.")}
+    sd["control_type"] = torch.tensor([float(control_type)])
+    return save(path, sd)
 
 
 class Stub:

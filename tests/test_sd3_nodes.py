@@ -6,10 +6,11 @@ import torch
 
 from controlnet_core import load_control
 from controlnet_core.modes import SOFT_SPAN
-from host import SD3_TINY, TINY_SD3_CHECKPOINT, Graph, PromptFailed, finish, make_tiny_sd3_checkpoint, tiny_sd3_controlnet
+from host import SD3_TINY, TINY_SD3_CHECKPOINT, Graph, PromptFailed, finish, make_tiny_sd3_checkpoint, tiny_sd35_controlnet, tiny_sd3_controlnet
 from test_nodes import image, spy_calls
 
 PLAIN, INPAINT, NARROW = "sd3_tiny.safetensors", "sd3_inpaint_tiny.safetensors", "sd3_narrow_tiny.safetensors"
+STABILITY = {0: "sd35_blur_tiny.safetensors", 1: "sd35_canny_tiny.safetensors", 2: "sd35_depth_tiny.safetensors"}
 SIZE = 64  # pixels: a 8 x 8 latent, 4 x 4 tokens
 
 
@@ -20,6 +21,8 @@ def sd3(host):
     tiny_sd3_controlnet(cn / PLAIN)
     tiny_sd3_controlnet(cn / INPAINT, inpaint=True, seed=22)
     tiny_sd3_controlnet(cn / NARROW, width=128, seed=23)  # an SD3 ControlNet for another width
+    for control_type, name in STABILITY.items():
+        tiny_sd35_controlnet(cn / name, control_type, seed=24 + control_type)
     return host
 
 
@@ -91,6 +94,22 @@ def test_our_loader_and_apply_match_the_builtin_pair_and_interoperate(sd3, stren
     ref = results["builtin+builtin"]
     assert ref.shape == (1, 16, 8, 8) and torch.isfinite(ref).all()
     assert (ref - run(sd3, None)).abs().max() > 1e-3  # the control changes the result
+    for combo, out in results.items():
+        torch.testing.assert_close(out, ref, rtol=1e-4, atol=1e-4, msg=combo)
+
+
+@pytest.mark.parametrize("control_type", list(STABILITY), ids=["blur", "canny", "depth"])
+def test_stability_sd35_controlnets_match_the_builtin_pair(sd3, control_type):
+    """Stability's release layout: the base's patch embedding adopted, the type's image preparation, the VAE shift kept."""
+    name = STABILITY[control_type]
+    combos = ("builtin+builtin", "ours+ours") + (("ours+builtin", "builtin+ours") if control_type == 1 else ())
+    results = {}
+    for combo in combos:
+        load_kind, apply_kind = combo.split("+")
+        results[combo] = run(sd3, lambda g, pos, neg, vae: applies(apply_kind, g, pos, neg, loaders(load_kind, name)(g),
+                                                                     image(g, SIZE, SIZE, seed=6), vae, 0.8))
+    ref = results["builtin+builtin"]
+    assert (ref - run(sd3, None)).abs().max() > 1e-3
     for combo, out in results.items():
         torch.testing.assert_close(out, ref, rtol=1e-4, atol=1e-4, msg=combo)
 
@@ -206,7 +225,7 @@ def test_wrong_family_stops_before_sampling(sd3, case):
         g, model, pos, neg, latent = base_graph(sd3, spy_tag="wrong")
         vae = ("1", 2)  # the SD1.5 checkpoint loader's VAE
         pos, neg = ours(g, pos, neg, PLAIN, image(g), vae)
-        prompt, words = finish(g, model, pos, neg, latent), ["is an SD3 ControlNet", "steer SD3 / SD3.5 models only"]
+        prompt, words = finish(g, model, pos, neg, latent), ["is an SD3-family ControlNet", "steers SD3 / SD3.5 models only"]
     else:
         g, model, pos, neg, latent, vae = sd3_graph(sd3, spy="wrong")
         name = "cn_a.safetensors" if case == "sd15 control on sd3" else NARROW
@@ -218,3 +237,14 @@ def test_wrong_family_stops_before_sampling(sd3, case):
     msg = str(e.value)
     assert all(w in msg for w in words), msg
     assert spy_calls(sd3, "wrong") == []
+
+
+@pytest.mark.parametrize("name", [PLAIN, STABILITY[1]])
+def test_strength_zero_and_steps_outside_the_range_are_bit_identical_to_no_control(sd3, name):
+    plain = run(sd3, None)
+    zero = run(sd3, lambda g, pos, neg, vae: ours(g, pos, neg, name, image(g, SIZE, SIZE), vae, strength=0.0))
+    torch.testing.assert_close(zero, plain, rtol=0, atol=0)
+    sd3.spy.clear()
+    run(sd3, lambda g, pos, neg, vae: ours(g, pos, neg, name, image(g, SIZE, SIZE), vae, start=0.5, end=1.0), spy="late")
+    calls = spy_calls(sd3, "late")
+    assert calls[0]["control"] is None and calls[-1]["control"] is not None  # 4 steps: the first half without control

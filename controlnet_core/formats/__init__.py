@@ -3,7 +3,7 @@ from __future__ import annotations
 
 from typing import Iterable
 
-from . import diffusers, ldm, patches, sd3_keys, t2i
+from . import diffusers, ldm, patches, sd3_keys, sd35_keys, t2i
 
 FORMATS = {
     "ldm-v1.0-full": "original ControlNet 1.0 checkpoint (control_model.* plus the whole SD model)",
@@ -17,6 +17,7 @@ FORMATS = {
     "t2i-full-diffusers": "T2I-Adapter (full), diffusers layout",
     "t2i-light-diffusers": "T2I-Adapter (light), diffusers layout",
     "sd3-diffusers": "SD3 / SD3.5 ControlNet, diffusers layout (InstantX canny / pose / tile, alimama inpainting)",
+    "sd35-stability": "Stability SD3.5 Large ControlNet (blur / canny / depth; the patch embedding is the base model's)",
 }
 
 _SIGNATURES = {
@@ -27,6 +28,7 @@ _SIGNATURES = {
     "t2i-full": t2i.SIGNATURE_FULL,
     "t2i-light": t2i.SIGNATURE_LIGHT,
     "sd3-diffusers": sd3_keys.SIGNATURE,
+    "sd35-stability": sd35_keys.SIGNATURE,
 }
 _SIGNATURE_STEMS = {name: {k.split(".")[0] for k in sig} for name, sig in _SIGNATURES.items()}
 
@@ -38,6 +40,8 @@ def detect_format(keys: Iterable[str]) -> str | None:
         return "control-lora"
     if sd3_keys.is_sd3_diffusers(keys):
         return "sd3-diffusers"
+    if sd35_keys.is_sd35_stability(keys):
+        return "sd35-stability"
     p = ldm.prefix_of(keys)
     if p is not None:
         if patches.DIFF_MARKER in keys:

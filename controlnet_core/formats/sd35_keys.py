@@ -1,0 +1,116 @@
+"""Stability's SD3.5 ControlNet layout (`sd3.5_large_controlnet_{blur,canny,depth}.safetensors`): detection, the key
+table onto `controlnet_core.mmdit.SD35ControlNet`, and the architecture from tensor shapes.
+
+The release files name their embedders either like the reference code (`t_embedder.mlp.0`, `y_embedder.mlp.0`) or
+like diffusers (`time_text_embed.timestep_embedder.linear_1`, `time_text_embed.text_embedder.linear_1`); ComfyUI
+accepts both, and so do we. The latent's patch embedding is normally absent: it is the base model's.
+"""
+from __future__ import annotations
+
+import re
+from typing import Iterable, Mapping, Optional, Sequence
+
+from ..errors import CheckpointError, ControlNetError
+from ..mmdit.config import HEAD_DIM, TIME_FREQ_DIM
+from ..mmdit.sd35_stability import CONTROL_TYPES, SD35ControlNetConfig
+
+SIGNATURE = ("pos_embed_input.proj.weight", "transformer_blocks.0.adaLN_modulation.1.bias", "controlnet_blocks.0.weight")
+CONTROL_TYPE_KEY = "control_type"  # a one-element tensor: 0 blur, 1 canny, 2 depth
+
+# diffusers-style name -> ours, for the embedders (the blocks have one naming only)
+_ALIASES = {
+    "time_text_embed.timestep_embedder.linear_1.": "t_embedder.mlp.0.",
+    "time_text_embed.timestep_embedder.linear_2.": "t_embedder.mlp.2.",
+    "time_text_embed.text_embedder.linear_1.": "y_embedder.mlp.0.",
+    "time_text_embed.text_embedder.linear_2.": "y_embedder.mlp.2.",
+    "pos_embed.proj.": "x_embedder.proj.",
+}
+_BLOCK = re.compile(r"^(transformer_blocks|controlnet_blocks)\.(\d+)\.")
+
+
+def is_sd35_stability(keys: Iterable[str]) -> bool:
+    keys = set(keys)
+    return all(k in keys for k in SIGNATURE)
+
+
+def our_name(key: str) -> str:
+    for theirs, ours in _ALIASES.items():
+        if key.startswith(theirs):
+            return ours + key[len(theirs):]
+    return key
+
+
+def canonical_map(keys: Iterable[str]) -> dict[str, str]:
+    """Our parameter name -> the file's key, for every tensor but the control type."""
+    out: dict[str, str] = {}
+    for k in keys:
+        if k == CONTROL_TYPE_KEY:
+            continue
+        name = our_name(k)
+        if name in out:
+            raise CheckpointError(f"'{k}' and '{out[name]}' are the same weight under two names; the file is damaged.")
+        out[name] = k
+    return out
+
+
+def _shape(shapes: Mapping[str, Sequence[int]], key: str, rank: int) -> tuple[int, ...]:
+    if key not in shapes:
+        raise CheckpointError(f"no '{key}', which a Stability SD3.5 ControlNet needs; the file is damaged or of another layout.")
+    shape = tuple(int(d) for d in shapes[key])
+    if len(shape) != rank or min(shape) < 1:
+        raise CheckpointError(f"'{key}' has shape {list(shape)}; expected {rank} non-zero dimensions.")
+    return shape
+
+
+def _expect(shapes, key: str, expected: tuple[int, ...], why: str) -> None:
+    shape = _shape(shapes, key, len(expected))
+    if shape != expected:
+        raise CheckpointError(f"'{key}' has shape {list(shape)}; expected {list(expected)} ({why}).")
+
+
+def _count(shapes, prefix: str) -> int:
+    found = {int(m[2]) for k in shapes if (m := _BLOCK.match(k)) and m[1] == prefix}
+    n = max(found) + 1 if found else 0
+    if len(found) != n:
+        gaps = [str(i) for i in range(n) if i not in found][:5]
+        raise CheckpointError(f"'{prefix}' are numbered up to {n - 1}, but {', '.join(gaps)} are missing; the file is damaged.")
+    return n
+
+
+def config_from_shapes(shapes: Mapping[str, Sequence[int]], control_type: Optional[int] = None) -> SD35ControlNetConfig:
+    """The architecture `shapes` (our names -> shape; see `canonical_map`) describe. Raises `CheckpointError` naming the
+    first key that does not fit."""
+    hidden, in_ch, p, p2 = _shape(shapes, "pos_embed_input.proj.weight", 4)
+    if p != p2:
+        raise CheckpointError(f"'pos_embed_input.proj.weight' has a {p}x{p2} patch; SD3 patches are square.")
+    if hidden % HEAD_DIM:
+        raise CheckpointError(f"'pos_embed_input.proj.weight' makes the model {hidden} wide, not a multiple of the head width {HEAD_DIM}.")
+    y_out, y_in = _shape(shapes, "y_embedder.mlp.0.weight", 2)
+    if y_out != hidden:
+        raise CheckpointError(f"'y_embedder.mlp.0.weight' has shape {[y_out, y_in]}; its output must be the model's width {hidden}.")
+    double_y = y_in == hidden
+    _expect(shapes, "y_embedder.mlp.2.weight", (hidden, hidden), "the model's width")
+    _expect(shapes, "t_embedder.mlp.0.weight", (hidden, TIME_FREQ_DIM), "a 256-wide timestep embedding")
+    _expect(shapes, "t_embedder.mlp.2.weight", (hidden, hidden), "the model's width")
+    if double_y:
+        _expect(shapes, "x_embedder.proj.weight", (hidden, in_ch, p, p), "this variant carries its own patch embedding")
+    depth, outs = _count(shapes, "transformer_blocks"), _count(shapes, "controlnet_blocks")
+    if depth == 0 or outs != depth:
+        raise CheckpointError(f"{depth} transformer blocks but {outs} controlnet_blocks; each block has one output layer.")
+    inner = _shape(shapes, "transformer_blocks.0.mlp.fc1.weight", 2)[0]
+    for i in range(depth):
+        b = f"transformer_blocks.{i}."
+        _expect(shapes, b + "adaLN_modulation.1.weight", (6 * hidden, hidden), "shift, scale and gate for attention and MLP")
+        _expect(shapes, b + "attn.qkv.weight", (3 * hidden, hidden), "queries, keys and values")
+        _expect(shapes, b + "attn.proj.weight", (hidden, hidden), "the model's width")
+        _expect(shapes, b + "mlp.fc1.weight", (inner, hidden), "the MLP width of block 0")
+        _expect(shapes, b + "mlp.fc2.weight", (hidden, inner), "the MLP width of block 0")
+        _expect(shapes, f"controlnet_blocks.{i}.weight", (hidden, hidden), "the model's width")
+    if control_type is not None and control_type not in CONTROL_TYPES:
+        raise CheckpointError(f"'{CONTROL_TYPE_KEY}' is {control_type}; known types are {CONTROL_TYPES}.")
+    try:
+        return SD35ControlNetConfig(hidden_size=hidden, num_layers=depth, patch_size=p, in_channels=in_ch,
+                                    adm_in_channels=2048 if double_y else y_in, mlp_hidden_dim=inner, double_y_emb=double_y,
+                                    control_type=control_type)
+    except ControlNetError as e:
+        raise CheckpointError(f"the tensor shapes describe no valid SD3.5 ControlNet ({e})") from None
