@@ -25,6 +25,8 @@ SOCKETS = {
     "ControlNetSuiteApplyStack": ([("positive", "CONDITIONING"), ("negative", "CONDITIONING"), ("stack", "CONTROL_NET_STACK"), ("vae", "VAE")],
                                   [("positive", "CONDITIONING"), ("negative", "CONDITIONING")]),
     "EmptyLatentImage": ([], [("LATENT", "LATENT")]),
+    "EmptySD3LatentImage": ([], [("LATENT", "LATENT")]),
+    "ConditioningZeroOut": ([("conditioning", "CONDITIONING")], [("CONDITIONING", "CONDITIONING")]),
     "KSampler": ([("model", "MODEL"), ("positive", "CONDITIONING"), ("negative", "CONDITIONING"), ("latent_image", "LATENT")], [("LATENT", "LATENT")]),
     "VAEDecode": ([("samples", "LATENT"), ("vae", "VAE")], [("IMAGE", "IMAGE")]),
     "SaveImage": ([("images", "IMAGE")], []),
@@ -49,10 +51,16 @@ CN_CANNY, CN_SCRIBBLE, CN_POSE, CN_DEPTH, CN_SEG = (f"control_{k}_fp16.safetenso
     "v11p_sd15_canny", "v11p_sd15_scribble", "v11p_sd15_openpose", "v11f1p_sd15_depth", "v11p_sd15_seg"))
 CKPT_XL = "sd_xl_base_1.0.safetensors"
 CN_UNION = "diffusion_pytorch_model_promax.safetensors"  # xinsir's ProMax union file, under its published name
+# SD3.5 Large and Stability's canny ControlNet, under the names and downloads of ComfyUI's own SD3.5 canny template
+CKPT_SD35 = "sd3.5_large_fp8_scaled.safetensors"
+CN_SD35_CANNY = "sd3.5_large_controlnet_canny.safetensors"
 MODEL_URLS = {CKPT: "https://huggingface.co/Comfy-Org/stable-diffusion-v1-5-archive/resolve/main/" + CKPT,
               **{cn: HF_CONTROLNET + cn for cn in (CN_CANNY, CN_SCRIBBLE, CN_POSE, CN_DEPTH, CN_SEG)},
               CKPT_XL: "https://huggingface.co/stabilityai/stable-diffusion-xl-base-1.0/resolve/main/" + CKPT_XL,
-              CN_UNION: "https://huggingface.co/xinsir/controlnet-union-sdxl-1.0/resolve/main/" + CN_UNION}
+              CN_UNION: "https://huggingface.co/xinsir/controlnet-union-sdxl-1.0/resolve/main/" + CN_UNION,
+              CKPT_SD35: "https://huggingface.co/Comfy-Org/stable-diffusion-3.5-fp8/resolve/main/" + CKPT_SD35,
+              CN_SD35_CANNY: "https://huggingface.co/Comfy-Org/stable-diffusion-3.5-controlnets_ComfyUI_repackaged/resolve/main/"
+                             "split_files/controlnet/" + CN_SD35_CANNY}
 
 
 def published_models(type_: str, widgets: list) -> list[dict]:
@@ -155,12 +163,12 @@ def common(w: Workflow, prompt: str, ckpt_file: str = CKPT):
 
 
 def sample(w: Workflow, ckpt: int, pos: tuple, neg: tuple, prefix: str, seed: int = 42, x: int = 1110,
-           latent_at: tuple = (760, 410), size: int = 512):
+           latent_at: tuple = (760, 410), size: int = 512, latent: str = "EmptyLatentImage", settings: tuple = (20, 7.0, "euler", "normal")):
     """Sampler column at x, decode and save beside it, the empty latent under the apply node: compact, and the bottom
     right corner (where the frontend shows its minimap) left free, so the fitted view stays above the zoom at which
     the frontend stops drawing node text (8/14 by default)."""
-    latent = w.node("EmptyLatentImage", [size, size, 1], latent_at)
-    ks = w.node("KSampler", [seed, "fixed", 20, 7.0, "euler", "normal", 1.0], (x, 0), model=(ckpt, 0), positive=pos, negative=neg, latent_image=(latent, 0))
+    empty = w.node(latent, [size, size, 1], latent_at)
+    ks = w.node("KSampler", [seed, "fixed", *settings, 1.0], (x, 0), model=(ckpt, 0), positive=pos, negative=neg, latent_image=(empty, 0))
     dec = w.node("VAEDecode", [], (x + 360, 0), samples=(ks, 0), vae=(ckpt, 2))
     w.node("SaveImage", [prefix], (x + 360, 160), images=(dec, 0))
 
@@ -228,6 +236,23 @@ def union():
     w.save("sdxl_union_pose_depth")
 
 
+def sd35_canny():
+    """SD3.5 Large with Stability's canny ControlNet, through the suite's nodes: the VAE goes to the apply node (these
+    ControlNets read the condition image as a latent); sampler settings as in ComfyUI's own SD3.5 canny template."""
+    w = Workflow("SD3.5 Large canny (Stability's ControlNet) with the suite's nodes")
+    ckpt = w.node("CheckpointLoaderSimple", [CKPT_SD35], (0, 0))
+    pos = w.node("CLIPTextEncode", ["a crystal pink dragon under a blue night sky, hyperdetailed"], (360, -200), title="Positive prompt",
+                 clip=(ckpt, 1))
+    neg = w.node("ConditioningZeroOut", [], (360, 0), title="Empty negative", conditioning=(pos, 0))
+    photo = w.node("LoadImage", ["canny_example.png", "image"], (0, 300), title="Photo")
+    edges = w.node("Canny", [0.3, 0.6], (360, 300), image=(photo, 0))
+    cn = w.node("ControlNetSuiteLoader", [CN_SD35_CANNY, "auto"], (360, 500))
+    app = w.node("ControlNetSuiteApply", [0.66, 0.0, 1.0, "balanced", "crop and resize"], (760, 0), positive=(pos, 0), negative=(neg, 0),
+                 control_net=(cn, 0), image=(edges, 0), vae=(ckpt, 2))
+    sample(w, ckpt, (app, 0), (app, 1), "controlnet_sd35_canny", size=1024, latent="EmptySD3LatentImage", settings=(32, 4.5, "euler", "simple"))
+    w.save("sd35_large_canny")
+
+
 def train():
     """Train a ControlNet on a folder, then try it at once: the trained CONTROL_NET feeds the apply node directly."""
     w = Workflow("Train a ControlNet on a dataset folder, then sample with it")
@@ -259,6 +284,7 @@ def main() -> None:
     multi()
     regional()
     union()
+    sd35_canny()
     train()
 
 

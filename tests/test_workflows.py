@@ -11,13 +11,13 @@ from PIL import Image
 
 from clip_checkpoint import fp32_text_encoder, tiny_checkpoint_with_clip
 from controlnet_core.train.toy import make_fill50k
-from host import Host, tiny_union_file
+from host import SD3_TINY, TINY_SD3_CHECKPOINT, Host, make_tiny_sd3_checkpoint, tiny_sd35_controlnet, tiny_union_file
 from ui_workflow import ui_to_api
 
 WORKFLOWS = sorted((Path(__file__).resolve().parents[1] / "workflows").glob("*.json"))
 REQUIRED = {"canny", "scribble", "pose", "depth", "segmentation", "multi_control_pose_canny", "regional_two_masked_units",
             "mode_balanced", "mode_prompt_more_important", "mode_controlnet_more_important", "mode_cfg_resolution_weighting",
-            "train_controlnet", "sdxl_union_pose_depth"}
+            "train_controlnet", "sdxl_union_pose_depth", "sd35_large_canny"}
 
 
 def test_all_required_workflows_are_shipped():
@@ -116,10 +116,13 @@ def substitute(prompt: dict, host: Host) -> dict:
     A training workflow gets the tiny checkpoint with a CLIP (the Train node encodes captions), a 2-pair dataset and 1 step."""
     tiny_cns = ["cn_a.safetensors", "cn_b.safetensors"]
     trains = any(n["class_type"] == "ControlNetSuiteTrain" for n in prompt.values())
+    sd3 = any(n["class_type"] == "CheckpointLoaderSimple" and "sd3" in n["inputs"]["ckpt_name"] for n in prompt.values())
     k = 0
     for nid, node in prompt.items():
         ct, inp = node["class_type"], node["inputs"]
-        if ct == "CheckpointLoaderSimple":
+        if ct == "CheckpointLoaderSimple" and sd3:  # the tiny SD3 base (SD3.5 is the same MMDiT family)
+            inp["ckpt_name"] = make_tiny_sd3_checkpoint(host.dirs["checkpoints"] / TINY_SD3_CHECKPOINT).name
+        elif ct == "CheckpointLoaderSimple":
             inp["ckpt_name"] = tiny_checkpoint_with_clip(host) if trains else host.checkpoint
         elif ct == "ControlNetSuiteTrain":
             data = host.dirs["input"] / inp["dataset_folder"]
@@ -128,13 +131,17 @@ def substitute(prompt: dict, host: Host) -> dict:
             inp.update(steps=1, batch_size=2, resolution=64, resume=False)
         elif ct == "ControlNetSuiteLoader" and "union" in inp["control_net_name"].lower() + str(node.get("_meta", "")).lower():
             inp["control_net_name"] = tiny_union_file(host.dirs["controlnet"]).name
+        elif ct == "ControlNetSuiteLoader" and "sd3.5" in inp["control_net_name"]:  # Stability's release layout, canny type
+            inp["control_net_name"] = tiny_sd35_controlnet(host.dirs["controlnet"] / "sd35_canny_tiny.safetensors", 1, seed=25).name
         elif ct == "ControlNetSuiteLoader":
             inp["control_net_name"] = tiny_cns[k % 2]
             k += 1
         elif ct == "CLIPTextEncode":
             node["class_type"] = "SuiteTestConditioning"
             node["inputs"] = {"seed": sum(map(ord, inp["text"])) % 1000, "width": 768}
-        elif ct == "EmptyLatentImage":
+            if sd3:
+                node["inputs"].update(width=SD3_TINY["context"], pooled=SD3_TINY["pooled"])
+        elif ct in ("EmptyLatentImage", "EmptySD3LatentImage"):
             inp.update(width=64, height=64)
         elif ct in ("SolidMask", "MaskComposite"):
             for key in ("width", "height", "x", "y"):
