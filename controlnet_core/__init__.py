@@ -19,7 +19,7 @@ from .errors import (
     UnknownLayoutError,
     UnsafeCheckpointError,
 )
-from .export import save_diffusers, save_ldm
+from .export import save_diffusers, save_ldm, save_native
 from .formats import FORMATS, detect_format
 from .loader import LoadedControl, load_control
 from .hint import ResizeMode, check_hint_size, mask_residuals, prepare_hint
@@ -33,7 +33,7 @@ __version__ = "0.1.0"
 __all__ = [
     "BaseModelInfo", "TransformerModelInfo", "check_compatible", "ControlNetConfig", "config_from_unet_like_state_dict", "create_from_unet",
     "BaseModelRequiredError", "CheckpointError", "ControlNetError", "IncompatibleModelError", "LimitExceededError", "NonFiniteResidualsError", "NonFiniteWeightsError", "NotACheckpointError", "OutputPathError",
-    "UnknownLayoutError", "UnsafeCheckpointError", "save_diffusers", "save_ldm", "FORMATS", "detect_format",
+    "UnknownLayoutError", "UnsafeCheckpointError", "save_diffusers", "save_ldm", "save_native", "FORMATS", "detect_format",
     "LoadedControl", "load_control", "ControlNet", "RESIDUALS_API_VERSION", "ControlResiduals", "add", "all_finite",
     "cfg_resolution_weights", "combine", "scale", "soft_weights", "T2IAdapter", "T2IAdapterConfig",
     "ResizeMode", "check_hint_size", "mask_residuals", "prepare_hint", "ControlMode", "mode_block_scales",

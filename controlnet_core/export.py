@@ -1,4 +1,5 @@
-"""Save a loaded ControlNet as v1.1-layout safetensors or as a diffusers folder."""
+"""Save a loaded control model: in the layout it came from (`save_native`), or a UNet-family ControlNet as v1.1-layout
+safetensors (`save_ldm`) or as a diffusers folder (`save_diffusers`)."""
 from __future__ import annotations
 
 import json
@@ -11,6 +12,7 @@ import torch
 from .checkpoint import check_output_file, save_safetensors, write_atomically
 from .errors import ControlNetError, OutputPathError
 from .formats import diffusers as diffusers_fmt
+from .formats import get_format
 from .formats import ldm as ldm_fmt
 from .formats import t2i as t2i_fmt
 from .loader import METADATA_CONFIG, METADATA_GAP, LoadedControl
@@ -94,3 +96,14 @@ def save_diffusers(control, directory: PathLike, *, dtype: Optional[torch.dtype]
     text = json.dumps(cfg, indent=2, sort_keys=True)
     write_atomically(directory / "config.json", lambda tmp: tmp.write_text(text))
     return directory
+
+
+def save_native(control: LoadedControl, path: PathLike, *, dtype: Optional[torch.dtype] = None, overwrite: bool = False) -> Path:
+    """Write `control` back in the layout it was loaded from (its format record's `save`), so a round trip gives the
+    same keys and values. Refuses an existing output unless `overwrite=True`, like the other savers."""
+    fmt = get_format(control.format)
+    if fmt.save is None:
+        raise ControlNetError(
+            f"{control.source}: '{fmt.name}' files ({fmt.description}) are read only here; save the loaded model with "
+            "save_ldm (v1.1 layout) or save_diffusers instead.")
+    return fmt.save(control.model, Path(path), dtype, overwrite)

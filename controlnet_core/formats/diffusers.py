@@ -11,6 +11,7 @@ from typing import Iterable, Mapping, Optional
 
 from ..config import ControlNetConfig, count_numbered
 from ..errors import CheckpointError
+from .record import Format, lazy, lazy_save
 
 SIGNATURE = ("controlnet_cond_embedding.conv_in.weight", "controlnet_down_blocks.0.weight", "controlnet_mid_block.weight")
 
@@ -223,3 +224,7 @@ def read_config_json(path) -> dict:
     if not isinstance(data, dict):
         raise CheckpointError(f"{path}: a diffusers config.json holds a JSON object of settings; this one holds a {type(data).__name__}.")
     return data
+
+
+FORMAT = Format("diffusers", "diffusers ControlNetModel", SIGNATURE, lambda keys: "controlnet_cond_embedding.conv_in.weight" in keys,
+                lazy("..unet_load", "load_unet", "diffusers"), lazy_save("..export", "save_diffusers"))

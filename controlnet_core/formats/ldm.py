@@ -8,6 +8,8 @@ from __future__ import annotations
 
 from typing import Iterable
 
+from .record import Format, lazy, lazy_save
+
 CONTROL_PREFIX = "control_model."
 MODULES = ("time_embed.", "label_emb.", "input_hint_block.", "input_blocks.", "zero_convs.", "middle_block.", "middle_block_out.",
            "task_embedding", "transformer_layes.", "spatial_ch_projs.", "control_add_embedding.")  # the last four: union ControlNets
@@ -41,3 +43,17 @@ def canonical_map(keys: Iterable[str], prefix: str) -> dict[str, str]:
 def to_ldm_keys(canonical: Iterable[str], prefix: str = CONTROL_PREFIX) -> dict[str, str]:
     """canonical key -> key in a v1.1-layout file."""
     return {k: prefix + k for k in canonical}
+
+
+def _prefix_is(wanted) -> "callable":
+    return lambda keys: prefix_of(keys) == wanted
+
+
+FORMATS = (
+    Format("ldm-v1.0-full", "original ControlNet 1.0 checkpoint (control_model.* plus the whole SD model)", (),
+           lambda keys: prefix_of(keys) == CONTROL_PREFIX and is_full_v10(keys), lazy("..unet_load", "load_unet", "ldm-v1.0-full")),
+    Format("ldm-v1.1", "ControlNet 1.1 layout (control_model.* only)", tuple(CONTROL_PREFIX + k for k in SIGNATURE), _prefix_is(CONTROL_PREFIX),
+           lazy("..unet_load", "load_unet", "ldm-v1.1"), lazy_save("..export", "save_ldm", prefix=CONTROL_PREFIX)),
+    Format("ldm", "ldm layout without prefix (zero_convs.*, input_hint_block.*, ...)", SIGNATURE, _prefix_is(""),
+           lazy("..unet_load", "load_unet", "ldm"), lazy_save("..export", "save_ldm", prefix="")),
+)

@@ -11,6 +11,7 @@ import torch
 
 from ..checkpoint import TensorSource
 from ..errors import CheckpointError
+from .record import Format, lazy
 
 DIFF_MARKER = "difference"
 LORA_MARKER = "lora_controlnet"
@@ -78,3 +79,12 @@ def lora_tensor(source: TensorSource, key: str, base: TensorSource, base_prefix:
         _floating(base, bk, "a base model's UNet weights")
         return base.get(bk, dtype)
     return None
+
+
+# Read only: both store deltas against the base they were made from, so writing one back needs that very base.
+CONTROL_LORA = Format("control-lora", "Stability control-LoRA ('lora_controlnet' key; low-rank deltas on the base UNet)",
+                      (LORA_MARKER, "input_hint_block.0.weight", "zero_convs.0.0.weight"), lambda keys: LORA_MARKER in keys,
+                      lazy("..unet_load", "load_unet", "control-lora"))
+DIFF = Format("diff", "diff ControlNet (ldm layout + 'difference' key; weights relative to the base UNet)", (),
+              lambda keys: DIFF_MARKER in keys and ("zero_convs.0.0.weight" in keys or "control_model.zero_convs.0.0.weight" in keys),
+              lazy("..unet_load", "load_unet", "diff"))

@@ -7,12 +7,21 @@ accepts both, and so do we. The latent's patch embedding is normally absent: it 
 """
 from __future__ import annotations
 
+import logging
 import re
+from pathlib import Path
 from typing import Iterable, Mapping, Optional, Sequence
 
+import torch
+
+from ..checkpoint import TensorSource, check_output_file, save_safetensors
 from ..errors import CheckpointError, ControlNetError
+from ..loading import LoadedControl, LoadOptions, first_float_dtype, read_float, strict_fill
 from ..mmdit.config import HEAD_DIM, TIME_FREQ_DIM
-from ..mmdit.sd35_stability import CONTROL_TYPES, SD35ControlNetConfig
+from ..mmdit.sd35_stability import CONTROL_TYPES, SD35ControlNet, SD35ControlNetConfig
+from .record import Format
+
+log = logging.getLogger(__name__)
 
 SIGNATURE = ("pos_embed_input.proj.weight", "transformer_blocks.0.adaLN_modulation.1.bias", "controlnet_blocks.0.weight")
 CONTROL_TYPE_KEY = "control_type"  # a one-element tensor: 0 blur, 1 canny, 2 depth
@@ -114,3 +123,56 @@ def config_from_shapes(shapes: Mapping[str, Sequence[int]], control_type: Option
                                     control_type=control_type)
     except ControlNetError as e:
         raise CheckpointError(f"the tensor shapes describe no valid SD3.5 ControlNet ({e})") from None
+
+
+def load(source: TensorSource, options: LoadOptions) -> LoadedControl:
+    """Stability's SD3.5 ControlNets. The base model's embedder (`SD35ControlNetConfig.base_embedders`) is not read
+    from the file: it starts as zeros and is adopted from the base model before sampling, as the reference does; a
+    copy the file may carry anyway is ignored, as ComfyUI ignores it."""
+    mapping = canonical_map(source.keys())
+    control_type = None
+    if CONTROL_TYPE_KEY in source.keys():
+        value = source.get(CONTROL_TYPE_KEY)
+        if value.numel() != 1 or not bool(torch.isfinite(value.float()).all()):
+            raise CheckpointError(f"{source.name}: '{CONTROL_TYPE_KEY}' holds {value.numel()} values; expected one number (0 blur, 1 canny, 2 depth).")
+        control_type = round(float(value.float().item()))
+    config = config_from_shapes({k: source.shape(s) for k, s in mapping.items()}, control_type)
+    dtype = options.dtype
+    if dtype is None:
+        dtype = first_float_dtype(source, mapping["pos_embed_input.proj.weight"])
+    with torch.device("meta"):
+        model = SD35ControlNet(config, dtype=dtype)
+    adopted = tuple(p + "." for p in config.base_embedders)
+    from_base = {k for k in model.state_dict() if k.startswith(adopted)}
+    ignored = sorted(k for k in mapping if k.startswith(adopted))
+    if ignored:
+        log.info("%s: ignoring %s; the base model's own replace them before sampling", source.name, ", ".join(ignored))
+    for k in ignored:
+        del mapping[k]
+    shapes = model.state_dict()
+
+    def get(key: str) -> torch.Tensor:
+        if key in from_base:
+            return torch.zeros(shapes[key].shape, dtype=dtype)
+        return read_float(source, mapping[key], dtype)
+
+    strict_fill(model, get, set(mapping) | from_base, source.name, FORMAT.name)
+    model.to(options.device).eval().requires_grad_(False)
+    log.info("loaded %s as '%s': %s", source.name, FORMAT.name, config.summary())
+    return LoadedControl(model, FORMAT.name, source.name)
+
+
+def save(model: SD35ControlNet, path: Path, dtype: Optional[torch.dtype], overwrite: bool) -> Path:
+    """The release layout: reference names, no base-model embedder, the control type as a one-element tensor."""
+    path = Path(path)
+    check_output_file(path, overwrite)
+    adopted = tuple(p + "." for p in model.config.base_embedders)
+    sd = {k: (v.to(dtype) if dtype is not None else v).detach().cpu() for k, v in model.state_dict().items() if not k.startswith(adopted)}
+    if model.config.control_type is not None:
+        sd[CONTROL_TYPE_KEY] = torch.tensor([float(model.config.control_type)])
+    save_safetensors(sd, path, {"format": "pt"}, overwrite=overwrite)
+    return path
+
+
+FORMAT = Format("sd35-stability", "Stability SD3.5 Large ControlNet (blur / canny / depth; the patch embedding is the base model's)",
+                SIGNATURE, is_sd35_stability, load, save, kind="sd35_controlnet", takes_latent_hint=True)

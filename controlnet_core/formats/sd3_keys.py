@@ -14,8 +14,20 @@ import math
 import re
 from typing import Iterable, Mapping, Sequence
 
+import logging
+from pathlib import Path
+from typing import Optional
+
+import torch
+
+from ..checkpoint import TensorSource, check_output_file, save_safetensors
 from ..errors import CheckpointError, ControlNetError
+from ..loading import LoadedControl, LoadOptions, first_float_dtype, read_float, strict_fill
 from ..mmdit.config import HEAD_DIM, TIME_FREQ_DIM, SD3ControlNetConfig
+from ..mmdit.sd3_control import SD3ControlNet
+from .record import Format
+
+log = logging.getLogger(__name__)
 
 # Present in every diffusers SD3 ControlNet, and together in no other layout: the hint projection, the joint
 # (two-stream) attention, and the image patch embedding of its own.
@@ -125,3 +137,29 @@ def config_from_shapes(shapes: Mapping[str, Sequence[int]]) -> SD3ControlNetConf
         )
     except ControlNetError as e:
         raise CheckpointError(f"the tensor shapes describe no valid SD3 ControlNet ({e})") from None
+
+
+def load(source: TensorSource, options: LoadOptions) -> LoadedControl:
+    """The keys already are our parameter names: no key table."""
+    keys = list(source.keys())
+    config = config_from_shapes({k: source.shape(k) for k in keys})
+    dtype = options.dtype or first_float_dtype(source, "pos_embed.proj.weight")
+    with torch.device("meta"):
+        model = SD3ControlNet(config, dtype=dtype)
+    strict_fill(model, lambda k: read_float(source, k, dtype), set(keys), source.name, FORMAT.name)
+    model.to(options.device).eval().requires_grad_(False)
+    log.info("loaded %s as '%s': %s", source.name, FORMAT.name, config.summary())
+    return LoadedControl(model, FORMAT.name, source.name)
+
+
+def save(model: SD3ControlNet, path: Path, dtype: Optional[torch.dtype], overwrite: bool) -> Path:
+    """One .safetensors file with diffusers' keys (what InstantX publish); diffusers reads it with a config.json."""
+    path = Path(path)
+    check_output_file(path, overwrite)
+    sd = {k: (v.to(dtype) if dtype is not None else v).detach().cpu() for k, v in model.state_dict().items()}
+    save_safetensors(sd, path, {"format": "pt"}, overwrite=overwrite)
+    return path
+
+
+FORMAT = Format("sd3-diffusers", "SD3 / SD3.5 ControlNet, diffusers layout (InstantX canny / pose / tile, alimama inpainting)",
+                SIGNATURE, is_sd3_diffusers, load, save, kind="sd3_controlnet", takes_latent_hint=True)

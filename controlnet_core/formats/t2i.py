@@ -4,6 +4,8 @@ from __future__ import annotations
 import re
 from typing import Iterable, Optional
 
+from .record import Format, lazy, lazy_save
+
 SIGNATURE_FULL = ("conv_in.weight", "body.0.block1.weight", "body.0.block2.weight")
 SIGNATURE_LIGHT = ("body.0.in_conv.weight", "body.0.body.0.block1.weight", "body.0.out_conv.weight")
 
@@ -69,3 +71,16 @@ def to_diffusers_map(canonical: Iterable[str], light: bool) -> dict[str, str]:
                 d = k
         out[k] = "adapter." + d
     return out
+
+
+def _t2i(name: str, description: str, signature: tuple, save) -> Format:
+    return Format(name, description, signature, lambda keys: detect(keys) == name, lazy("..unet_load", "load_t2i", name), save,
+                  kind="t2i_adapter")
+
+
+FORMATS = (
+    _t2i("t2i-full", "T2I-Adapter (full), original layout", SIGNATURE_FULL, lazy_save("..export", "save_ldm")),
+    _t2i("t2i-light", "T2I-Adapter (light), original layout", SIGNATURE_LIGHT, lazy_save("..export", "save_ldm")),
+    _t2i("t2i-full-diffusers", "T2I-Adapter (full), diffusers layout", (), lazy_save("..export", "save_diffusers")),
+    _t2i("t2i-light-diffusers", "T2I-Adapter (light), diffusers layout", (), lazy_save("..export", "save_diffusers")),
+)

@@ -1,0 +1,148 @@
+"""What every format's load shares: opening a source, the `LoadedControl` result, and filling a model built on the
+`meta` device from a file, strictly (every key, every shape, floating point, finite).
+
+The model is built on `meta` and each weight is read once, straight into its final dtype, then adopted by the module
+(`assign=True`): peak memory stays near the size of the weights.
+"""
+from __future__ import annotations
+
+import os
+from dataclasses import dataclass, field
+from typing import Mapping, Optional, Union
+
+import torch
+
+from .checkpoint import DictSource, TensorSource, open_checkpoint
+from .errors import CheckpointError, NonFiniteWeightsError
+from .residuals import ControlResiduals
+
+StateDictLike = Union[str, os.PathLike, Mapping[str, torch.Tensor], TensorSource]
+
+
+@dataclass(frozen=True)
+class LoadOptions:
+    """The caller's choices for one load; each format reads the ones that concern it (see `load_control`)."""
+
+    base_unet: Optional[StateDictLike] = None
+    dtype: Optional[torch.dtype] = None
+    device: Union[str, torch.device] = "cpu"
+    global_average_pooling: Optional[bool] = None
+    diffusers_config: Optional[Union[dict, str, os.PathLike]] = None
+    num_heads: Optional[int] = None
+    num_head_channels: Optional[int] = None
+
+
+@dataclass
+class LoadedControl:
+    """A loaded control model plus where it came from."""
+
+    model: torch.nn.Module  # ControlNet, T2IAdapter, SD3ControlNet, SD35ControlNet, ...
+    format: str  # a key of formats.FORMATS
+    source: str  # file path or description
+
+    @property
+    def kind(self) -> str:
+        """What the model is ("controlnet", "t2i_adapter", "sd3_controlnet", ...), from its format's record."""
+        from .formats import get_format
+
+        return get_format(self.format).kind
+
+    @property
+    def takes_latent_hint(self) -> bool:
+        """True when the hint is the condition image encoded by the base model's VAE (the DiT families), not pixels."""
+        from .formats import get_format
+
+        return get_format(self.format).takes_latent_hint
+
+    @property
+    def config(self):
+        return self.model.config
+
+    def residuals(self, x: torch.Tensor, hint: torch.Tensor, timesteps: torch.Tensor, context: Optional[torch.Tensor], y: Optional[torch.Tensor] = None,
+                  **union) -> ControlResiduals:
+        """UNet families: `union` holds `control_types` and `condition_weights` of a union ControlNet (see `ControlNet.forward`)."""
+        return self.model(x, hint, timesteps, context, y, **union)
+
+
+def as_source(obj: StateDictLike, what: str = "checkpoint") -> TensorSource:
+    if isinstance(obj, TensorSource):
+        return obj
+    if isinstance(obj, Mapping):
+        return DictSource(obj, name=f"<in-memory {what}>")
+    return open_checkpoint(obj)
+
+
+def _describe(fmt: str) -> str:
+    from .formats import FORMATS
+
+    return FORMATS.get(fmt, fmt)
+
+
+def meta_shapes(source: TensorSource, mapping: Mapping[str, str]) -> dict[str, torch.Tensor]:
+    """Empty `meta` tensors of the stored shapes, under our names (`mapping`: ours -> the file's)."""
+    return {c: torch.empty(source.shape(s), device="meta") for c, s in mapping.items()}
+
+
+def first_float_dtype(source: TensorSource, key: str) -> torch.dtype:
+    dtype = source.stored_dtype(key)
+    if not dtype.is_floating_point:
+        raise CheckpointError(f"{source.name}: '{key}' is stored as {dtype}; model weights are floating point. The file is damaged or holds no model.")
+    return dtype
+
+
+def read_float(source: TensorSource, key: str, dtype: Optional[torch.dtype]) -> torch.Tensor:
+    """One stored tensor in `dtype`, refused unless it is floating point (integers would load as garbage weights)."""
+    t = source.get(key)
+    if not t.is_floating_point():
+        raise CheckpointError(f"{source.name}: '{key}' is stored as {t.dtype}; model weights are floating point. The file is damaged or holds no model.")
+    return t if dtype is None or t.dtype == dtype else t.to(dtype)
+
+
+def count_non_finite(t: torch.Tensor) -> int:
+    """How many values of `t` are NaN or infinite.
+
+    Why a sum first: a NaN or inf anywhere makes it non-finite, and it reads the tensor once without allocating its
+    size. On a full SD1.5 ControlNet (2 CPU threads) the sums take 0.10 s in fp32 and 0.06 s in fp16, under a tenth of
+    the load; `isfinite(t).all()` took 1.5 s. Only a non-finite sum, which an overflow can also give, pays for the
+    exact count."""
+    if t.numel() == 0 or bool(torch.isfinite(t.sum())):
+        return 0
+    return int(t.numel() - torch.isfinite(t).sum())
+
+
+def refuse_non_finite(source_name: str, counts: Mapping[str, int], total: int) -> None:
+    if counts:
+        worst = sorted(counts.items(), key=lambda kv: -kv[1])[:5]
+        raise NonFiniteWeightsError(
+            f"{source_name}: {sum(counts.values()):,} NaN/inf values in {len(counts)} of {total} weight tensors "
+            f"({', '.join(f'{k}: {n:,}' for k, n in worst)}{', ...' if len(counts) > 5 else ''}); such a model gives black "
+            "images. The file is damaged (or was saved from a diverged training run): download it again."
+        )
+
+
+def strict_fill(model: torch.nn.Module, getter, available: set[str], source_name: str, fmt: str) -> None:
+    """Fill `model` (on meta) from `getter(key) -> Tensor|None`; list missing/unexpected keys like a strict load."""
+    expected = model.state_dict()
+    missing = sorted(set(expected) - available)
+    unexpected = sorted(available - set(expected))
+    if missing or unexpected:
+        raise CheckpointError(
+            f"{source_name}: detected as '{fmt}' ({_describe(fmt)}), but the keys do not fit the architecture derived from its shapes. "
+            f"Missing {len(missing)}: {missing[:8]}{' ...' if len(missing) > 8 else ''}; unexpected {len(unexpected)}: {unexpected[:8]}{' ...' if len(unexpected) > 8 else ''}. "
+            "The file may be damaged, or a variant this version does not support."
+        )
+    loaded = {}
+    non_finite: dict[str, int] = {}
+    for key, ref in expected.items():
+        t = getter(key)
+        if t is None:
+            raise CheckpointError(f"{source_name}: no weight for '{key}'.")
+        if tuple(t.shape) != tuple(ref.shape):
+            raise CheckpointError(f"{source_name}: '{key}' has shape {tuple(t.shape)}; the architecture derived from the other weights needs {tuple(ref.shape)}.")
+        if not t.is_floating_point():
+            raise CheckpointError(f"{source_name}: '{key}' is {t.dtype}; model weights are floating point. The file is damaged or holds no model.")
+        if n := count_non_finite(t):
+            non_finite[key] = n
+        loaded[key] = t
+    refuse_non_finite(source_name, non_finite, len(expected))
+    model.load_state_dict(loaded, strict=True, assign=True)
