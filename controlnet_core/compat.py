@@ -9,6 +9,7 @@ from .errors import IncompatibleModelError
 from .formats import patches
 from .loader import StateDictLike, as_source
 from .mmdit import SD3ControlNetConfig
+from .flux.config import FluxControlNetConfig
 from .mmdit.sd35_stability import SD35ControlNetConfig
 from .t2i_adapter import T2IAdapterConfig
 
@@ -50,14 +51,31 @@ class TransformerModelInfo:
     patch_size: Optional[int] = None
 
     def describe(self) -> str:
-        if self.family == "sd3":
-            return (f"{self.name} (an SD3-family MMDiT of width {self.hidden_size}, {self.in_channels} latent channels, "
+        if self.family in ("sd3", "flux") and self.hidden_size:
+            what = "an SD3-family MMDiT" if self.family == "sd3" else "a Flux.1 transformer"
+            return (f"{self.name} ({what} of width {self.hidden_size}, {self.in_channels} latent channels, "
                     f"text width {self.context_dim}, patch {self.patch_size})")
         return f"{self.name} (a {self.family} transformer, no UNet)"
 
 
 AnyBaseInfo = Union[BaseModelInfo, TransformerModelInfo]
-AnyControlConfig = Union[ControlNetConfig, T2IAdapterConfig, SD3ControlNetConfig, SD35ControlNetConfig]
+AnyControlConfig = Union[ControlNetConfig, T2IAdapterConfig, SD3ControlNetConfig, SD35ControlNetConfig, FluxControlNetConfig]
+
+
+def _check_flux(config: FluxControlNetConfig, base: "AnyBaseInfo", control_name: str) -> None:
+    if not isinstance(base, TransformerModelInfo) or base.family != "flux":
+        raise IncompatibleModelError(
+            f"{control_name} is a Flux ControlNet ({config.summary()}), but {base.describe()}. It steers Flux.1 models only: "
+            "load a Flux checkpoint, or pick a ControlNet made for this model's family.")
+    problems = []
+    if base.hidden_size is not None and config.hidden_size != base.hidden_size:
+        problems.append(f"width {config.hidden_size} vs {base.hidden_size}")
+    if base.in_channels is not None and config.latent_channels != base.in_channels:
+        problems.append(f"latent channels {config.latent_channels} vs {base.in_channels}")
+    if base.context_dim is not None and config.joint_attention_dim != base.context_dim:
+        problems.append(f"text width {config.joint_attention_dim} vs {base.context_dim}")
+    if problems:
+        raise IncompatibleModelError(f"{control_name} ({config.summary()}) does not fit {base.describe()}: {'; '.join(problems)}.")
 
 
 def _check_sd3(config: Union[SD3ControlNetConfig, SD35ControlNetConfig], base: AnyBaseInfo, control_name: str) -> None:
@@ -85,6 +103,8 @@ def check_compatible(config: AnyControlConfig, base: AnyBaseInfo, control_name: 
     """Raise `IncompatibleModelError` naming both models when the control cannot steer `base`."""
     if isinstance(config, (SD3ControlNetConfig, SD35ControlNetConfig)):
         return _check_sd3(config, base, control_name)
+    if isinstance(config, FluxControlNetConfig):
+        return _check_flux(config, base, control_name)
     if isinstance(base, TransformerModelInfo):
         what = "T2I-Adapter" if isinstance(config, T2IAdapterConfig) else f"{config.family()} ControlNet"
         raise IncompatibleModelError(

@@ -52,7 +52,8 @@ class LoadedControl:
         """True when the hint is the condition image encoded by the base model's VAE (the DiT families), not pixels."""
         from .formats import get_format
 
-        return get_format(self.format).takes_latent_hint
+        # diffusers' conversion of XLabs Flux files keeps the pixel hint encoder in an otherwise latent-hint layout
+        return get_format(self.format).takes_latent_hint and not getattr(self.config, "pixel_hint", False)
 
     @property
     def config(self):

@@ -12,7 +12,8 @@ SD1.5's 13 sites); "controlnet" is also the original repository's guess mode, wh
 unconditional side gets no control.
 
 DiT families (token residuals, `ControlResiduals.token_grid` set) have one resolution and no middle block. Their
-sites are the control model's distinct outputs, in block order (a tensor shared by several base blocks is one site).
+sites are the control model's distinct outputs, in block order (a tensor shared by several base blocks is one site;
+Flux: the double-block outputs, then the single-block ones).
 "prompt" and "controlnet" weight output j of m by 0.825 ** (12 * (m - 1 - j) / (m - 1)): the same span as SD1.5's,
 first output 0.099, last 1, whatever the depth, so the modes feel alike across families. "cfg_resolution" has no
 resolutions to weigh and equals balanced there.
@@ -70,10 +71,11 @@ def _token_block_scales(mode: ControlMode, res: ControlResiduals) -> Optional[li
     """Per-site weights for DiT token residuals: one weight per distinct control output (see the module doc)."""
     if mode is ControlMode.CFG_RESOLUTION:
         return None
+    sites = (*res.input, *res.down)  # Flux: double blocks, then single blocks; SD3: joint blocks
     order: dict[int, int] = {}
-    for t in res.down:
+    for t in sites:
         if t is not None:
             order.setdefault(id(t), len(order))
     m = len(order)
     weights = [0.825 ** (SOFT_SPAN * (m - 1 - j) / (m - 1)) if m > 1 else 1.0 for j in range(m)]
-    return [weights[order[id(t)]] if t is not None else 1.0 for t in res.down] + [1.0]
+    return [weights[order[id(t)]] if t is not None else 1.0 for t in sites] + [1.0]

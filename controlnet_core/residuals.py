@@ -10,9 +10,11 @@ list position alone:
 
 ``None`` anywhere means "nothing for this site".
 
-DiT families (SD3 / SD3.5 MMDiT) have no resolution levels: ``down[k]`` is then a token sequence (B, T, C) added to
-the image tokens after the base transformer's block k, and ``token_grid`` = (rows, columns) says how the first
-rows * columns tokens tile the latent (row-major, one token per patch). Consecutive base blocks often share one control
+DiT families have no resolution levels. With ``token_grid`` = (rows, columns) set, every residual is a token sequence
+(B, rows * columns, C) over the latent's patches (row-major), added to the image tokens after a transformer block:
+``down[k]`` after the block the host numbers k in its "output" list (SD3 / SD3.5: joint block k; Flux: single block
+k), ``input[k]`` after the block it numbers k in its "input" list (Flux: double block k), in that order, never
+reversed. ``scale`` then takes one weight per input site, then per down site, then the middle one. Consecutive base blocks often share one control
 output: the *same tensor object* sits at several sites, and every operation here keeps that sharing (one multiply per
 distinct tensor, not per site), as the host's own merge does.
 """
@@ -90,9 +92,12 @@ def scale(res: ControlResiduals, strength: float = 1.0, block_scales: Optional[S
     scaled by `strength` and by the block scale of the same input block.
     """
     n = len(res.down)
-    if block_scales is not None and len(block_scales) != n + 1:
-        raise ValueError(f"block_scales has {len(block_scales)} entries; this control has {n} down sites + 1 middle = {n + 1}.")
-    bs = list(block_scales) if block_scales is not None else [1.0] * (n + 1)
+    ni = len(res.input) if res.is_tokens else 0  # token residuals weigh their input sites on their own (see module doc)
+    if block_scales is not None and len(block_scales) != ni + n + 1:
+        what = f"{ni} input + {n} down sites + 1 middle" if ni else f"{n} down sites + 1 middle"
+        raise ValueError(f"block_scales has {len(block_scales)} entries; this control has {what} = {ni + n + 1}.")
+    bs = list(block_scales) if block_scales is not None else [1.0] * (ni + n + 1)
+    input_scales, bs = bs[:ni], bs[ni:]
     done: dict[tuple[int, float], Tensor] = {}  # a tensor shared by sites of equal weight is multiplied once
 
     def mul(t: Optional[Tensor], s: float) -> Optional[Tensor]:
@@ -106,7 +111,10 @@ def scale(res: ControlResiduals, strength: float = 1.0, block_scales: Optional[S
         return done[(id(t), s)]
 
     down = tuple(mul(t, bs[k]) for k, t in enumerate(res.down))
-    inp = tuple(mul(t, bs[k] if k < n else 1.0) for k, t in enumerate(res.input))
+    if res.is_tokens:
+        inp = tuple(mul(t, input_scales[k]) for k, t in enumerate(res.input))
+    else:
+        inp = tuple(mul(t, bs[k] if k < n else 1.0) for k, t in enumerate(res.input))
     return ControlResiduals(down, mul(res.mid, bs[n]), inp, res.token_grid)
 
 

@@ -26,8 +26,11 @@ from ..controlnet_core import (
     scale,
 )
 from ..controlnet_core.hint import match_batch
+from ..controlnet_core import flux
 from ..controlnet_core.mmdit import SD3ControlNet, append_keep_mask, hint_latent_from_vae
 from ..controlnet_core.mmdit import sd35_stability
+
+DIT_KINDS = ("sd3_controlnet", "sd35_controlnet", "flux_controlnet")
 from ..controlnet_core.t2i_adapter import T2IAdapterConfig
 
 log = logging.getLogger(__name__)
@@ -36,15 +39,18 @@ ControlBase = comfy.controlnet.ControlBase
 
 
 def to_comfy(res: ControlResiduals) -> dict:
-    """Fresh lists in the order ComfyUI's UNet pops them."""
-    return {"input": list(reversed(res.input)), "middle": [res.mid] if res.mid is not None else [], "output": list(res.down)}
+    """Fresh lists in the order ComfyUI's UNet pops them; DiTs index theirs, so token residuals keep their order."""
+    inputs = list(res.input) if res.is_tokens else list(reversed(res.input))
+    return {"input": inputs, "middle": [res.mid] if res.mid is not None else [], "output": list(res.down)}
 
 
-def from_comfy(out: Optional[dict]) -> ControlResiduals:
+def from_comfy(out: Optional[dict], token_grid: Optional[tuple] = None) -> ControlResiduals:
+    """`token_grid`: the control is a DiT's (its lists are indexed by block, not popped)."""
     if not out:
-        return ControlResiduals()
+        return ControlResiduals(token_grid=token_grid)
     mid = out.get("middle") or [None]
-    return ControlResiduals(tuple(out.get("output") or ()), mid[0], tuple(reversed(out.get("input") or ())))
+    inputs = tuple(out.get("input") or ())
+    return ControlResiduals(tuple(out.get("output") or ()), mid[0], inputs if token_grid else tuple(reversed(inputs)), token_grid)
 
 
 def merge_with_previous(out: dict, prev: Optional[dict]) -> dict:
@@ -83,6 +89,8 @@ def base_info(model) -> Optional[Union[BaseModelInfo, TransformerModelInfo]]:
     if type(net).__module__.endswith(".mmdit"):  # SD3 / SD3.5: ComfyUI's MMDiT, 64-wide heads, width = 64 x depth
         embedder = (cfg.get("context_embedder_config") or {}).get("params", {})
         return TransformerModelInfo("sd3", name, 64 * cfg["depth"], cfg.get("in_channels"), embedder.get("in_features"), cfg.get("patch_size"))
+    if type(net).__module__.endswith(".flux.model") and "hidden_size" in cfg:
+        return TransformerModelInfo("flux", name, cfg["hidden_size"], cfg.get("in_channels"), cfg.get("context_in_dim"), cfg.get("patch_size"))
     return TransformerModelInfo(type(net).__module__.rsplit(".", 1)[-1], name)
 
 
@@ -222,8 +230,6 @@ class SuiteControl(ControlBase):
             return prev
         self._check_size(x_noisy)
         res = self._raw_residuals(x_noisy, t, cond, batched_number, transformer_options)
-        if res.token_grid is None and any(r.ndim == 3 for r in res.tensors()):  # a foreign DiT control's tokens
-            res = ControlResiduals(res.down, res.mid, res.input, token_grid=_token_grid(x_noisy, 2))
         if not all_finite(res):
             raise self._non_finite(x_noisy, t)
         res = scale(res, self.strength, mode_block_scales(self.mode, res))
@@ -280,8 +286,9 @@ class SuiteControl(ControlBase):
         if self._prepared is not None and self._prepared[0] == key:
             return self._prepared[1]
         if self.vae is None:
-            raise ControlNetError(f"{self.name} is an SD3 ControlNet: it reads the condition image through the model's VAE, "
+            raise ControlNetError(f"{self.name} is a DiT ControlNet that reads the condition image through the model's VAE, "
                                   "but no VAE was connected. Connect the checkpoint loader's VAE to the apply node's 'vae' input.")
+        latent_channels = getattr(cfg, "latent_channels", cfg.in_channels)  # Flux configs count packed channels
         image = self.cond_hint_original
         pixels = prepare_hint(image, h * 8, w * 8, 3, image.shape[0], self.resize_mode)
         stability = isinstance(self.backend.model, sd35_stability.SD35ControlNet)
@@ -291,10 +298,15 @@ class SuiteControl(ControlBase):
         latent = self.vae.encode(pixels.movedim(1, -1))
         if loaded is not None:  # the VAE may have pushed the sampling models out: bring them back, as the host does
             comfy.model_management.load_models_gpu(loaded)
-        if tuple(latent.shape[-2:]) != (h, w) or latent.shape[1] != cfg.in_channels:
+        if tuple(latent.shape[-2:]) != (h, w) or latent.shape[1] != latent_channels:
             raise ControlNetError(f"{self.name}: the VAE made a latent of shape {list(latent.shape)} from the condition image; this "
-                                  f"ControlNet needs [batch, {cfg.in_channels}, {h}, {w}]. Connect the VAE of the SD3 model being sampled.")
-        hint = (sd35_stability.hint_latent_from_vae if stability else hint_latent_from_vae)(latent.float())
+                                  f"ControlNet needs [batch, {latent_channels}, {h}, {w}]. Connect the VAE of the model being sampled.")
+        if stability:
+            hint = sd35_stability.hint_latent_from_vae(latent.float())
+        elif self.backend.kind == "flux_controlnet":
+            hint = flux.hint_latent_from_vae(latent.float())
+        else:
+            hint = hint_latent_from_vae(latent.float())
         if getattr(cfg, "extra_conditioning_channels", 0):
             keep = None
             if self.extra_concat_orig:  # ComfyUI's inpainting apply node: 1 - mask, at the image's size
@@ -310,13 +322,18 @@ class SuiteControl(ControlBase):
     def _raw_residuals(self, x_noisy, t, cond, batched_number, transformer_options) -> ControlResiduals:
         if self._inner is not None:
             if transformer_options is None:
-                return from_comfy(self._inner.get_control(x_noisy, t, cond, batched_number))
-            return from_comfy(self._inner.get_control(x_noisy, t, cond, batched_number, transformer_options))
+                out = self._inner.get_control(x_noisy, t, cond, batched_number)
+            else:
+                out = self._inner.get_control(x_noisy, t, cond, batched_number, transformer_options)
+            tokens = out and any(r is not None and r.ndim == 3 for v in out.values() for r in v)  # a foreign DiT control
+            return from_comfy(out, _token_grid(x_noisy, 2) if tokens else None)
         ms = self.model_sampling_current
         timesteps = ms.timestep(t).float()
         x_in = ms.calculate_input(t, x_noisy)
         context = cond.get("crossattn_controlnet", cond["c_crossattn"])
-        if self.backend.takes_latent_hint:
+        if self.backend.kind == "flux_controlnet":
+            return self._flux_residuals(x_in, timesteps, context, cond, x_noisy, batched_number)
+        if self.backend.kind in DIT_KINDS:
             return self._sd3_residuals(x_in, timesteps, context, cond.get("y"), x_noisy, batched_number)
         return self.backend.residuals(x_in, self._hint_for(x_noisy, batched_number), timesteps, context, cond.get("y"), **self._union_args())
 
@@ -345,6 +362,31 @@ class SuiteControl(ControlBase):
         if types and getattr(self.backend.config, "union_types", 0):
             return {"control_types": list(types)}
         return {}
+
+
+    def _pixel_hint_for(self, x_noisy, batched_number) -> torch.Tensor:
+        """XLabs / MistoLine Flux ControlNets: the condition image itself at the latent's pixel size, 0..1."""
+        h, w = x_noisy.shape[-2] * 8, x_noisy.shape[-1] * 8
+        key = ("pixels", x_noisy.shape[0], h, w, batched_number)
+        if self._prepared is None or self._prepared[0] != key:
+            dtype = next(self.backend.model.parameters()).dtype
+            hint = prepare_hint(self.cond_hint_original, h, w, 3, x_noisy.shape[0], self.resize_mode, batched_number)
+            self._prepared = (key, hint.to(device=x_noisy.device, dtype=dtype))
+        return self._prepared[1]
+
+    def _flux_residuals(self, x_in, timesteps, context, cond, x_noisy, batched_number) -> ControlResiduals:
+        """ComfyUI's Flux adds `input[k]` after double block k and `output[k]` after single block k (image tokens)."""
+        model = self.backend.model
+        dtype = next(model.parameters()).dtype
+        hint = self._latent_hint_for(x_noisy, batched_number) if self.backend.takes_latent_hint else self._pixel_hint_for(x_noisy, batched_number)
+        cast = lambda t: None if t is None else t.to(device=x_in.device, dtype=dtype)  # noqa: E731
+        types = getattr(self, "extra_args", {}).get("control_type") or []  # ComfyUI's SetUnionControlNetType on a union file
+        mode = types[0] if types and model.config.num_modes else None
+        union = {"control_mode": mode} if mode is not None else {}  # XLabs / MistoLine take no mode
+        out = model(x_in.to(dtype), hint, timesteps, cast(context), cast(cond.get("y")), cast(cond.get("guidance")), **union)
+        sites = out.host_control()
+        return ControlResiduals(tuple(sites.get("output") or ()), input=tuple(sites.get("input") or ()),
+                                token_grid=_token_grid(x_noisy, flux.config.PATCH))
 
 
 def _token_grid(x_noisy: torch.Tensor, patch: int) -> tuple[int, int]:

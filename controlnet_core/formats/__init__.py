@@ -7,13 +7,14 @@ from __future__ import annotations
 
 from typing import Iterable, Optional
 
-from . import diffusers, ldm, patches, sd3_keys, sd35_keys, t2i
+from . import diffusers, flux_keys, ldm, patches, sd3_keys, sd35_keys, t2i
 from .record import Format
 
 REGISTRY: tuple[Format, ...] = (
     patches.CONTROL_LORA,
     sd3_keys.FORMAT,
     sd35_keys.FORMAT,
+    *flux_keys.FORMATS,
     patches.DIFF,
     *ldm.FORMATS,
     diffusers.FORMAT,

@@ -12,10 +12,17 @@ no key table. Messages name no file: the loader puts the file's name in front.
 """
 from __future__ import annotations
 
+import logging
 import re
-from typing import Iterable, Mapping, Sequence
+from pathlib import Path
+from typing import Iterable, Mapping, Optional, Sequence
 
+import torch
+
+from ..checkpoint import TensorSource, check_output_file, save_safetensors
 from ..errors import CheckpointError, ControlNetError
+from ..loading import LoadedControl, LoadOptions, read_float, strict_fill
+from .record import Format
 from ..flux.config import HINT_ENCODER_CHANNELS, PATCH, TIME_FREQ_DIM, FluxControlNetConfig, scaled_axes_dims
 from ..flux.layers import MISTOLINE_HINT_CONVS, XLABS_HINT_CONVS
 
@@ -307,3 +314,52 @@ def config_from_shapes(shapes: Shapes) -> FluxControlNetConfig:
     if layout is None:
         raise CheckpointError("the keys are not those of a Flux ControlNet (InstantX, XLabs or MistoLine layout).")
     return _instantx_config(shapes) if layout == "instantx" else _bfl_config(shapes, layout)
+
+
+log = logging.getLogger(__name__)
+# fp8 stored weights (common for Flux ControlNets) are computed in bf16 unless the caller asks otherwise: fp8 is a
+# storage format, and the host does the same
+_FP8 = {getattr(torch, n) for n in ("float8_e4m3fn", "float8_e5m2", "float8_e4m3fnuz", "float8_e5m2fnuz") if hasattr(torch, n)}
+
+
+def _compute_dtype(source: TensorSource, options: LoadOptions) -> torch.dtype:
+    if options.dtype is not None:
+        return options.dtype
+    stored = next((source.stored_dtype(k) for k in source.keys() if source.stored_dtype(k).is_floating_point), torch.float32)
+    return torch.bfloat16 if stored in _FP8 else stored
+
+
+def load(source: TensorSource, options: LoadOptions) -> LoadedControl:
+    """Any of the three layouts: the keys are our parameter names. fp8 tensors are cast one by one on reading, into
+    the compute dtype; nothing is written back."""
+    from ..flux import build_flux_controlnet
+
+    keys = list(source.keys())
+    config = config_from_shapes({k: source.shape(k) for k in keys})
+    name = _FORMAT_OF_LAYOUT[config.layout]
+    dtype = _compute_dtype(source, options)
+    with torch.device("meta"):
+        model = build_flux_controlnet(config, dtype=dtype)
+    strict_fill(model, lambda k: read_float(source, k, dtype), set(keys), source.name, name)
+    model.to(options.device).eval().requires_grad_(False)
+    log.info("loaded %s as '%s': %s", source.name, name, config.summary())
+    return LoadedControl(model, name, source.name)
+
+
+def save(model, path: Path, dtype: Optional[torch.dtype], overwrite: bool) -> Path:
+    """The file's own layout: the model's state dict as it is (its keys are the layout's)."""
+    path = Path(path)
+    check_output_file(path, overwrite)
+    sd = {k: (v.to(dtype) if dtype is not None else v).detach().cpu() for k, v in model.state_dict().items()}
+    save_safetensors(sd, path, {"format": "pt"}, overwrite=overwrite)
+    return path
+
+
+FORMATS = (
+    Format("flux-instantx", "Flux ControlNet, diffusers layout (InstantX, Shakker union / Union Pro 2.0, alimama inpainting)",
+           SIGNATURE_INSTANTX, is_flux_instantx, load, save, kind="flux_controlnet", takes_latent_hint=True),
+    Format("flux-xlabs", "Flux ControlNet, XLabs layout (pixel hint encoder, double blocks)", SIGNATURE_XLABS, is_flux_xlabs, load, save,
+           kind="flux_controlnet"),
+    Format("flux-mistoline", "Flux ControlNet, MistoLine layout", SIGNATURE_MISTOLINE, is_flux_mistoline, load, save, kind="flux_controlnet"),
+)
+_FORMAT_OF_LAYOUT = {"instantx": "flux-instantx", "xlabs": "flux-xlabs", "mistoline": "flux-mistoline"}

@@ -4,6 +4,7 @@ import torch
 CAPTURED: dict = {}
 SPY: list = []
 PROVIDED: dict = {}  # key -> (MODEL, CLIP, VAE) built by a test in this process (SuiteTestProvided)
+PROVIDED_CONTROL: dict = {}  # key -> a CONTROL_NET built by a test in this process (SuiteTestProvidedControlNet)
 
 
 class SuiteTestConditioning:
@@ -121,8 +122,24 @@ class SuiteTestProvided:
         return PROVIDED[key]
 
 
+class SuiteTestProvidedControlNet:
+    """A CONTROL_NET a test built in-process (e.g. ComfyUI's own Flux ControlNet at a width its loader cannot detect)."""
+
+    CATEGORY = "testing"
+    RETURN_TYPES = ("CONTROL_NET",)
+    FUNCTION = "get"
+
+    @classmethod
+    def INPUT_TYPES(cls):
+        return {"required": {"key": ("STRING", {"default": "control"})}}
+
+    def get(self, key):
+        return (PROVIDED_CONTROL[key],)
+
+
 NODE_CLASS_MAPPINGS = {
     "SuiteTestProvided": SuiteTestProvided,
+    "SuiteTestProvidedControlNet": SuiteTestProvidedControlNet,
     "SuiteTestConditioning": SuiteTestConditioning,
     "SuiteTestImage": SuiteTestImage,
     "SuiteTestCapture": SuiteTestCapture,
