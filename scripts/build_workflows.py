@@ -26,6 +26,10 @@ SOCKETS = {
                                   [("positive", "CONDITIONING"), ("negative", "CONDITIONING")]),
     "EmptyLatentImage": ([], [("LATENT", "LATENT")]),
     "EmptySD3LatentImage": ([], [("LATENT", "LATENT")]),
+    "UNETLoader": ([], [("MODEL", "MODEL")]),
+    "DualCLIPLoader": ([], [("CLIP", "CLIP")]),
+    "VAELoader": ([], [("VAE", "VAE")]),
+    "FluxGuidance": ([("conditioning", "CONDITIONING")], [("CONDITIONING", "CONDITIONING")]),
     "ConditioningZeroOut": ([("conditioning", "CONDITIONING")], [("CONDITIONING", "CONDITIONING")]),
     "KSampler": ([("model", "MODEL"), ("positive", "CONDITIONING"), ("negative", "CONDITIONING"), ("latent_image", "LATENT")], [("LATENT", "LATENT")]),
     "VAEDecode": ([("samples", "LATENT"), ("vae", "VAE")], [("IMAGE", "IMAGE")]),
@@ -44,7 +48,8 @@ OPTIONAL = {("ControlNetSuiteLoader", "model"), ("ControlNetSuiteApply", "mask")
 # download only for what a node declares in properties["models"] ({name, url, directory}; the entry must name the
 # file the node's widget holds), from an allowed host (https://huggingface.co/ ...) and for a .safetensors name.
 # The file names and URLs are those of ComfyUI's own SD1.5 templates: a user who ran those already has the files.
-LOADER_DIRECTORY = {"CheckpointLoaderSimple": "checkpoints", "ControlNetSuiteLoader": "controlnet"}
+LOADER_DIRECTORY = {"CheckpointLoaderSimple": "checkpoints", "ControlNetSuiteLoader": "controlnet", "UNETLoader": "diffusion_models",
+                    "DualCLIPLoader": "text_encoders", "VAELoader": "vae"}
 HF_CONTROLNET = "https://huggingface.co/comfyanonymous/ControlNet-v1-1_fp16_safetensors/resolve/main/"
 CKPT = "v1-5-pruned-emaonly-fp16.safetensors"
 CN_CANNY, CN_SCRIBBLE, CN_POSE, CN_DEPTH, CN_SEG = (f"control_{k}_fp16.safetensors" for k in (
@@ -54,13 +59,22 @@ CN_UNION = "diffusion_pytorch_model_promax.safetensors"  # xinsir's ProMax union
 # SD3.5 Large and Stability's canny ControlNet, under the names and downloads of ComfyUI's own SD3.5 canny template
 CKPT_SD35 = "sd3.5_large_fp8_scaled.safetensors"
 CN_SD35_CANNY = "sd3.5_large_controlnet_canny.safetensors"
+# Flux.1 dev as ComfyUI's own Flux templates load it, and Shakker-Labs' Union Pro 2.0 (one file for canny, soft edge,
+# depth, pose and gray; no mode to set), under its published name
+FLUX_UNET, FLUX_CLIP_L, FLUX_T5, FLUX_VAE = "flux1-dev-fp8.safetensors", "clip_l.safetensors", "t5xxl_fp16.safetensors", "ae.safetensors"
+CN_FLUX_UNION = "diffusion_pytorch_model.safetensors"
 MODEL_URLS = {CKPT: "https://huggingface.co/Comfy-Org/stable-diffusion-v1-5-archive/resolve/main/" + CKPT,
               **{cn: HF_CONTROLNET + cn for cn in (CN_CANNY, CN_SCRIBBLE, CN_POSE, CN_DEPTH, CN_SEG)},
               CKPT_XL: "https://huggingface.co/stabilityai/stable-diffusion-xl-base-1.0/resolve/main/" + CKPT_XL,
               CN_UNION: "https://huggingface.co/xinsir/controlnet-union-sdxl-1.0/resolve/main/" + CN_UNION,
               CKPT_SD35: "https://huggingface.co/Comfy-Org/stable-diffusion-3.5-fp8/resolve/main/" + CKPT_SD35,
               CN_SD35_CANNY: "https://huggingface.co/Comfy-Org/stable-diffusion-3.5-controlnets_ComfyUI_repackaged/resolve/main/"
-                             "split_files/controlnet/" + CN_SD35_CANNY}
+                             "split_files/controlnet/" + CN_SD35_CANNY,
+              FLUX_UNET: "https://huggingface.co/Comfy-Org/flux1-dev/resolve/main/" + FLUX_UNET,
+              FLUX_CLIP_L: "https://huggingface.co/comfyanonymous/flux_text_encoders/resolve/main/" + FLUX_CLIP_L,
+              FLUX_T5: "https://huggingface.co/comfyanonymous/flux_text_encoders/resolve/main/" + FLUX_T5,
+              FLUX_VAE: "https://huggingface.co/Comfy-Org/Lumina_Image_2.0_Repackaged/resolve/main/split_files/vae/" + FLUX_VAE,
+              CN_FLUX_UNION: "https://huggingface.co/Shakker-Labs/FLUX.1-dev-ControlNet-Union-Pro-2.0/resolve/main/" + CN_FLUX_UNION}
 
 
 def published_models(type_: str, widgets: list) -> list[dict]:
@@ -253,6 +267,31 @@ def sd35_canny():
     w.save("sd35_large_canny")
 
 
+def flux_union():
+    """Flux.1 dev with a union ControlNet (Union Pro 2.0) through the suite's loader and apply node: a depth map steers the
+    left two thirds of the image only (a region mask on the token grid), control ends at 80% of the steps."""
+    w = Workflow("Flux union ControlNet (Union Pro 2.0): depth on a masked region")
+    unet = w.node("UNETLoader", [FLUX_UNET, "default"], (0, -260))
+    clip = w.node("DualCLIPLoader", [FLUX_CLIP_L, FLUX_T5, "flux", "default"], (0, -80))
+    vae = w.node("VAELoader", [FLUX_VAE], (0, 150))
+    text = w.node("CLIPTextEncode", ["a stone bridge over a misty river at dawn, photo, detailed"], (360, -200), title="Prompt", clip=(clip, 0))
+    pos = w.node("FluxGuidance", [3.5], (360, 0), conditioning=(text, 0))
+    neg = w.node("ConditioningZeroOut", [], (360, 150), title="Empty negative", conditioning=(text, 0))
+    depth = w.node("LoadImage", ["depth_example.png", "image"], (0, 300), title="Depth map")
+    cn = w.node("ControlNetSuiteLoader", [CN_FLUX_UNION, "auto"], (360, 300), title="Flux union ControlNet (Union Pro 2.0)")
+    empty = w.node("SolidMask", [0.0, 1024, 1024], (0, 650), title="Empty 1024x1024")
+    part = w.node("SolidMask", [1.0, 680, 1024], (0, 850), title="Left 680x1024")
+    region = w.node("MaskComposite", [0, 0, "add"], (360, 650), title="Left two thirds", destination=(empty, 0), source=(part, 0))
+    app = w.node("ControlNetSuiteApply", [0.7, 0.0, 0.8, "balanced", "crop and resize"], (760, 0), positive=(pos, 0), negative=(neg, 0),
+                 control_net=(cn, 0), image=(depth, 0), mask=(region, 0), vae=(vae, 0))
+    latent = w.node("EmptySD3LatentImage", [1024, 1024, 1], (760, 410))
+    ks = w.node("KSampler", [42, "fixed", 24, 1.0, "euler", "simple", 1.0], (1110, 0), model=(unet, 0), positive=(app, 0), negative=(app, 1),
+                latent_image=(latent, 0))
+    dec = w.node("VAEDecode", [], (1470, 0), samples=(ks, 0), vae=(vae, 0))
+    w.node("SaveImage", ["controlnet_flux_union"], (1470, 160), images=(dec, 0))
+    w.save("flux_union_depth_region")
+
+
 def train():
     """Train a ControlNet on a folder, then try it at once: the trained CONTROL_NET feeds the apply node directly."""
     w = Workflow("Train a ControlNet on a dataset folder, then sample with it")
@@ -285,6 +324,7 @@ def main() -> None:
     regional()
     union()
     sd35_canny()
+    flux_union()
     train()
 
 

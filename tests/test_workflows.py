@@ -11,13 +11,16 @@ from PIL import Image
 
 from clip_checkpoint import fp32_text_encoder, tiny_checkpoint_with_clip
 from controlnet_core.train.toy import make_fill50k
+from comfy_flux import CONTEXT as FLUX_CONTEXT
+from comfy_flux import POOLED as FLUX_POOLED
+from comfy_flux import instantx_file, tiny_flux
 from host import SD3_TINY, TINY_SD3_CHECKPOINT, Host, make_tiny_sd3_checkpoint, tiny_sd35_controlnet, tiny_union_file
 from ui_workflow import ui_to_api
 
 WORKFLOWS = sorted((Path(__file__).resolve().parents[1] / "workflows").glob("*.json"))
 REQUIRED = {"canny", "scribble", "pose", "depth", "segmentation", "multi_control_pose_canny", "regional_two_masked_units",
             "mode_balanced", "mode_prompt_more_important", "mode_controlnet_more_important", "mode_cfg_resolution_weighting",
-            "train_controlnet", "sdxl_union_pose_depth", "sd35_large_canny"}
+            "train_controlnet", "sdxl_union_pose_depth", "sd35_large_canny", "flux_union_depth_region"}
 
 
 def test_all_required_workflows_are_shipped():
@@ -43,7 +46,8 @@ def test_no_node_covers_another():
 
 
 # The loaders whose widgets name model files, and the host model folder each reads (the frontend's `directory`).
-LOADERS = {"CheckpointLoaderSimple": "checkpoints", "ControlNetSuiteLoader": "controlnet"}
+LOADERS = {"CheckpointLoaderSimple": "checkpoints", "ControlNetSuiteLoader": "controlnet", "UNETLoader": "diffusion_models",
+           "DualCLIPLoader": "text_encoders", "VAELoader": "vae"}
 MODEL_SUFFIXES = (".safetensors", ".sft", ".ckpt", ".pt", ".pth", ".bin", ".gguf")
 
 
@@ -111,12 +115,28 @@ def test_model_downloads_match_comfyuis_own_templates():
     assert {k: ours[k] for k in shared if ours[k] not in theirs[k]} == {}
 
 
+def _provide_flux(host: Host) -> None:
+    if "flux" not in host.test_nodes.PROVIDED:
+        parts = tiny_flux()
+        host.test_nodes.PROVIDED["flux"] = (parts["model"], None, parts["vae"])
+
+
 def substitute(prompt: dict, host: Host) -> dict:
     """Tiny models and sizes in place of the real ones; CLIP text encoding (no CLIP in the tiny model) -> test conditioning.
     A training workflow gets the tiny checkpoint with a CLIP (the Train node encodes captions), a 2-pair dataset and 1 step."""
     tiny_cns = ["cn_a.safetensors", "cn_b.safetensors"]
     trains = any(n["class_type"] == "ControlNetSuiteTrain" for n in prompt.values())
     sd3 = any(n["class_type"] == "CheckpointLoaderSimple" and "sd3" in n["inputs"]["ckpt_name"] for n in prompt.values())
+    flux = any(n["class_type"] == "UNETLoader" and "flux" in n["inputs"]["unet_name"] for n in prompt.values())
+    if flux:  # the tiny Flux base is built in-process (ComfyUI detects Flux only at full width): see comfy_flux.py
+        _provide_flux(host)
+        for nid in [nid for nid, n in prompt.items() if n["class_type"] == "DualCLIPLoader"]:
+            del prompt[nid]  # its only consumers, the text encoders, become test conditioning below
+        vaes = {nid for nid, n in prompt.items() if n["class_type"] == "VAELoader"}
+        for nid in vaes:
+            prompt[nid] = {"class_type": "SuiteTestProvided", "inputs": {"key": "flux"}}
+        for n in prompt.values():  # SuiteTestProvided gives (MODEL, CLIP, VAE): the VAE is its third output
+            n["inputs"] = {k: ([v[0], 2] if isinstance(v, list) and v[0] in vaes else v) for k, v in n["inputs"].items()}
     k = 0
     for nid, node in prompt.items():
         ct, inp = node["class_type"], node["inputs"]
@@ -129,8 +149,12 @@ def substitute(prompt: dict, host: Host) -> dict:
             if not data.exists():
                 make_fill50k(data, n=2, size=64)
             inp.update(steps=1, batch_size=2, resolution=64, resume=False)
+        elif ct == "ControlNetSuiteLoader" and flux:  # an InstantX-layout (latent hint) Flux ControlNet of the tiny width
+            inp["control_net_name"] = instantx_file(host.dirs["controlnet"] / "flux_workflow_tiny.safetensors", seed=35).name
         elif ct == "ControlNetSuiteLoader" and "union" in inp["control_net_name"].lower() + str(node.get("_meta", "")).lower():
             inp["control_net_name"] = tiny_union_file(host.dirs["controlnet"]).name
+        elif ct == "UNETLoader" and flux:
+            node.update(class_type="SuiteTestProvided", inputs={"key": "flux"})
         elif ct == "ControlNetSuiteLoader" and "sd3.5" in inp["control_net_name"]:  # Stability's release layout, canny type
             inp["control_net_name"] = tiny_sd35_controlnet(host.dirs["controlnet"] / "sd35_canny_tiny.safetensors", 1, seed=25).name
         elif ct == "ControlNetSuiteLoader":
@@ -141,6 +165,8 @@ def substitute(prompt: dict, host: Host) -> dict:
             node["inputs"] = {"seed": sum(map(ord, inp["text"])) % 1000, "width": 768}
             if sd3:
                 node["inputs"].update(width=SD3_TINY["context"], pooled=SD3_TINY["pooled"])
+            elif flux:
+                node["inputs"].update(width=FLUX_CONTEXT, pooled=FLUX_POOLED)
         elif ct in ("EmptyLatentImage", "EmptySD3LatentImage"):
             inp.update(width=64, height=64)
         elif ct in ("SolidMask", "MaskComposite"):
