@@ -26,9 +26,11 @@ def _compute_dtype():
 class ControlNetSuiteLoader:
     DESCRIPTION = (
         "Loads a ControlNet or T2I-Adapter in any common format: original v1.0/v1.1 .pth/.safetensors, diffusers, "
-        "'diff' ControlNets, Stability control-LoRAs, T2I-Adapters, SDXL union (ControlNet++ / ProMax) and SD3 / SD3.5 "
-        "ControlNets of the diffusers layout (InstantX, alimama inpainting). The layout is detected from the file's tensors. "
-        "Diff ControlNets and control-LoRAs need the base model connected to 'model'; SD3 ControlNets need the VAE on the apply node."
+        "'diff' ControlNets, Stability control-LoRAs, T2I-Adapters, SDXL union (ControlNet++ / ProMax), SD3 / SD3.5 "
+        "ControlNets (InstantX, alimama inpainting, Stability's SD3.5 Large blur / canny / depth) and Flux ControlNets "
+        "(InstantX, Shakker union, Union Pro 2.0, alimama inpainting, XLabs, MistoLine; fp8 files too). The layout is "
+        "detected from the file's tensors. Diff ControlNets and control-LoRAs need the base model connected to 'model'; "
+        "SD3, SD3.5 and latent-hint Flux ControlNets need the VAE on the apply node."
     )
     CATEGORY = "loaders"
     RETURN_TYPES = ("CONTROL_NET",)
