@@ -7,6 +7,7 @@ from safetensors.torch import load_file
 from controlnet_core import ControlNetConfig, ControlNetError, OutputPathError, load_control, save_diffusers, save_native
 from controlnet_core.formats import REGISTRY
 from factories import random_controlnet, save
+from comfy_flux import instantx_file
 from host import tiny_sd35_controlnet, tiny_sd3_controlnet
 
 TINY = ControlNetConfig(model_channels=32, channel_mult=(1, 2), num_res_blocks=(1, 1), transformer_depth=(0, 1), context_dim=64)
@@ -19,6 +20,7 @@ def _files(folder):
         "ldm": save(folder / "bare.safetensors", sd),
         "sd3-diffusers": tiny_sd3_controlnet(folder / "sd3.safetensors", width=128, blocks=2),
         "sd35-stability": tiny_sd35_controlnet(folder / "sd35.safetensors", 2),
+        "flux-instantx": instantx_file(folder / "flux.safetensors", modes=4),
     }
     out["diffusers"] = save_diffusers(load_control(out["ldm"]), folder / "diffusers")
     return out
@@ -33,7 +35,7 @@ def _state(lc):
     return {k: v for k, v in lc.model.state_dict().items()}
 
 
-@pytest.mark.parametrize("fmt", ["ldm-v1.1", "ldm", "diffusers", "sd3-diffusers", "sd35-stability"])
+@pytest.mark.parametrize("fmt", ["ldm-v1.1", "ldm", "diffusers", "sd3-diffusers", "sd35-stability", "flux-instantx"])
 def test_round_trip_keeps_format_keys_and_values(files, tmp_path, fmt):
     first = load_control(files[fmt])
     assert first.format == fmt

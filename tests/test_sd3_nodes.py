@@ -10,6 +10,7 @@ from host import SD3_TINY, TINY_SD3_CHECKPOINT, Graph, PromptFailed, finish, mak
 from test_nodes import image, spy_calls
 
 PLAIN, INPAINT, NARROW = "sd3_tiny.safetensors", "sd3_inpaint_tiny.safetensors", "sd3_narrow_tiny.safetensors"
+FLUX = "flux_on_sd3_tiny.safetensors"
 STABILITY = {0: "sd35_blur_tiny.safetensors", 1: "sd35_canny_tiny.safetensors", 2: "sd35_depth_tiny.safetensors"}
 SIZE = 64  # pixels: a 8 x 8 latent, 4 x 4 tokens
 
@@ -216,7 +217,7 @@ def test_no_vae_is_refused_at_the_apply_node(sd3):
     assert spy_calls(sd3, "novae") == []
 
 
-@pytest.mark.parametrize("case", ["sd3 control on sd15", "sd15 control on sd3", "other width"])
+@pytest.mark.parametrize("case", ["sd3 control on sd15", "sd15 control on sd3", "other width", "flux control on sd3"])
 def test_wrong_family_stops_before_sampling(sd3, case):
     from host import base_graph
 
@@ -228,10 +229,15 @@ def test_wrong_family_stops_before_sampling(sd3, case):
         prompt, words = finish(g, model, pos, neg, latent), ["is an SD3-family ControlNet", "steers SD3 / SD3.5 models only"]
     else:
         g, model, pos, neg, latent, vae = sd3_graph(sd3, spy="wrong")
-        name = "cn_a.safetensors" if case == "sd15 control on sd3" else NARROW
+        name = {"sd15 control on sd3": "cn_a.safetensors", "other width": NARROW, "flux control on sd3": FLUX}[case]
+        if case == "flux control on sd3":
+            from comfy_flux import instantx_file
+
+            instantx_file(sd3.dirs["controlnet"] / FLUX)
         pos, neg = ours(g, pos, neg, name, image(g, SIZE, SIZE), vae)
         prompt = finish(g, model, pos, neg, latent)
-        words = ["for UNet models", "SD3-family MMDiT"] if case == "sd15 control on sd3" else ["width 128 vs 256", "does not fit"]
+        words = {"sd15 control on sd3": ["for UNet models", "SD3-family MMDiT"], "other width": ["width 128 vs 256", "does not fit"],
+                 "flux control on sd3": ["is a Flux ControlNet", "steers Flux.1 models only", "SD3-family MMDiT"]}[case]
     with pytest.raises(PromptFailed) as e:
         sd3.run(prompt)
     msg = str(e.value)
