@@ -8,6 +8,7 @@ from __future__ import annotations
 
 import dataclasses
 import json
+import os
 import tempfile
 from pathlib import Path
 
@@ -21,7 +22,10 @@ from controlnet_core import ControlNetConfig, ControlNetError, load_control
 from controlnet_core.loader import METADATA_CONFIG, METADATA_GAP
 from corrupt_files import MINI, TWO_LEVELS, _diffusers_folder, our_export, read_raw, state_dict, write_raw
 
-FUZZ = settings(max_examples=150, deadline=None, database=None, suppress_health_check=[HealthCheck.too_slow])
+# The same examples on every run (a CI failure can be replayed, and main does not turn red by chance);
+# CNS_FUZZ_EXPLORE=1 draws new ones.
+FUZZ = settings(max_examples=150, deadline=None, database=None, suppress_health_check=[HealthCheck.too_slow],
+                derandomize=os.environ.get("CNS_FUZZ_EXPLORE") != "1")
 
 json_leaf = st.none() | st.booleans() | st.integers(-2**70, 2**70) | st.floats() | st.text(max_size=10)
 json_value = st.recursive(json_leaf, lambda inner: st.lists(inner, max_size=4) | st.dictionaries(st.text(max_size=8), inner, max_size=4),
@@ -122,7 +126,7 @@ def test_fuzzed_content(folder, changes, config, gap, prefix):
             sd[key] = _changed(sd[key], arg)
         elif kind == "dtype":
             sd[key] = sd[key].to(arg)
-        elif kind == "values":
+        elif kind == "values" and sd[key].is_floating_point():  # NaN and 1e30 exist only as floats
             sd[key] = sd[key].clone().flatten().index_fill(0, torch.tensor([0]), arg).reshape(sd[key].shape) if sd[key].numel() else sd[key]
         elif kind == "rename":
             sd[arg] = sd.pop(key)
