@@ -131,3 +131,47 @@ def test_broken_files_are_checkpoint_errors(tmp_path):
         with pytest.raises(CheckpointError) as e:
             load_control(p)
         assert p.name in str(e.value), case
+
+
+def _diffusers_names(sd: dict) -> dict:
+    """Our (the release files') names -> diffusers' `SD3ControlNetModel` names for its SD3.5 8b variant (no `pos_embed`,
+    no `context_embedder`, `SD3SingleTransformerBlock`s); the fused qkv is split into to_q / to_k / to_v."""
+    plain = {"t_embedder.mlp.0.": "time_text_embed.timestep_embedder.linear_1.", "t_embedder.mlp.2.": "time_text_embed.timestep_embedder.linear_2.",
+             "y_embedder.mlp.0.": "time_text_embed.text_embedder.linear_1.", "y_embedder.mlp.2.": "time_text_embed.text_embedder.linear_2.",
+             ".adaLN_modulation.1.": ".norm1.linear.", ".attn.proj.": ".attn.to_out.0.", ".mlp.fc1.": ".ff.net.0.proj.", ".mlp.fc2.": ".ff.net.2."}
+    out = {}
+    for k, v in sd.items():
+        if k.startswith("x_embedder."):
+            continue  # diffusers takes the tokens already embedded by the base transformer
+        if ".attn.qkv." in k:
+            for name, part in zip(("to_q", "to_k", "to_v"), v.chunk(3, dim=0)):
+                out[k.replace(".attn.qkv.", f".attn.{name}.")] = part
+            continue
+        for ours, theirs in plain.items():
+            k = k.replace(ours, theirs) if ours.startswith(".") or k.startswith(ours) else k
+        out[k] = v
+    return out
+
+
+def test_matches_diffusers_sd35_8b_controlnet(files):
+    """diffusers runs these files (converted) as `SD3ControlNetModel(use_pos_embed=False, joint_attention_dim=None)`
+    on tokens the base transformer embedded; fed the same tokens, its outputs equal ours."""
+    diffusers = pytest.importorskip("diffusers")
+    from controlnet_core.mmdit.sd35_stability import sincos_positions
+
+    lc = load_control(files["canny"])
+    lc.model.adopt_base_embedders(base_embedders())
+    ref = diffusers.SD3ControlNetModel(sample_size=16, patch_size=2, in_channels=16, num_layers=BLOCKS, attention_head_dim=64,
+                                       num_attention_heads=WIDTH // 64, joint_attention_dim=None, caption_projection_dim=WIDTH,
+                                       pooled_projection_dim=2048, out_channels=16, use_pos_embed=False,
+                                       force_zeros_for_pooled_projection=False).eval()
+    ref.load_state_dict(_diffusers_names(lc.model.state_dict()), strict=True)
+    x, hint, t, y = inputs(2, 8, 12)
+    with torch.no_grad():
+        tokens = lc.model.x_embedder(x) + sincos_positions(WIDTH, 4, 6)
+        theirs = ref(hidden_states=tokens, controlnet_cond=hint.expand(2, -1, -1, -1), conditioning_scale=1.0, encoder_hidden_states=None,
+                     pooled_projections=y, timestep=t, return_dict=False)[0]
+        mine = lc.model(x, hint, t, y)
+    assert len(mine) == len(theirs) == BLOCKS
+    for k, (a, b) in enumerate(zip(mine, theirs)):
+        assert rel_err(a, b) <= TOL, f"output {k}: rel err {rel_err(a, b):.2e}"
