@@ -10,7 +10,9 @@ run:  ## start ComfyUI with this extension on 127.0.0.1:8188
 bench:  ## run the benchmarks in bench/ (slow; full SD1.5 shapes)
 	bash scripts/setup_test_env.sh
 	.venv/bin/python bench/bench_load_memory.py
+	.venv/bin/python bench/bench_flux_load_memory.py
 	.venv/bin/python bench/bench_step.py
+	.venv/bin/python bench/bench_dit_step.py
 	.venv/bin/python bench/bench_ksampler.py
 	.venv/bin/python bench/bench_annotators.py
 	.venv/bin/python bench/bench_annotator_flops.py

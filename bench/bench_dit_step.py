@@ -1,0 +1,408 @@
+"""One controlled sampling step of the DiT families through the real host: our ControlNet vs ComfyUI's built-in one.
+
+Families: SD3 (diffusers layout, InstantX-style), Stability's SD3.5 ControlNets, Flux InstantX, Flux XLabs. For each,
+one base model (ComfyUI's own MMDiT / Flux classes, random weights), one random-weight ControlNet file, and three
+ways to sample it with ComfyUI's own `KSampler` node (euler, 3 steps):
+- ours: the file through Load ControlNet (Suite) + Apply ControlNet (Suite) (balanced mode, strength 1);
+- built-in: ComfyUI's own ControlNet object for the same file + its `ControlNetApplyAdvanced`. SD3 / SD3.5 files go
+  through ComfyUI's `ControlNetLoader`; for Flux its loader only accepts Flux.1's full width (3072), so its objects
+  are built directly at the bench's width the way its `load_controlnet_flux_*` functions build them (as
+  tests/comfy_flux.py does);
+- plain: no ControlNet.
+Timed: every call of ComfyUI's `calc_cond_batch` (one sampling step: the ControlNet's `get_control` plus the base
+model, cond and uncond batched) through the host's own wrapper API (`WrappersMP.CALC_COND_BATCH`), and inside it the
+base model's `apply_model` (`WrappersMP.APPLY_MODEL`), so "ControlNet" = step - base. The first step of every run also
+encodes the hint (VAE, once per run) and is left out. Runs are interleaved ours / built-in / plain; medians.
+
+FLOP floor: a ControlNet adds its own blocks to every step. All blocks here (SD3 joint blocks, Flux double and single
+blocks, SD3.5 DiT blocks) cost the same per token they process (12 w^2 multiply-adds, w = width, plus attention), so:
+- SD3 diffusers layout, n joint blocks on a base of depth d, both over image + text tokens: (d + n) / d;
+- Stability SD3.5, n DiT blocks over the image tokens only: 1 + n * N_img / (d * (N_img + N_txt));
+- Flux, base D double + S single blocks, ControlNet n_d + n_s blocks, all over image + text tokens:
+  (D + S + n_d + n_s) / (D + S);
+plus the hint embedding (a linear projection of the latent hint; XLabs: a pixel-space conv encoder at 8x the latent's
+size) and the ControlNet's own text / time embedders. Printed for the bench's shapes and the published ones, next to
+the FLOPs `torch.utils.flop_counter` counts in one step of each kind.
+
+    .venv/bin/python bench/bench_dit_step.py [--families sd3 flux-instantx ...] [--reps 5] [--size 384]
+"""
+from __future__ import annotations
+
+import argparse
+import statistics
+import tempfile
+import time
+from dataclasses import dataclass
+from pathlib import Path
+
+import torch
+from common import machine
+
+FAMILIES = ("sd3", "sd35", "flux-instantx", "flux-xlabs")
+SD3_TEXT, FLUX_TEXT = 154, 128  # text tokens: SD3 77 CLIP + 77 T5 (published: 77 + 256); Flux 128 T5 (schnell 256, dev 512)
+
+
+@dataclass
+class Case:
+    family: str
+    model: object  # ComfyUI ModelPatcher (with the timing wrappers)
+    vae: object
+    pos: list
+    neg: list
+    latent: dict
+    cfg: float
+    ours: object  # the SuiteControl our loader node returns
+    builtin: object  # ComfyUI's own ControlNet object
+    shape: str  # one line: base and ControlNet
+    floor: float  # the block-count floor at the bench's shape
+    published: str  # the same for a published shape
+
+
+# -- base models and files ---------------------------------------------------------------------------------------
+
+
+def _randomized(module, seed):
+    from factories import randomize_
+
+    return randomize_(module, seed).eval()
+
+
+def sd3_checkpoint(path: Path, depth: int, context: int, grid: int, seed: int = 60) -> Path:
+    """ComfyUI's own MMDiT of `depth` joint blocks (width 64 x depth, heads of 64) plus a 16-channel TAESD as VAE,
+    saved as a checkpoint CheckpointLoaderSimple detects as SD3 (as tests/host.make_tiny_sd3_checkpoint, any depth)."""
+    import comfy.ops
+    import comfy.taesd.taesd
+    from comfy.ldm.modules.diffusionmodules.mmdit import OpenAISignatureMMDITWrapper
+    from factories import save
+
+    width = 64 * depth
+    base = OpenAISignatureMMDITWrapper(
+        depth=depth, in_channels=16, out_channels=16, patch_size=2, adm_in_channels=2048, pos_embed_max_size=grid, num_patches=grid ** 2,
+        context_embedder_config={"target": "torch.nn.Linear", "params": {"in_features": context, "out_features": width}},
+        dtype=torch.float32, device="cpu", operations=comfy.ops.disable_weight_init)
+    _randomized(base, seed)
+    vae = _randomized(comfy.taesd.taesd.TAESD(latent_channels=16), seed + 1)
+    sd = {"model.diffusion_model." + k: v for k, v in base.state_dict().items()}
+    sd.update({"first_stage_model." + k: v for k, v in vae.state_dict().items()})
+    return save(path, sd)
+
+
+def sd3_controlnet_file(path: Path, width: int, blocks: int, context: int, grid: int, seed: int = 62) -> Path:
+    from controlnet_core.mmdit import SD3ControlNet, SD3ControlNetConfig
+    from factories import save
+
+    cfg = SD3ControlNetConfig(hidden_size=width, num_layers=blocks, pooled_projection_dim=2048, joint_attention_dim=context,
+                              pos_embed_max_size=grid, mlp_hidden_dim=4 * width)
+    return save(path, _randomized(SD3ControlNet(cfg), seed).state_dict())
+
+
+def sd35_controlnet_file(path: Path, width: int, blocks: int, control_type: int = 2, seed: int = 63) -> Path:
+    """Stability's release layout (no patch embedding: the base's is adopted), as tests/host.tiny_sd35_controlnet."""
+    from controlnet_core.mmdit.sd35_stability import SD35ControlNet, SD35ControlNetConfig
+    from factories import save
+
+    sd = _randomized(SD35ControlNet(SD35ControlNetConfig(hidden_size=width, num_layers=blocks, mlp_hidden_dim=4 * width)), seed).state_dict()
+    sd = {k: v for k, v in sd.items() if not k.startswith("x_embedder.")}
+    sd["control_type"] = torch.tensor([float(control_type)])
+    return save(path, sd)
+
+
+def flux_params(width: int, double: int, single: int) -> dict:
+    """ComfyUI FluxParams of Flux.1 (heads of 128, its rotary split, T5-XXL and CLIP-L widths) at another width / depth."""
+    return dict(in_channels=16, out_channels=16, vec_in_dim=768, context_in_dim=4096, hidden_size=width, mlp_ratio=4.0,
+                num_heads=width // 128, depth=double, depth_single_blocks=single, axes_dim=[16, 56, 56], theta=10000, patch_size=2,
+                qkv_bias=True, guidance_embed=True)
+
+
+def flux_base(width: int, double: int, single: int, seed: int = 64):
+    """(ModelPatcher, VAE): ComfyUI's Flux dev-like base (guidance embedded) built in-process, as tests/comfy_flux.tiny_flux."""
+    import comfy.model_management as mm
+    import comfy.model_patcher
+    import comfy.sd
+    import comfy.supported_models
+    import comfy.taesd.taesd
+
+    with torch.no_grad():
+        base = comfy.supported_models.Flux({"image_model": "flux", **flux_params(width, double, single)}).get_model({})
+    _randomized(base.diffusion_model, seed)
+    model = comfy.model_patcher.ModelPatcher(base, load_device=mm.get_torch_device(), offload_device=mm.unet_offload_device())
+    vae = comfy.sd.VAE(sd=_randomized(comfy.taesd.taesd.TAESD(latent_channels=16), seed + 1).state_dict())
+    return model, vae
+
+
+def flux_instantx_file(path: Path, width: int, double: int, single: int, seed: int = 65) -> Path:
+    from controlnet_core.flux import FluxControlNetConfig, build_flux_controlnet
+    from factories import save
+
+    cfg = FluxControlNetConfig(layout="instantx", hidden_size=width, num_layers=double, num_single_layers=single,
+                               mlp_hidden_dim=4 * width, guidance_embeds=True)
+    return save(path, _randomized(build_flux_controlnet(cfg), seed).state_dict())
+
+
+def flux_xlabs_file(path: Path, width: int, double: int, seed: int = 66) -> Path:
+    """ComfyUI's own XLabs class (random weights) saved under its key names."""
+    import comfy.ldm.flux.controlnet
+    import comfy.ops
+    from factories import save
+
+    net = comfy.ldm.flux.controlnet.ControlNetFlux(operations=comfy.ops.disable_weight_init, dtype=torch.float32, device="cpu",
+                                                  **flux_params(width, double, 0))
+    return save(path, _randomized(net, seed).state_dict())
+
+
+def flux_builtin(path: Path, width: int):
+    """ComfyUI's ControlNet object for a Flux file, built as `load_controlnet_flux_instantx` / `_xlabs_mistoline` build
+    it but at the file's width (its own loader takes the width from Flux.1 detection: 3072 only)."""
+    import comfy.controlnet
+    import comfy.latent_formats
+    import comfy.ldm.flux.controlnet
+    import comfy.model_detection
+    import comfy.ops
+    from safetensors.torch import load_file
+
+    sd = load_file(str(path))
+    kw = dict(operations=comfy.ops.disable_weight_init, dtype=torch.float32, device="cpu")
+    if "controlnet_x_embedder.weight" in sd:
+        new = comfy.model_detection.convert_diffusers_mmdit(dict(sd), "")
+        for k, v in sd.items():
+            new.setdefault(k, v)
+        double = sum(1 for k in sd if k.startswith("transformer_blocks.") and k.endswith(".norm1.linear.weight"))
+        single = sum(1 for k in sd if k.startswith("single_transformer_blocks.") and k.endswith(".norm.linear.weight"))
+        channels = new["pos_embed_input.weight"].shape[1] // 4
+        net = comfy.ldm.flux.controlnet.ControlNetFlux(latent_input=True, num_union_modes=0, control_latent_channels=channels,
+                                                      **kw, **flux_params(width, double, single))
+        net.load_state_dict({k: v for k, v in new.items() if k in net.state_dict()}, strict=True)
+        return comfy.controlnet.ControlNet(net, compression_ratio=1, latent_format=comfy.latent_formats.Flux(), concat_mask=False,
+                                           load_device=torch.device("cpu"), manual_cast_dtype=None, extra_conds=["y", "guidance"])
+    double = sum(1 for k in sd if k.startswith("double_blocks.") and k.endswith(".img_attn.qkv.weight"))
+    net = comfy.ldm.flux.controlnet.ControlNetFlux(**kw, **flux_params(width, double, 0))
+    net.load_state_dict(sd, strict=True)
+    return comfy.controlnet.ControlNet(net, load_device=torch.device("cpu"), manual_cast_dtype=None, extra_conds=["y", "guidance"])
+
+
+# -- the FLOP floor --------------------------------------------------------------------------------------------
+
+
+def floor_sd3(d: int, n: int) -> float:
+    return (d + n) / d
+
+
+def floor_sd35(d: int, n: int, img: int, txt: int) -> float:
+    return 1 + n * img / (d * (img + txt))
+
+
+def floor_flux(base_double: int, base_single: int, double: int, single: int) -> float:
+    return (base_double + base_single + double + single) / (base_double + base_single)
+
+
+PUBLISHED = {
+    "sd3": f"published: InstantX SD3 canny, 6 blocks on SD3 medium (24): {floor_sd3(24, 6):.3f}x",
+    "sd35": f"published: Stability SD3.5 Large ControlNets, 19 DiT blocks on 38, 1024 px (4096 image + 333 text tokens): "
+            f"{floor_sd35(38, 19, 4096, 333):.3f}x",
+    "flux-instantx": f"published: InstantX canny / depth 5 + 10 on Flux.1 19 + 38: {floor_flux(19, 38, 5, 10):.3f}x; "
+                     f"Union Pro 2.0 6 + 0: {floor_flux(19, 38, 6, 0):.3f}x",
+    "flux-xlabs": f"published: XLabs v3, 2 double blocks on Flux.1 19 + 38: {floor_flux(19, 38, 2, 0):.3f}x + the pixel hint encoder",
+}
+
+
+# -- building the cases ----------------------------------------------------------------------------------------
+
+
+def _image(size: int, seed: int) -> torch.Tensor:
+    g = torch.Generator().manual_seed(seed)
+    return torch.rand(1, size, size, 3, generator=g)
+
+
+def _cond(tokens: int, width: int, pooled: int, seed: int, **extra) -> list:
+    g = torch.Generator().manual_seed(seed)
+    return [[torch.randn(1, tokens, width, generator=g), {"pooled_output": torch.randn(1, pooled, generator=g), **extra}]]
+
+
+def build_sd3_family(family: str, host, M, args) -> Case:
+    d, n = args.sd3_depth, (args.sd3_blocks if family == "sd3" else args.sd35_blocks)
+    width, grid, latent = 64 * d, max(args.size // 16, 24), args.size // 8
+    ckpt = sd3_checkpoint(host.dirs["checkpoints"] / f"bench_sd3_d{d}.safetensors", d, 4096, grid)
+    model, _, vae = M["CheckpointLoaderSimple"]().load_checkpoint(ckpt.name)[:3]
+    name = f"bench_{family}_{n}.safetensors"
+    if family == "sd3":
+        sd3_controlnet_file(host.dirs["controlnet"] / name, width, n, 4096, grid)
+        img, txt = (latent // 2) ** 2, SD3_TEXT
+        floor = floor_sd3(d, n)
+        shape = f"MMDiT {d} joint blocks of {width} + SD3 ControlNet {n} joint blocks"
+    else:
+        sd35_controlnet_file(host.dirs["controlnet"] / name, width, n)
+        img, txt = (latent // 2) ** 2, SD3_TEXT
+        floor = floor_sd35(d, n, img, txt)
+        shape = f"MMDiT {d} joint blocks of {width} + Stability SD3.5 ControlNet {n} DiT blocks (depth type)"
+    shape += f", {args.size} px ({img} image + {txt} text tokens), batch 2 (cfg 4)"
+    return Case(family, model, vae, _cond(SD3_TEXT, 4096, 2048, 1), _cond(SD3_TEXT, 4096, 2048, 2),
+                {"samples": torch.zeros(1, 16, latent, latent)}, 4.0, M["ControlNetSuiteLoader"]().load(name)[0],
+                M["ControlNetLoader"]().load_controlnet(name)[0], shape, floor, PUBLISHED[family])
+
+
+def build_flux_family(family: str, host, M, args, base) -> Case:
+    width, D, S = args.flux_width, args.flux_double, args.flux_single
+    latent = args.size // 8
+    model, vae = base
+    folder = host.dirs["controlnet"]
+    if family == "flux-instantx":
+        nd, ns = args.instantx_double, args.instantx_single
+        path = flux_instantx_file(folder / f"bench_flux_instantx_{nd}_{ns}.safetensors", width, nd, ns)
+    else:
+        nd, ns = args.xlabs_double, 0
+        path = flux_xlabs_file(folder / f"bench_flux_xlabs_{nd}.safetensors", width, nd)
+    img = (latent // 2) ** 2
+    shape = (f"Flux {D} double + {S} single blocks of {width} ({width // 128} heads of 128) + {family[5:]} ControlNet {nd} double + "
+             f"{ns} single, {args.size} px ({img} image + {FLUX_TEXT} text tokens), batch 1 (cfg 1, guidance 3.5)")
+    return Case(family, model, vae, _cond(FLUX_TEXT, 4096, 768, 1, guidance=3.5), _cond(FLUX_TEXT, 4096, 768, 2, guidance=3.5),
+                {"samples": torch.zeros(1, 16, latent, latent)}, 1.0, M["ControlNetSuiteLoader"]().load(path.name)[0],
+                flux_builtin(path, width), shape, floor_flux(D, S, nd, ns), PUBLISHED[family])
+
+
+# -- timing through the host's wrappers ----------------------------------------------------------------------------
+
+
+class StepTimer:
+    """ComfyUI wrappers around `calc_cond_batch` (the step) and `apply_model` (the base model inside it)."""
+
+    def __init__(self):
+        self.record: list | None = None  # (step s, base s) per timed step of the current run
+        self._step = 0
+        self._base = 0.0
+        self.count_flops = False
+        self.flops: float | None = None
+
+    def start_run(self, record: list, count_flops: bool = False):
+        self.record, self._step, self.count_flops, self.flops = record, 0, count_flops, None
+
+    def step(self, executor, *args, **kwargs):
+        i, self._step = self._step, self._step + 1
+        if i == 0 or self.record is None:  # the first step of a run also encodes the hint
+            return executor(*args, **kwargs)
+        if self.count_flops:
+            from torch.utils.flop_counter import FlopCounterMode
+
+            if i == 1:
+                with FlopCounterMode(display=False) as fc:
+                    out = executor(*args, **kwargs)
+                self.flops = fc.get_total_flops()
+                return out
+            return executor(*args, **kwargs)
+        self._base = 0.0
+        t0 = time.perf_counter()
+        out = executor(*args, **kwargs)
+        self.record.append((time.perf_counter() - t0, self._base))
+        return out
+
+    def apply_model(self, executor, *args, **kwargs):
+        t0 = time.perf_counter()
+        out = executor(*args, **kwargs)
+        self._base += time.perf_counter() - t0
+        return out
+
+
+def instrument(model, timer: StepTimer):
+    import comfy.patcher_extension as pe
+
+    m = model.clone()
+    m.add_wrapper_with_key(pe.WrappersMP.CALC_COND_BATCH, "bench_dit_step", timer.step)
+    m.add_wrapper_with_key(pe.WrappersMP.APPLY_MODEL, "bench_dit_step", timer.apply_model)
+    return m
+
+
+def run_family(case: Case, M, args) -> None:
+    timer = StepTimer()
+    model = instrument(case.model, timer)
+    image = _image(args.size, 3)
+    apply_ours = M["ControlNetSuiteApply"]().apply(case.pos, case.neg, case.ours, image, 1.0, 0.0, 1.0, "balanced", "crop and resize", vae=case.vae)
+    apply_builtin = M["ControlNetApplyAdvanced"]().apply_controlnet(case.pos, case.neg, case.builtin, image, 1.0, 0.0, 1.0, vae=case.vae)
+    conds = {"ours": apply_ours[:2], "built-in": apply_builtin[:2], "plain": (case.pos, case.neg)}
+
+    def sample(kind: str, steps: int):
+        p, n = conds[kind]
+        return M["KSampler"]().sample(model, 7, steps, case.cfg, "euler", "simple", p, n, case.latent, denoise=1.0)[0]["samples"]
+
+    print(f"\n## {case.family}: {case.shape}")
+    # same result (balanced mode reproduces the built-in), and the warm-up
+    outs = {}
+    for kind in conds:
+        timer.start_run([])
+        outs[kind] = sample(kind, args.steps)
+    ref = outs["built-in"]
+    print(f"final latents after {args.steps} steps, ours vs built-in: max abs diff {(outs['ours'] - ref).abs().max().item():.2e} "
+          f"(latent std {ref.std().item():.3f}; vs plain: {(outs['plain'] - ref).abs().max().item():.2e})")
+
+    samples = {k: [] for k in conds}
+    for _ in range(args.reps):
+        for kind in conds:
+            timer.start_run(samples[kind])
+            sample(kind, args.steps)
+    step = {k: statistics.median(s for s, _ in v) for k, v in samples.items()}
+    best = {k: min(s for s, _ in v) for k, v in samples.items()}
+    control = {k: statistics.median(s - b for s, b in v) for k, v in samples.items()}
+    for k in conds:
+        print(f"{k:9} step median {step[k] * 1000:8.1f} ms  best {best[k] * 1000:8.1f} ms  ControlNet (step - base) median "
+              f"{control[k] * 1000:7.1f} ms  ({len(samples[k])} steps)")
+    print(f"step ratio ours / built-in: **{step['ours'] / step['built-in']:.3f}x** median, {best['ours'] / best['built-in']:.3f}x best; "
+          f"ControlNet alone ours / built-in: {control['ours'] / max(control['built-in'], 1e-9):.3f}x")
+    print(f"controlled / plain step: ours {step['ours'] / step['plain']:.3f}x, built-in {step['built-in'] / step['plain']:.3f}x")
+
+    flops = {}
+    if not args.no_flops:
+        for kind in conds:
+            timer.start_run([], count_flops=True)
+            sample(kind, 2)
+            flops[kind] = timer.flops
+    floor = f"FLOP floor (blocks x tokens): {case.floor:.3f}x at this shape; {case.published}"
+    if flops.get("plain"):
+        floor += (f"\ncounted FLOPs per step: plain {flops['plain'] / 1e9:.1f} G; ours {flops['ours'] / 1e9:.1f} G "
+                  f"({flops['ours'] / flops['plain']:.3f}x), built-in {flops['built-in'] / 1e9:.1f} G ({flops['built-in'] / flops['plain']:.3f}x)")
+    print(floor)
+
+
+def main() -> None:
+    ap = argparse.ArgumentParser()
+    ap.add_argument("--families", nargs="+", default=list(FAMILIES), choices=FAMILIES)
+    ap.add_argument("--reps", type=int, default=5, help="interleaved sampling runs per kind (each gives steps - 1 timed steps)")
+    ap.add_argument("--steps", type=int, default=3)
+    ap.add_argument("--size", type=int, default=384, help="image side in pixels (latent = size / 8)")
+    ap.add_argument("--sd3-depth", type=int, default=8, help="base joint blocks (width = 64 x depth)")
+    ap.add_argument("--sd3-blocks", type=int, default=2)
+    ap.add_argument("--sd35-blocks", type=int, default=4)
+    ap.add_argument("--flux-width", type=int, default=512)
+    ap.add_argument("--flux-double", type=int, default=4)
+    ap.add_argument("--flux-single", type=int, default=8)
+    ap.add_argument("--instantx-double", type=int, default=1)
+    ap.add_argument("--instantx-single", type=int, default=2)
+    ap.add_argument("--xlabs-double", type=int, default=1)
+    ap.add_argument("--no-flops", action="store_true", help="skip the FLOP count")
+    args = ap.parse_args()
+
+    from comfy_host import import_comfy
+
+    import_comfy(cpu=True)
+    import comfy.utils
+
+    from host import Host
+
+    comfy.utils.PROGRESS_BAR_ENABLED = False  # KSampler's progress bars would interleave with the results
+
+    print(f"# controlled sampling step of the DiT families, ours vs ComfyUI built-in, fp32 CPU, {args.reps} interleaved runs x "
+          f"{args.steps - 1} timed steps; {machine()}")
+    with tempfile.TemporaryDirectory() as d:
+        host = Host(Path(d))
+        M = host.nodes.NODE_CLASS_MAPPINGS
+        flux = None
+        for family in args.families:
+            torch.manual_seed(0)
+            if family.startswith("flux"):
+                flux = flux or flux_base(args.flux_width, args.flux_double, args.flux_single)
+                case = build_flux_family(family, host, M, args, flux)
+            else:
+                case = build_sd3_family(family, host, M, args)
+            run_family(case, M, args)
+            del case
+
+
+if __name__ == "__main__":
+    main()

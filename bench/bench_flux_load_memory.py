@@ -1,0 +1,122 @@
+"""Peak resident memory while loading a full-size Flux ControlNet (random weights), stored fp8 and stored bf16.
+
+Default shape: InstantX's published Flux.1-dev canny / depth ControlNets, 5 double + 10 single blocks of width 3072
+with the guidance embedding (3.30 G parameters: 3.3 GB in float8_e4m3fn, 6.6 GB in bfloat16). The files are written
+tensor by tensor (tests/fullsize_flux.py), one at a time, each removed after its cases, so the disk holds at most the
+bf16 one. Every case loads the file in a fresh process and reads the kernel's own accounting: baseline = VmRSS after
+the imports the loader needs (torch, and ComfyUI for its loader), peak = VmHWM. Reported: (peak - baseline) / the
+tensor bytes of the model the loader returns (goal <= 1.1x), and the peak total.
+
+Cases: ours (`load_control`, compute dtype bf16: the default for fp8 files, the stored dtype for bf16 ones) and
+ComfyUI's own `load_controlnet` on the same file asked for the same compute dtype (`model_options={"dtype": bf16}`).
+`--comfy-default` adds ComfyUI with its own dtype choice (on the CPU: fp8 files stay fp8 and are cast per layer at run
+time; bf16 files are upcast to fp32, twice the tensor bytes).
+
+    .venv/bin/python bench/bench_flux_load_memory.py [--double 5 --single 10] [--comfy-default]
+"""
+from __future__ import annotations
+
+import argparse
+import gc
+import json
+import subprocess
+import sys
+import tempfile
+import time
+from pathlib import Path
+
+from common import ROOT, machine, proc_status_kib
+
+DTYPES = {"fp8": "float8_e4m3fn", "bf16": "bfloat16", "fp32": "float32"}
+
+
+def _model_bytes(module) -> int:
+    """Tensor bytes of a module's parameters and buffers, each storage once."""
+    seen, total = set(), 0
+    for t in list(module.parameters()) + list(module.buffers()):
+        key = (t.untyped_storage().data_ptr(), t.untyped_storage().nbytes())
+        if key not in seen:
+            seen.add(key)
+            total += t.untyped_storage().nbytes()
+    return total
+
+
+def _dtypes(module) -> list[str]:
+    return sorted({str(p.dtype).replace("torch.", "") for p in module.parameters()})
+
+
+def measure(method: str, path: str, dtype: str) -> None:
+    """In a fresh process: load once, print one JSON line."""
+    import torch
+
+    if method == "ours":
+        from controlnet_core import load_control
+
+        baseline = proc_status_kib("VmRSS")
+        t0 = time.perf_counter()
+        model = load_control(path, dtype=getattr(torch, DTYPES[dtype]) if dtype != "default" else None).model
+    else:
+        from comfy_host import import_comfy
+
+        import_comfy()
+        import comfy.controlnet
+
+        baseline = proc_status_kib("VmRSS")  # after the host's own imports, which are not the loader's cost
+        options = {} if dtype == "default" else {"dtype": getattr(torch, DTYPES[dtype])}
+        t0 = time.perf_counter()
+        model = comfy.controlnet.load_controlnet(path, model_options=options).control_model
+    seconds = time.perf_counter() - t0
+    gc.collect()
+    print(json.dumps({"baseline_kib": baseline, "peak_kib": proc_status_kib("VmHWM"), "after_kib": proc_status_kib("VmRSS"),
+                      "tensor_bytes": _model_bytes(model), "dtypes": _dtypes(model), "seconds": seconds}))
+
+
+def main() -> None:
+    ap = argparse.ArgumentParser()
+    ap.add_argument("--double", type=int, default=5)
+    ap.add_argument("--single", type=int, default=10)
+    ap.add_argument("--comfy-default", action="store_true", help="also ComfyUI with its own dtype choice")
+    ap.add_argument("--dir", default=None, help="where to write the files (default: a temporary folder)")
+    args = ap.parse_args()
+
+    import torch
+
+    from fullsize_flux import full_width_config, shapes_of, write_random_file
+
+    cfg = full_width_config("instantx", args.double, args.single)
+    params = sum(torch.Size(s).numel() for s in shapes_of(cfg).values())
+    print(f"# load memory, full-size Flux InstantX ControlNet, {args.double} double + {args.single} single blocks, "
+          f"{params / 1e9:.2f} G parameters, random weights; {machine()}")
+    print(f"{'file':5} {'loader':10} {'loaded as':15} {'peak-baseline':>14} {'/ tensor bytes':>15} {'peak total':>11} {'load s':>7}")
+    cases = [("ours", "default"), ("comfy", "bf16")] + ([("comfy", "default")] if args.comfy_default else [])
+    with tempfile.TemporaryDirectory(dir=args.dir) as d:
+        for stored in ("fp8", "bf16"):
+            path = Path(d) / f"flux_instantx_{args.double}d{args.single}s_{stored}.safetensors"
+            t0 = time.perf_counter()
+            write_random_file(path, cfg, getattr(torch, DTYPES[stored]), seed=50)
+            print(f"# wrote {path.name}: {path.stat().st_size / 2**30:.2f} GiB in {time.perf_counter() - t0:.0f} s")
+            ratios = {}
+            for method, dtype in cases:
+                out = subprocess.run([sys.executable, __file__, "--measure", method, str(path), dtype], capture_output=True, text=True, cwd=ROOT)
+                label = f"{method}" + ("" if method == "ours" or dtype == "bf16" else " (own)")
+                if out.returncode != 0:
+                    print(f"{stored:5} {label:10} failed (exit {out.returncode}): {out.stderr[-300:]}")
+                    continue
+                r = json.loads(out.stdout.strip().splitlines()[-1])
+                delta = (r["peak_kib"] - r["baseline_kib"]) * 1024
+                ratio = delta / r["tensor_bytes"]
+                ratios[(method, dtype)] = ratio
+                print(f"{stored:5} {label:10} {'/'.join(r['dtypes']):15} {delta / 2**30:10.2f} GiB {ratio:14.2f}x "
+                      f"{r['peak_kib'] / 2**20:7.2f} GiB {r['seconds']:7.1f}   (tensors {r['tensor_bytes'] / 2**30:.2f} GiB, "
+                      f"baseline {r['baseline_kib'] / 2**20:.2f} GiB)")
+            if ("ours", "default") in ratios and ("comfy", "bf16") in ratios:
+                print(f"{stored:5} ours / ComfyUI (same dtype), peak over baseline per tensor byte: "
+                      f"{ratios[('ours', 'default')] / ratios[('comfy', 'bf16')]:.2f}x")
+            path.unlink()
+
+
+if __name__ == "__main__":
+    if len(sys.argv) == 5 and sys.argv[1] == "--measure":
+        measure(sys.argv[2], sys.argv[3], sys.argv[4])
+    else:
+        main()
