@@ -19,9 +19,16 @@ WIDTH, HEADS, AXES, CONTEXT, POOLED = 128, 2, [8, 28, 28], 96, 80
 
 
 def params(double: int, single: int, guidance: bool = True) -> dict:
-    return dict(in_channels=16, out_channels=16, vec_in_dim=POOLED, context_in_dim=CONTEXT, hidden_size=WIDTH, mlp_ratio=4.0,
-                num_heads=HEADS, depth=double, depth_single_blocks=single, axes_dim=list(AXES), theta=10000, patch_size=2,
-                qkv_bias=True, guidance_embed=guidance)
+    import dataclasses
+
+    import comfy.ldm.flux.model
+
+    out = dict(in_channels=16, out_channels=16, vec_in_dim=POOLED, context_in_dim=CONTEXT, hidden_size=WIDTH, mlp_ratio=4.0,
+               num_heads=HEADS, depth=double, depth_single_blocks=single, axes_dim=list(AXES), theta=10000, patch_size=2,
+               qkv_bias=True, guidance_embed=guidance)
+    if "txt_ids_dims" in {f.name for f in dataclasses.fields(comfy.ldm.flux.model.FluxParams)}:
+        out["txt_ids_dims"] = []  # ComfyUI 0.8.0 and later: what its detection sets for Flux.1
+    return out
 
 
 def tiny_flux(seed: int = 30) -> dict:

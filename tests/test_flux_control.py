@@ -144,9 +144,16 @@ def test_full_size_instantx_layout_maps_one_to_one(config):
 
 def comfy_params(double: int, single: int, guidance: bool, width: int = WIDTH, heads: int = HEADS, axes=AXES) -> dict:
     """ComfyUI FluxParams for a ControlNet of our tiny (or the full) shape."""
-    return dict(in_channels=16, out_channels=16, vec_in_dim=POOLED_DIM, context_in_dim=CONTEXT_DIM, hidden_size=width, mlp_ratio=4.0,
-                num_heads=heads, depth=double, depth_single_blocks=single, axes_dim=list(axes), theta=10000, patch_size=2,
-                qkv_bias=True, guidance_embed=guidance)
+    import dataclasses
+
+    import comfy.ldm.flux.model
+
+    out = dict(in_channels=16, out_channels=16, vec_in_dim=POOLED_DIM, context_in_dim=CONTEXT_DIM, hidden_size=width, mlp_ratio=4.0,
+               num_heads=heads, depth=double, depth_single_blocks=single, axes_dim=list(axes), theta=10000, patch_size=2,
+               qkv_bias=True, guidance_embed=guidance)
+    if "txt_ids_dims" in {f.name for f in dataclasses.fields(comfy.ldm.flux.model.FluxParams)}:
+        out["txt_ids_dims"] = []  # ComfyUI 0.8.0 and later: what its detection sets for Flux.1
+    return out
 
 
 def comfy_bfl_controlnet(comfy, mistoline: bool, double: int, single: int, seed: int = 0, device=None, **params):
