@@ -165,3 +165,16 @@ def test_a_unet_controlnet_on_flux_stops_before_sampling(flux):
         flux.run(finish(g, model, pos, neg, latent, cfg=2.0))
     assert "for UNet models" in str(e.value) and "Flux.1 transformer" in str(e.value)
     assert spy_calls(flux, "wrong") == []
+
+
+def test_our_union_node_gives_a_flux_union_its_own_mode_number(flux):
+    """'depth' is mode 2 of InstantX's Flux union; ComfyUI's SetUnionControlNetType sends that number for its
+    'hed/pidi/scribble/ted' entry (it numbers types in the SDXL order), so the two runs must agree."""
+    ours = run(flux, lambda g, pos, neg, vae: apply("ours", g, pos, neg, (g.add("ControlNetSuiteUnion", control_net=control(g, "ours", "union"),
+                                                                                 type="depth", weight=1.0), 0), image(g, SIZE, SIZE, seed=3), vae))
+    theirs = run(flux, lambda g, pos, neg, vae: apply("builtin", g, pos, neg, (g.add("SetUnionControlNetType", control_net=control(g, "builtin", "union"),
+                                                                                     type="hed/pidi/scribble/ted"), 0), image(g, SIZE, SIZE, seed=3), vae))
+    torch.testing.assert_close(ours, theirs, rtol=1e-4, atol=1e-4)
+    with pytest.raises(PromptFailed, match="not a mode of"):
+        run(flux, lambda g, pos, neg, vae: apply("ours", g, pos, neg, (g.add("ControlNetSuiteUnion", control_net=control(g, "ours", "union"),
+                                                                             type="segment", weight=1.0), 0), image(g, SIZE, SIZE), vae))
