@@ -8,6 +8,7 @@ from __future__ import annotations
 
 import abc
 import contextlib
+import logging
 import math
 import os
 from typing import Callable, Iterator, Optional
@@ -17,6 +18,8 @@ import torch.nn.functional as F
 
 from . import heap
 from ._core import ControlNetError
+
+log = logging.getLogger(__name__)
 
 
 class AnnotatorError(ControlNetError):
@@ -134,6 +137,7 @@ class Annotator(abc.ABC):
     name: str = "annotator"
     sanitizes_input: bool = False  # True: annotate() copes with NaN / out-of-range values itself
     accepts_uint8: bool = False  # True: annotate() also takes an RGB uint8 batch (0..255) as it is
+    whole_batch: bool = False  # True: __call__ hands annotate() the whole batch unless told a chunk size
 
     @abc.abstractmethod
     def annotate(self, images: torch.Tensor, **params) -> torch.Tensor:
@@ -146,7 +150,7 @@ class Annotator(abc.ABC):
         x = as_rgb(images, self.name, sanitize=not self.sanitizes_input, keep_uint8=self.accepts_uint8)
         device = getattr(self, "device", None)
         if chunk_size is None:
-            chunk_size = default_chunk_size(device) if device is not None else x.shape[0]
+            chunk_size = default_chunk_size(device) if device is not None and not self.whole_batch else x.shape[0]
         # a network on a CPU: its large activations are reused from image to image instead of page-faulted anew
         on_cpu = device is not None and torch.device(device).type == "cpu"
         outs = []
@@ -156,6 +160,90 @@ class Annotator(abc.ABC):
                 if progress is not None:
                     progress(part.shape[0])
         return outs[0] if len(outs) == 1 else torch.cat(outs, 0)  # cat would materialise expanded 3-channel views
+
+
+class NetworkAnnotator(Annotator):
+    """An annotator whose work is done by torch networks built from weight files.
+
+    `networks(**params)` lists, explicitly, the networks that a call with these annotate() parameters runs: the node
+    layer hands exactly these to ComfyUI's memory manager, which moves them between the GPU and the offload device.
+    `device` and `dtype` are read from the first network's parameters, so they follow such moves.
+    """
+
+    @abc.abstractmethod
+    def networks(self, **params) -> list[torch.nn.Module]:
+        """The networks a call with these annotate() keyword arguments runs (any loaded on first use is loaded now)."""
+
+    def _first_parameter(self) -> torch.Tensor:
+        for net in self.networks():
+            for p in net.parameters():
+                return p
+        raise AnnotatorError(f"{self.name}: its networks have no parameters, so they have no device or dtype.")
+
+    @property
+    def device(self) -> torch.device:
+        return self._first_parameter().device
+
+    @property
+    def dtype(self) -> torch.dtype:
+        return self._first_parameter().dtype
+
+    def attach_weights(self, paths: dict[str, os.PathLike]) -> None:
+        """Take weight files (manifest name -> verified path) that the annotator was built without because no call
+        needed them yet (`AnnotatorInfo.switched_weights`). Annotators without such files refuse."""
+        raise AnnotatorError(f"{self.name}: takes all its weight files when it is built; cannot add {sorted(paths)} afterwards.")
+
+
+class SingleNetworkAnnotator(NetworkAnnotator):
+    """A network annotator with one network, `self.model`, loaded strictly from one weight file by `from_file`.
+
+    Subclasses name the architecture (`network`, built without arguments) and what the file must be (`model_name`,
+    used in errors); `prepare` may rewrite the loaded float32 network before it is cast and frozen (M-LSD folds its
+    batch norms there).
+    """
+
+    network: type[torch.nn.Module]  # the architecture from_file builds
+    model_name: str = "network"  # what the weight file must hold, for error messages
+    strip_prefixes: tuple[str, ...] = ("module.",)  # removed from every key when all keys carry it
+    channels_last: bool = True  # convolutional networks: see inference_network; transformers keep NCHW
+
+    def __init__(self, model: torch.nn.Module):
+        self.model = model
+
+    def networks(self, **params) -> list[torch.nn.Module]:
+        return [self.model]
+
+    @classmethod
+    def prepare(cls, model: torch.nn.Module) -> torch.nn.Module:
+        """The loaded network (float32, strict weights) before it is moved, cast and frozen; unchanged by default."""
+        return model
+
+    @classmethod
+    def load_model(cls, path: os.PathLike, *, device: torch.device | str = "cpu", dtype: torch.dtype = torch.float32) -> torch.nn.Module:
+        """Read `path` safely, load it strictly into `cls.network()`, `prepare` it and freeze it on device/dtype.
+
+        A file that is no weight file at all (an HTML page, a Git LFS pointer, a truncated download) raises the same
+        `AnnotatorWeightsError` as a file of another network, naming the file and what was expected."""
+        from . import weights
+
+        try:
+            sd = weights.load_state_dict(path, strip_prefixes=cls.strip_prefixes)
+        except weights.AnnotatorWeightsError:
+            raise
+        except ControlNetError as e:
+            raise weights.AnnotatorWeightsError(f"{e} Expected the {cls.model_name} weights.") from None
+        model = cls.prepare(weights.load_into(cls.network(), sd, path, cls.model_name))
+        if cls.channels_last:
+            model = inference_network(model, device, dtype)
+        else:
+            model = model.to(device=device, dtype=dtype).eval().requires_grad_(False)
+        log.debug("%s: loaded %s on %s (%s)", cls.name, path, device, dtype)
+        return model
+
+    @classmethod
+    def from_file(cls, path: os.PathLike, *, device: torch.device | str = "cpu", dtype: torch.dtype = torch.float32):
+        """The annotator with its network loaded from `path` (see `load_model`) on device/dtype."""
+        return cls(cls.load_model(path, device=device, dtype=dtype))
 
 
 def inference_network(module: torch.nn.Module, device: torch.device | str = "cpu", dtype: torch.dtype = torch.float32) -> torch.nn.Module:

@@ -13,9 +13,7 @@ min-max per image -> grey map repeated to 3 channels.
 """
 from __future__ import annotations
 
-import logging
 import math
-import os
 from dataclasses import dataclass
 from typing import Sequence
 
@@ -24,11 +22,8 @@ import torch.nn.functional as F
 from torch import nn
 
 from . import weights
-from ._core import ControlNetError
-from .base import Annotator, AnnotatorError
+from .base import AnnotatorError, SingleNetworkAnnotator
 from .registry import AnnotatorInfo, Param, register
-
-log = logging.getLogger(__name__)
 
 FILENAME = "depth_anything_v2_vits.pth"
 PATCH = 14
@@ -284,34 +279,18 @@ def network_size(height: int, width: int, resolution: int) -> tuple[int, int]:
     return _multiple_of(scale * height, resolution), _multiple_of(scale * width, resolution)
 
 
-class DepthAnythingV2Detector(Annotator):
-    """Relative depth map, near = bright, min-max normalised per image, grey in 3 channels."""
+class DepthAnythingV2Detector(SingleNetworkAnnotator):
+    """Relative depth map, near = bright, min-max normalised per image, grey in 3 channels.
+
+    `from_file` loads the official `depth_anything_v2_vits.pth`, strictly: a file that is not a weight file, or has
+    other keys or shapes, raises `weights.AnnotatorWeightsError` naming the file.
+    """
 
     name = "depth_anything_v2"
-
-    def __init__(self, model: DepthAnythingV2):
-        self.model = model
-        p = next(model.parameters())
-        self.device, self.dtype = p.device, p.dtype
-
-    @classmethod
-    def from_file(cls, path: os.PathLike, *, device: torch.device | str = "cpu", dtype: torch.dtype = torch.float32) -> "DepthAnythingV2Detector":
-        """Load the official `depth_anything_v2_vits.pth`.
-
-        Strict: a file that is not a weight file, or has other keys or shapes, raises
-        `weights.AnnotatorWeightsError` naming the file.
-        """
-        try:
-            sd = weights.load_state_dict(path)
-        except weights.AnnotatorWeightsError:
-            raise
-        except ControlNetError as e:  # not a weight file at all (HTML page, LFS pointer, truncated): same class as a wrong one
-            raise weights.AnnotatorWeightsError(f"{e} Expected the Depth-Anything-V2-Small file {FILENAME}.") from None
-        model = DepthAnythingV2()
-        weights.load_into(model, sd, path, "Depth-Anything-V2-Small")
-        model.to(device=device, dtype=dtype).eval().requires_grad_(False)
-        log.debug("loaded Depth-Anything V2 Small from %s on %s (%s)", path, device, dtype)
-        return cls(model)
+    network = DepthAnythingV2
+    model_name = f"Depth-Anything-V2-Small ({FILENAME})"
+    strip_prefixes = ()
+    channels_last = False  # loaded in the plain layout, as it always was (a ViT; only its patch embedding is a convolution)
 
     def preprocess(self, images: torch.Tensor, resolution: int) -> torch.Tensor:
         """(B, 3, H, W) in [0, 1] -> normalised network input (B, 3, 14*gh, 14*gw) on the model's device/dtype.

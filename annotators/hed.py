@@ -9,19 +9,15 @@ non-maximum suppression along four directions, a Gaussian blur and a hard thresh
 """
 from __future__ import annotations
 
-import logging
 import math
-import os
 
 import torch
 import torch.nn as nn
 import torch.nn.functional as F
 
 from . import weights
-from .base import Annotator, detect_size, network_input, resize_to
+from .base import SingleNetworkAnnotator, detect_size, network_input, resize_to
 from .registry import AnnotatorInfo, Param, register
-
-log = logging.getLogger(__name__)
 
 FILENAME = "ControlNetHED.pth"
 LICENCE = "Apache-2.0"
@@ -165,28 +161,14 @@ def resize_input(images: torch.Tensor, height: int, width: int) -> torch.Tensor:
 # --- the annotator ----------------------------------------------------------------------------------------
 
 
-class HEDDetector(Annotator):
-    """Soft edge maps from ControlNetHED (the ControlNet 1.1 "softedge_hed" / "scribble_hed" preprocessor)."""
+class HEDDetector(SingleNetworkAnnotator):
+    """Soft edge maps from ControlNetHED (the ControlNet 1.1 "softedge_hed" / "scribble_hed" preprocessor).
+
+    `HEDDetector.from_file("ControlNetHED.pth")` loads the flat state dict (a 'module.' prefix is tolerated)."""
 
     name = "hed"
-
-    def __init__(self, model: ControlNetHED):
-        self.model = model
-
-    @classmethod
-    def from_file(cls, path: os.PathLike, *, device: torch.device | str = "cpu", dtype: torch.dtype = torch.float32) -> "HEDDetector":
-        """Load `ControlNetHED.pth` (a flat state dict; a 'module.' prefix is tolerated)."""
-        model = weights.load_network(ControlNetHED(), path, "ControlNetHED (HED soft edge)", device=device, dtype=dtype)
-        log.debug("HED weights loaded from %s on %s (%s)", path, device, dtype)
-        return cls(model)
-
-    @property
-    def device(self) -> torch.device:
-        return self.model.norm.device
-
-    @property
-    def dtype(self) -> torch.dtype:
-        return self.model.norm.dtype
+    network = ControlNetHED
+    model_name = "ControlNetHED (HED soft edge)"
 
     def edges(self, images: torch.Tensor) -> torch.Tensor:
         """(B, 3, h, w) RGB in [0, 1] -> (B, 1, h, w) edge probability at the same size (the raw network output)."""

@@ -14,18 +14,13 @@ inversion; here it stays float (at most 1/255 apart).
 """
 from __future__ import annotations
 
-import logging
-import os
-
 import torch
 from torch import nn
 
 from . import weights
-from .base import Annotator, AnnotatorError, detect_size, inference_network, network_input, resize_to
+from .base import AnnotatorError, SingleNetworkAnnotator, detect_size, network_input, resize_to
 from .cpu_kernels import FewOutputConv2d
 from .registry import AnnotatorInfo, Param, register
-
-log = logging.getLogger(__name__)
 
 FINE_FILE = "sk_model.pth"
 COARSE_FILE = "sk_model2.pth"
@@ -106,31 +101,14 @@ class LineartGenerator(nn.Module):
         return self.model4(self.model3(self.model2(self.model1(self.model0(x)))))
 
 
-class LineartDetector(Annotator):
-    """Fine realistic line art: images (B, 3, H, W) in [0, 1] -> white lines on black (B, 3, H, W) in [0, 1]."""
+class LineartDetector(SingleNetworkAnnotator):
+    """Fine realistic line art: images (B, 3, H, W) in [0, 1] -> white lines on black (B, 3, H, W) in [0, 1].
+
+    `from_file` loads the official flat state dict (a `module.` prefix is tolerated), strictly, with a clear error."""
 
     name = "lineart"
+    network = LineartGenerator
     model_name = "line art (informative-drawings Generator(3, 1, 3))"
-
-    def __init__(self, model: LineartGenerator):
-        self.model = model
-
-    @classmethod
-    def from_file(cls, path: os.PathLike, *, device: torch.device | str = "cpu", dtype: torch.dtype = torch.float32) -> "LineartDetector":
-        """Load the official flat state dict (a `module.` prefix is tolerated); strict, with a clear error."""
-        sd = weights.load_state_dict(path, strip_prefixes=("module.",))
-        model = weights.load_into(LineartGenerator(), sd, path, cls.model_name)
-        inference_network(model, device, dtype)
-        log.debug("%s: loaded %s on %s (%s)", cls.name, path, device, dtype)
-        return cls(model)
-
-    @property
-    def device(self) -> torch.device:
-        return next(self.model.parameters()).device
-
-    @property
-    def dtype(self) -> torch.dtype:
-        return next(self.model.parameters()).dtype
 
     def annotate(self, images: torch.Tensor, resolution: int = 512) -> torch.Tensor:
         """Clean RGB batch (B, 3, H, W) in [0, 1] -> `1 - line map` at the input size, 3 channels."""

@@ -30,7 +30,7 @@ import torch.nn.functional as F
 from torch import nn
 
 from . import weights
-from .base import Annotator, AnnotatorError, detect_size, fold_batch_norms, inference_network, network_input, resize_to
+from .base import AnnotatorError, SingleNetworkAnnotator, detect_size, fold_batch_norms, network_input, resize_to
 from .registry import AnnotatorInfo, Param, register
 
 log = logging.getLogger(__name__)
@@ -259,15 +259,16 @@ def draw_segments(segments: np.ndarray, height: int, width: int) -> np.ndarray:
 # ---------------------------------------------------------------- detector
 
 
-class MLSDDetector(Annotator):
+class MLSDDetector(SingleNetworkAnnotator):
     """M-LSD large: images (B, 3, H, W) in [0, 1] -> straight-line maps (B, 3, H, W) in {0, 1}."""
 
     name = "mlsd"
     network: type[nn.Module] = MLSDLarge
     model_name = "M-LSD large"
 
-    def __init__(self, model: nn.Module):
-        self.model = model
+    @classmethod
+    def prepare(cls, model: nn.Module) -> nn.Module:
+        return fold_batch_norms(model.float().eval())
 
     @classmethod
     def from_file(cls, path: os.PathLike, *, device: torch.device | str = "cpu", dtype: torch.dtype = torch.float32) -> "MLSDDetector":
@@ -276,21 +277,10 @@ class MLSDDetector(Annotator):
         float32 is recommended whatever the device: the model is small, and the decoding (3x3 peak test,
         top-200 cut, endpoint truncation) turns half-precision rounding into different segments.
         """
-        sd = weights.load_state_dict(path, strip_prefixes=("module.",))
-        model = weights.load_into(cls.network(), sd, path, cls.model_name)
-        inference_network(fold_batch_norms(model.float().eval()), device, dtype)
+        det = super().from_file(path, device=device, dtype=dtype)
         if dtype != torch.float32:
             log.warning("%s: running in %s changes which line segments are found; float32 is recommended.", cls.name, dtype)
-        log.debug("%s: loaded %s on %s (%s)", cls.name, path, device, dtype)
-        return cls(model)
-
-    @property
-    def device(self) -> torch.device:
-        return next(self.model.parameters()).device
-
-    @property
-    def dtype(self) -> torch.dtype:
-        return next(self.model.parameters()).dtype
+        return det
 
     def segments(self, images: torch.Tensor, resolution: int = 512, value_threshold: float = 0.1, distance_threshold: float = 0.1) -> list[np.ndarray]:
         """Clean RGB batch (B, 3, H, W) in [0, 1] -> per image (N, 4) float64 (x1, y1, x2, y2) in input pixels."""

@@ -31,6 +31,7 @@ import os
 import threading
 from collections import OrderedDict
 from dataclasses import dataclass
+from pathlib import Path
 from typing import Callable, Optional, Sequence, Union
 
 import cv2
@@ -41,7 +42,7 @@ import torch.nn.functional as F
 
 from . import weights
 from ._core import ControlNetError
-from .base import Annotator, AnnotatorError, as_rgb, chunks, default_chunk_size, detect_size, inference_network, network_input, resize_to
+from .base import AnnotatorError, NetworkAnnotator, as_rgb, chunks, default_chunk_size, detect_size, inference_network, network_input, resize_to
 from .registry import AnnotatorInfo, Param, register
 
 log = logging.getLogger(__name__)
@@ -592,14 +593,16 @@ def to_openpose_json(people: Sequence[Person], width: int, height: int) -> dict:
 # --- the annotator ----------------------------------------------------------------------------------------
 
 
-class OpenPoseDetector(Annotator):
+class OpenPoseDetector(NetworkAnnotator):
     """ControlNet 1.1 "openpose" maps (body; `_hand`, `_face`, `_full` with the switches) and OpenPose JSON keypoints.
 
     The hand and face networks are optional: pass modules, or files that are loaded on first use (then kept),
-    so a body-only user never reads 300 MB of weights it does not need.
+    so a body-only user never reads 300 MB of weights it does not need. `networks(include_hand=..., include_face=...)`
+    lists (and loads) the networks a call with those switches runs, body first.
     """
 
     name = "openpose"
+    _KINDS = {HAND_FILE: "hand", FACE_FILE: "face"}  # switched weight files (see attach_weights)
 
     def __init__(
         self,
@@ -637,13 +640,25 @@ class OpenPoseDetector(Annotator):
         body = load_network("body", body_path, device=device, dtype=dtype)
         return cls(body, hand_file=hand_path, face_file=face_path)
 
-    @property
-    def device(self) -> torch.device:
-        return next(self.body.parameters()).device
+    def networks(self, include_hand: bool = False, include_face: bool = False, **params) -> list[nn.Module]:
+        """The body network, then the hand and face networks when switched on (loaded from their files now)."""
+        return [self.body] + [self.network(kind) for kind, wanted in (("hand", include_hand), ("face", include_face)) if wanted]
 
-    @property
-    def dtype(self) -> torch.dtype:
-        return next(self.body.parameters()).dtype
+    def attach_weights(self, paths: dict[str, PathLike]) -> None:
+        """Take the hand and/or face file (manifest names `hand_pose_model.pth`, `facenet.pth`) for later calls.
+
+        A network already loaded from another path is dropped and loaded from the new one when next needed."""
+        unknown = sorted(set(paths) - set(self._KINDS))
+        if unknown:
+            raise AnnotatorError(f"openpose: cannot take weight files {unknown}; only {sorted(self._KINDS)} are added after loading.")
+        with self._lock:
+            for filename, path in paths.items():
+                kind = self._KINDS[filename]
+                if self._files[kind] is not None and Path(self._files[kind]) == Path(path):
+                    continue
+                if self._files[kind] is not None:
+                    self._nets[kind] = None  # loaded from the file it replaces
+                self._files[kind] = path
 
     def network(self, kind: str) -> nn.Module:
         """The 'hand' or 'face' network, loaded once from its file on first use."""
@@ -838,6 +853,7 @@ register(
             ),  # fmt: skip
         ],
         weights=[BODY_FILE, HAND_FILE, FACE_FILE],
+        switched_weights={HAND_FILE: "include_hand", FACE_FILE: "include_face"},  # body-only needs neither
         keypoints=True,
         description=(
             "CMU OpenPose body, hand and face keypoints drawn in the ControlNet 1.1 openpose colours; "

@@ -12,19 +12,14 @@ Licence: MIT, with the authors' note that the models are for research purposes (
 """
 from __future__ import annotations
 
-import logging
-import os
-
 import torch
 import torch.nn as nn
 import torch.nn.functional as F
 
 from . import weights
-from .base import Annotator, detect_size, network_input, resize_to
+from .base import SingleNetworkAnnotator, detect_size, network_input, resize_to
 from .hed import RESOLUTION, SAFE, resize_input, safe_step
 from .registry import AnnotatorInfo, register
-
-log = logging.getLogger(__name__)
 
 FILENAME = "table5_pidinet.pth"
 LICENCE = "MIT; the PiDiNet authors release the models for research purposes (commercial use: contact the authors)"
@@ -170,28 +165,15 @@ class PiDiNet(nn.Module):
         return [torch.sigmoid(s) for s in sides]
 
 
-class PiDiNetDetector(Annotator):
-    """Soft edge maps from PiDiNet (the ControlNet 1.1 "softedge_pidinet" preprocessor)."""
+class PiDiNetDetector(SingleNetworkAnnotator):
+    """Soft edge maps from PiDiNet (the ControlNet 1.1 "softedge_pidinet" preprocessor).
+
+    `PiDiNetDetector.from_file("table5_pidinet.pth")` loads {'state_dict': {'module.' + key: tensor}} (a DataParallel
+    training checkpoint)."""
 
     name = "pidinet"
-
-    def __init__(self, model: PiDiNet):
-        self.model = model
-
-    @classmethod
-    def from_file(cls, path: os.PathLike, *, device: torch.device | str = "cpu", dtype: torch.dtype = torch.float32) -> "PiDiNetDetector":
-        """Load `table5_pidinet.pth`: {'state_dict': {'module.' + key: tensor}} (a DataParallel training checkpoint)."""
-        model = weights.load_network(PiDiNet(), path, "PiDiNet (table5_pidinet)", device=device, dtype=dtype)
-        log.debug("PiDiNet weights loaded from %s on %s (%s)", path, device, dtype)
-        return cls(model)
-
-    @property
-    def device(self) -> torch.device:
-        return self.model.classifier.weight.device
-
-    @property
-    def dtype(self) -> torch.dtype:
-        return self.model.classifier.weight.dtype
+    network = PiDiNet
+    model_name = "PiDiNet (table5_pidinet)"
 
     def edges(self, images: torch.Tensor) -> torch.Tensor:
         """(B, 3, h, w) RGB in [0, 1] -> (B, 1, h, w) fused edge probability (the raw network output)."""

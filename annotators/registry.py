@@ -1,7 +1,8 @@
 """The annotator registry: one entry per annotator, from which the ComfyUI nodes are generated.
 
 A module adds its annotators with `register(AnnotatorInfo(...))` at import; `load(key)` builds (and caches)
-the annotator, finding its weight files through `weights.find`.
+the annotator, finding its weight files through `weights.locate` / `weights.find`. The cache is consulted
+before any file is hashed (see `load`).
 """
 from __future__ import annotations
 
@@ -9,11 +10,12 @@ import importlib
 import logging
 import threading
 from dataclasses import dataclass, field
-from typing import Any, Callable, Optional, Sequence
+from pathlib import Path
+from typing import Any, Callable, Mapping, Optional, Sequence
 
 import torch
 
-from .base import Annotator
+from .base import Annotator, NetworkAnnotator
 
 
 @dataclass(frozen=True)
@@ -38,6 +40,25 @@ class AnnotatorInfo:
     keypoints: bool = False  # annotate() results carry OpenPose-JSON keypoints (see openpose)
     description: str = ""
     licence: str = ""
+    # file name -> the BOOLEAN param that needs it (OpenPose: hand_pose_model.pth -> include_hand). Such a file is
+    # looked up only when a call switches it on, and handed to the built annotator then (`NetworkAnnotator.attach_weights`);
+    # the other files are needed by every call.
+    switched_weights: Mapping[str, str] = field(default_factory=dict)
+
+    def __post_init__(self):
+        booleans = {p.name for p in self.params if p.kind == "BOOLEAN"}
+        for f, switch in self.switched_weights.items():
+            if f not in self.weights or switch not in booleans:
+                raise ValueError(f"annotator '{self.key}': switched weight file {f!r} -> {switch!r} must name one of its weight files "
+                                 f"{list(self.weights)} and one of its BOOLEAN params {sorted(booleans)}.")
+
+    def weights_for(self, params: Optional[Mapping[str, Any]] = None) -> list[str]:
+        """The weight files a call with these annotate() keyword arguments needs; params=None: every file."""
+        if params is None:
+            return list(self.weights)
+        defaults = {p.name: p.default for p in self.params}
+        return [f for f in self.weights if f not in self.switched_weights
+                or bool(params.get(self.switched_weights[f], defaults[self.switched_weights[f]]))]
 
 
 ANNOTATORS: dict[str, AnnotatorInfo] = {}
@@ -72,14 +93,56 @@ def load_all() -> dict[str, AnnotatorInfo]:
     return ANNOTATORS
 
 
-def load(key: str, *, device: torch.device | str = "cpu", dtype: torch.dtype = torch.float32, dirs=None) -> Annotator:
-    """Build an annotator once per (key, device, dtype, files) and keep it."""
+@dataclass
+class _Built:
+    """A cached annotator and the state of each weight file it holds: path, `weights.file_stamp`, hash checked."""
+
+    annotator: Annotator
+    files: dict[str, tuple[Path, tuple, bool]]
+
+
+def load(key: str, *, device: torch.device | str = "cpu", dtype: torch.dtype = torch.float32, dirs=None,
+         params: Optional[Mapping[str, Any]] = None) -> Annotator:
+    """Build an annotator once per (key, device, dtype, weight files) and keep it.
+
+    The cache comes first: each needed file is located and stat'ed (path, size, times; `weights.file_stamp`), and a
+    file that the cached annotator holds in the same state is not read again. Only a file new to the annotator, or
+    changed on disk since, is verified against its published SHA-256 (`weights.verify`, itself once per file state);
+    a changed file rebuilds the annotator. A file taken under CNS_SKIP_HASH_CHECK=1 is verified once the check is on.
+
+    params: the annotate() keyword arguments of the coming call. With them only the files their switches need are
+    looked up (`AnnotatorInfo.weights_for`: a body-only OpenPose call needs neither the hand nor the face file), and a
+    switched file first needed later is handed to the cached annotator. None: every file of the annotator.
+    """
     from . import weights
 
     info = load_all()[key]
-    paths = {f: weights.find(f, dirs) for f in info.weights}
-    ck = (key, str(device), dtype, tuple(sorted((f, str(p)) for f, p in paths.items())))
+    needed = info.weights_for(params)
+    paths = {f: weights.locate(f, dirs) or weights.find(f, dirs) for f in needed}  # find: the missing-file error, or a download
+    stamps = {f: weights.file_stamp(p) for f, p in paths.items()}
+    always = tuple(sorted((f, str(p)) for f, p in paths.items() if f not in info.switched_weights))
+    ck = (key, str(device), dtype, always)
+    check = weights.hash_check_wanted()
     with _lock:
-        if ck not in _cache:
-            _cache[ck] = info.build(paths, device=torch.device(device), dtype=dtype)
-        return _cache[ck]
+        built = _cache.get(ck)
+        if built is not None and any(f in built.files and built.files[f][:2] != (paths[f], stamps[f]) for f in needed):
+            built = None  # a file moved or changed on disk: verify it again and rebuild from it
+        for f in needed:
+            held = built.files.get(f) if built is not None else None
+            if check and (held is None or not held[2]) and f in weights.MANIFEST:
+                weights.verify(paths[f], weights.MANIFEST[f])
+        if built is None:
+            built = _cache[ck] = _Built(info.build(paths, device=torch.device(device), dtype=dtype), {})
+        else:
+            new = {f: paths[f] for f in needed if f not in built.files}
+            if new:
+                _attach(built.annotator, key, new)
+        for f in needed:
+            built.files[f] = (paths[f], stamps[f], check or built.files.get(f, (None, None, False))[2])
+        return built.annotator
+
+
+def _attach(annotator: Annotator, key: str, paths: dict[str, Path]) -> None:
+    if not isinstance(annotator, NetworkAnnotator):
+        raise TypeError(f"annotator '{key}' has switched weight files {sorted(paths)} but is not a NetworkAnnotator that can take them.")
+    annotator.attach_weights(paths)

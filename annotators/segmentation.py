@@ -29,7 +29,7 @@ import torch.nn as nn
 import torch.nn.functional as F
 
 from . import weights
-from .base import Annotator, AnnotatorError, as_rgb, chunks, detect_size, resize_to
+from .base import AnnotatorError, SingleNetworkAnnotator, as_rgb, chunks, detect_size, resize_to
 from .registry import AnnotatorInfo, Param, register
 
 log = logging.getLogger(__name__)
@@ -310,7 +310,7 @@ def mmseg_test_size(height: int, width: int, scale: tuple[int, int] = TEST_SCALE
     return int(height * k + 0.5), int(width * k + 0.5)
 
 
-class UniformerSegDetector(Annotator):
+class UniformerSegDetector(SingleNetworkAnnotator):
     """ADE20K semantic segmentation -> palette-coloured map, for seg ControlNets.
 
     `reference_channel_order=True` (default) feeds the network B, G, R as ControlNet 1.1 and
@@ -323,10 +323,15 @@ class UniformerSegDetector(Annotator):
 
     name = "seg_uniformer"
 
+    network = UniformerUperNet
+    model_name = "UniFormer-S UperNet (ADE20K)"
+    channels_last = False  # loaded in the plain layout, as it always was
+    whole_batch = True  # one network call per batch by default (the node layer still passes its own chunk size)
+
     def __init__(self, model: nn.Module, *, reference_channel_order: bool = True, net_scale: tuple[int, int] = TEST_SCALE) -> None:
         if len(net_scale) != 2 or min(net_scale) < 32:
             raise AnnotatorError(f"{self.name}: net_scale must be (long, short) with both sides >= 32; got {net_scale!r}.")
-        self.model = model
+        super().__init__(model)
         self.reference_channel_order = reference_channel_order
         self.net_scale = (int(max(net_scale)), int(min(net_scale)))
 
@@ -334,15 +339,8 @@ class UniformerSegDetector(Annotator):
     def from_file(cls, path: os.PathLike, *, device: torch.device | str = "cpu", dtype: torch.dtype = torch.float32,
                   reference_channel_order: bool = True, net_scale: tuple[int, int] = TEST_SCALE) -> "UniformerSegDetector":
         """Load the official `upernet_global_small.pth` (mmcv container; 'state_dict' is unwrapped by the reader)."""
-        sd = weights.load_state_dict(path, strip_prefixes=("module.",))
-        model = UniformerUperNet()
-        weights.load_into(model, sd, path, "UniFormer-S UperNet (ADE20K)")
-        model.to(device=device, dtype=dtype).eval().requires_grad_(False)
-        log.debug("loaded %s on %s (%s)", path, device, dtype)
+        model = cls.load_model(path, device=device, dtype=dtype)
         return cls(model, reference_channel_order=reference_channel_order, net_scale=net_scale)
-
-    def _param(self) -> torch.Tensor:
-        return next(self.model.parameters())
 
     def _normalise(self, images: torch.Tensor) -> torch.Tensor:
         """[0, 1] RGB -> mmseg Normalize on the 0-255 scale, in the configured channel order."""
@@ -359,15 +357,14 @@ class UniformerSegDetector(Annotator):
             resolution = -1
         if resolution < 1:
             raise AnnotatorError(f"{self.name}: resolution must be a positive integer (pixels); got {resolution!r}.")
-        p = self._param()
         height, width = images.shape[-2:]
         dh, dw = detect_size(height, width, resolution)
         nh, nw = mmseg_test_size(dh, dw, self.net_scale)
         with torch.inference_mode():
-            x = resize_to(images.to(device=p.device, dtype=torch.float32), dh, dw)
+            x = resize_to(images.to(device=self.device, dtype=torch.float32), dh, dw)
             if (nh, nw) != (dh, dw):
                 x = _upsample(x, (nh, nw))  # mmcv imrescale: cv2 bilinear, no antialiasing
-            logits = self.model(self._normalise(x).to(p.dtype))
+            logits = self.model(self._normalise(x).to(self.dtype))
             ids = []
             for one in logits:  # one image at a time: logits at full size have 150 channels
                 up = _upsample(one[None].float(), (nh, nw))  # EncoderDecoder.encode_decode

@@ -11,6 +11,9 @@ never silent long enough for the first limit), a connection that closes before i
 (Python's `read(n)` reports it as a normal end), failed attempts are retried CNS_DOWNLOAD_ATTEMPTS times in all
 (default 3) after waits of CNS_DOWNLOAD_BACKOFF seconds, doubling (default 2), and the `.part` file is deleted
 whatever stops the download, Ctrl-C included.
+
+A file's SHA-256 is computed once per state of the file (path, size, modification and change times, inode) and kept
+for the life of the process (`file_sha256`): an unchanged file is never hashed twice, a changed one always is.
 """
 from __future__ import annotations
 
@@ -18,6 +21,7 @@ import hashlib
 import http.client
 import logging
 import os
+import threading
 import time
 import urllib.error
 import urllib.request
@@ -104,10 +108,45 @@ def sha256_of(path: Path, chunk: int = 1 << 20) -> str:
     return h.hexdigest()
 
 
+# realpath -> (stamp, SHA-256): the digest of each file in the state it was hashed in (see file_sha256)
+_DIGESTS: dict[str, tuple[tuple[int, ...], str]] = {}
+_DIGESTS_LOCK = threading.Lock()
+
+
+def file_stamp(path: os.PathLike) -> tuple[int, ...]:
+    """What identifies one state of a file without reading it: (size, mtime ns, ctime ns, inode, device).
+
+    Why the change time too: a rewrite that keeps the size and sets the old modification time back (`touch -d`,
+    a copy with `cp -p`) still moves the change time, which only the kernel sets."""
+    st = os.stat(path)
+    return (st.st_size, st.st_mtime_ns, st.st_ctime_ns, st.st_ino, st.st_dev)
+
+
+def file_sha256(path: os.PathLike) -> str:
+    """SHA-256 of a file, hashed once per state of the file (`file_stamp`) in this process.
+
+    A file whose stamp changed while it was being read is hashed again next time: its digest is returned but not
+    kept, since it may mix the old and the new contents."""
+    key = os.path.realpath(path)
+    before = file_stamp(key)
+    with _DIGESTS_LOCK:
+        known = _DIGESTS.get(key)
+    if known is not None and known[0] == before:
+        return known[1]
+    digest = sha256_of(Path(key))
+    if file_stamp(key) == before:
+        with _DIGESTS_LOCK:
+            _DIGESTS[key] = (before, digest)
+    return digest
+
+
 def verify(path: Path, spec: WeightFile) -> None:
+    """Raise AnnotatorWeightsError unless `path` has the published SHA-256 of `spec` (files without one pass).
+
+    Hashes the file only when it is new to this process or changed since it was last hashed (`file_sha256`)."""
     if spec.sha256 is None:
         return
-    got = sha256_of(path)
+    got = file_sha256(path)
     if got != spec.sha256:
         raise AnnotatorWeightsError(
             f"{path}: SHA-256 {got[:16]}... does not match the published {spec.filename} ({spec.sha256[:16]}...). "
@@ -116,18 +155,35 @@ def verify(path: Path, spec: WeightFile) -> None:
         )
 
 
+def hash_check_wanted() -> bool:
+    """False when CNS_SKIP_HASH_CHECK=1: users' own fine-tuned or re-saved files are then taken as they are."""
+    return os.environ.get("CNS_SKIP_HASH_CHECK") != "1"
+
+
+def _folders(dirs: Optional[Sequence[os.PathLike]]) -> list[Path]:
+    return [Path(d) for d in (dirs if dirs is not None else search_dirs())]
+
+
+def locate(filename: str, dirs: Optional[Sequence[os.PathLike]] = None) -> Optional[Path]:
+    """The first `dirs / filename` that is a file (search_dirs() when dirs is None), or None; reads nothing."""
+    for d in _folders(dirs):
+        p = d / filename
+        if p.is_file():
+            return p
+    return None
+
+
 def find(filename: str, dirs: Optional[Sequence[os.PathLike]] = None, *, verify_hash: bool = True, auto_download: Optional[bool] = None) -> Path:
     """Path of a known weight file in the search folders (verified against the manifest), or a clear error."""
     spec = MANIFEST.get(filename)
-    folders = [Path(d) for d in (dirs if dirs is not None else search_dirs())]
-    if os.environ.get("CNS_SKIP_HASH_CHECK") == "1":  # for users' own fine-tuned or re-saved files
+    folders = _folders(dirs)
+    if not hash_check_wanted():
         verify_hash = False
-    for d in folders:
-        p = d / filename
-        if p.is_file():
-            if verify_hash and spec is not None:
-                verify(p, spec)
-            return p
+    p = locate(filename, folders)
+    if p is not None:
+        if verify_hash and spec is not None:
+            verify(p, spec)
+        return p
     if auto_download is None:
         auto_download = os.environ.get("CNS_AUTO_DOWNLOAD") == "1"
     if auto_download and spec is not None and folders:

@@ -10,6 +10,7 @@ from __future__ import annotations
 import logging
 import math
 import os
+import weakref
 from typing import Optional
 
 import torch
@@ -20,7 +21,7 @@ import comfy.utils
 import folder_paths
 
 from ..annotators import registry
-from ..annotators.base import (AnnotatorError, as_rgb, bounded_chunk_size, check_detect_size, chunks, default_chunk_size,
+from ..annotators.base import (AnnotatorError, NetworkAnnotator, as_rgb, bounded_chunk_size, check_detect_size, chunks, default_chunk_size,
                                detect_size, resize_to, sanitized)
 
 log = logging.getLogger(__name__)
@@ -46,27 +47,30 @@ def pixel_perfect_resolution(height: int, width: int, resolution: int, pixel_per
     return int(round(min(height, width) * max(th / height, tw / width)))
 
 
-_patchers: dict = {}
+# detector -> {id(network): its ModelPatcher}; weak, so a detector the registry dropped (its file changed) goes with them
+_patchers: "weakref.WeakKeyDictionary" = weakref.WeakKeyDictionary()
 
 
-def _networks(det) -> list[torch.nn.Module]:
-    if isinstance(det, torch.nn.Module):
-        return [det]
-    return [v for v in vars(det).values() if isinstance(v, torch.nn.Module)]
+def _patcher(det, net: torch.nn.Module):
+    """The ModelPatcher of one of `det`'s networks, made once; ComfyUI loads and offloads the network through it."""
+    own = _patchers.setdefault(det, {})
+    p = own.get(id(net))
+    if p is None or p.model is not net:
+        offload = comfy.model_management.unet_offload_device()
+        net.to(offload)  # a patcher takes its model to be there (a no-op, but for an OpenPose hand or face network
+        # loaded next to a body the host had already moved to the GPU)
+        p = own[id(net)] = comfy.model_patcher.ModelPatcher(net, load_device=comfy.model_management.get_torch_device(), offload_device=offload)
+    return p
 
 
-def _prepare_device(det) -> torch.device:
-    """Let ComfyUI load the annotator's networks onto its device; returns where the input should go."""
-    nets = _networks(det)
-    if not nets:
+def _prepare_device(det, params: dict) -> torch.device:
+    """Hand the networks that this call runs (`NetworkAnnotator.networks`) to ComfyUI's memory manager, which loads
+    them onto its device; returns where the input should go."""
+    if not isinstance(det, NetworkAnnotator):
         return torch.device("cpu")
-    key = id(det)
-    if key not in _patchers:
-        _patchers[key] = [comfy.model_patcher.ModelPatcher(n, load_device=comfy.model_management.get_torch_device(),
-                                                           offload_device=comfy.model_management.unet_offload_device()) for n in nets]
-    comfy.model_management.load_models_gpu(_patchers[key])
-    p = next(nets[0].parameters(), None)
-    return p.device if p is not None else torch.device("cpu")
+    nets = det.networks(**params)
+    comfy.model_management.load_models_gpu([_patcher(det, n) for n in nets])
+    return det.device
 
 
 PRECISIONS = {"fp32": torch.float32, "bf16": torch.bfloat16, "fp16": torch.float16}
@@ -92,8 +96,8 @@ def run_annotator(key: str, image: torch.Tensor, resolution: int, pixel_perfect:
     dh, dw = detect_size(h, w, res, 8)
     check_detect_size(info.title, h, w, res, (dh, dw), network=bool(info.weights))  # before any allocation
     dtype = PRECISIONS[precision] if info.weights else torch.float32
-    det = registry.load(key, device=comfy.model_management.unet_offload_device(), dtype=dtype, dirs=annotator_dirs())
-    dev = _prepare_device(det)
+    det = registry.load(key, device=comfy.model_management.unet_offload_device(), dtype=dtype, dirs=annotator_dirs(), params=params)
+    dev = _prepare_device(det, params)
     if chunk_size is None:  # a network: what its device runs fastest; OpenCV recipes: per image anyway
         chunk_size = default_chunk_size(dev) if info.weights else 8
     chunk_size = bounded_chunk_size(chunk_size, (dh, dw), network=bool(info.weights))

@@ -447,6 +447,87 @@ def test_registry_entry_and_manifest(files):
     assert isinstance(det, op.OpenPoseDetector) and det.name == "openpose"
 
 
+# --- 6b. through the registry: only the files the switches need, each hashed once ------------------------------
+
+
+@pytest.fixture
+def published(files, monkeypatch) -> list:
+    """The random files stand in for the published ones (their SHA-256 in the manifest); returns the paths hashed from
+    now on, with the process's digest memory and the registry's cache empty."""
+    import dataclasses
+    import hashlib
+    import os
+
+    from annotators import registry
+
+    for kind, path in files.items():
+        spec = weights.MANIFEST[FILES[kind]]
+        digest = hashlib.sha256(path.read_bytes()).hexdigest()
+        monkeypatch.setitem(weights.MANIFEST, FILES[kind], dataclasses.replace(spec, sha256=digest, size=path.stat().st_size))
+    calls = []
+    real = weights.sha256_of
+    monkeypatch.setattr(weights, "sha256_of", lambda path, *a, **kw: (calls.append(os.path.realpath(path)), real(path, *a, **kw))[1])
+    monkeypatch.setattr(weights, "_DIGESTS", {})
+    monkeypatch.setattr(registry, "_cache", {})
+    monkeypatch.delenv("CNS_SKIP_HASH_CHECK", raising=False)
+    return calls
+
+
+BODY_ONLY = {"include_body": True, "include_hand": False, "include_face": False}
+
+
+def test_body_only_needs_and_hashes_only_the_body_file(files, published, tmp_path):
+    from annotators import registry
+
+    only_body = tmp_path / "only_body"
+    only_body.mkdir()
+    (only_body / op.BODY_FILE).symlink_to(files["body"])
+    det = registry.load("openpose", dirs=[only_body], params=BODY_ONLY)  # hand and face files absent: not needed
+    assert published == [str(files["body"].resolve())]
+    assert det.networks(**BODY_ONLY) == [det.body] and det._files == {"hand": None, "face": None}
+    # all three files present: a body-only call still hashes none of the others (nor the body again)
+    published.clear()
+    full = registry.load("openpose", dirs=[files["body"].parent], params=BODY_ONLY)
+    assert published == [] and full._files == {"hand": None, "face": None}
+    assert registry.load("openpose", dirs=[files["body"].parent], params=BODY_ONLY) is full and published == []
+    # the library default (no params) still asks for every file, as before
+    with pytest.raises(weights.AnnotatorWeightsError, match=r"'hand_pose_model\.pth' not found"):
+        registry.load("openpose", dirs=[only_body])
+
+
+def test_a_switch_turned_on_later_hashes_and_attaches_only_its_file(files, published):
+    from annotators import registry
+
+    d = [files["body"].parent]
+    det = registry.load("openpose", dirs=d, params=BODY_ONLY)
+    published.clear()
+    with_hand = registry.load("openpose", dirs=d, params={**BODY_ONLY, "include_hand": True})
+    assert with_hand is det and published == [str(files["hand"].resolve())]  # the same body, the hand file added
+    nets = det.networks(include_hand=True)
+    assert [type(n) for n in nets] == [op.BodyPoseNet, op.HandPoseNet] and det._nets["face"] is None
+    published.clear()
+    assert registry.load("openpose", dirs=d, params={"include_hand": True, "include_face": True}) is det
+    assert published == [str(files["face"].resolve())]
+    assert [type(n) for n in det.networks(include_hand=True, include_face=True)] == [op.BodyPoseNet, op.HandPoseNet, op.FaceNet]
+    published.clear()
+    for params in (None, BODY_ONLY, {"include_hand": True, "include_face": True}):
+        assert registry.load("openpose", dirs=d, params=params) is det
+    assert published == []
+
+
+def test_attach_weights_takes_only_the_hand_and_face_files(files):
+    det = op.OpenPoseDetector(FakeBody())
+    with pytest.raises(op.AnnotatorError, match="cannot take weight files"):
+        det.attach_weights({op.BODY_FILE: files["body"]})
+    det.attach_weights({op.HAND_FILE: files["hand"]})
+    hand = det.network("hand")
+    det.attach_weights({op.HAND_FILE: files["hand"]})  # the same file again: the loaded network is kept
+    assert det.network("hand") is hand
+    det.attach_weights({op.HAND_FILE: files["face"]})  # another file: loaded from it when next needed
+    with pytest.raises(weights.AnnotatorWeightsError, match="facenet.pth.*OpenPose hand"):
+        det.network("hand")
+
+
 # --- 7. errors --------------------------------------------------------------------------------------------
 
 

@@ -136,3 +136,65 @@ def test_chunks_never_hold_more_than_one_images_limit():
     assert big * 2048 * 2048 / 1e6 <= MAX_MEGAPIXELS_CLASSICAL and big >= 1
     assert bounded_chunk_size(8, (4096, 4096), network=False) == 1
     assert bounded_chunk_size(8, (2048, 2048), network=True) == 1
+
+
+def _node_module(host, key: str):
+    import sys
+
+    return sys.modules[host.nodes.NODE_CLASS_MAPPINGS[f"ControlNetSuiteAnnotator_{key}"].__module__]
+
+
+def test_the_node_hands_every_openpose_network_to_the_memory_manager(host, monkeypatch):
+    """Body, hand and face networks each reach ComfyUI's load_models_gpu as a ModelPatcher, and stay in its list of
+    loaded models; a body-only run hands only the body. Named explicitly by the annotator (`networks`), not found
+    by scanning its attributes: the hand and face networks are loaded only when a switch asks for them."""
+    import comfy.model_management as mm
+
+    from annotators import openpose as op
+
+    for kind, cls, name in (("body", op.BodyPoseNet, op.BODY_FILE), ("hand", op.HandPoseNet, op.HAND_FILE), ("face", op.FaceNet, op.FACE_FILE)):
+        torch.manual_seed(0)
+        torch.save(cls().state_dict(), host.dirs["annotators"] / name)  # random weights, module-form keys
+    monkeypatch.setenv("CNS_SKIP_HASH_CHECK", "1")  # not the published files
+    handed = []
+    real = mm.load_models_gpu
+    monkeypatch.setattr(mm, "load_models_gpu", lambda models, *a, **kw: (handed.append(list(models)), real(models, *a, **kw))[1])
+
+    def run(**switches):
+        g, img = image_graph(w=64, h=64, batch=1)
+        n = g.add("ControlNetSuiteAnnotator_openpose", image=img, resolution=64, pixel_perfect=False, **switches)
+        g.add("SuiteTestCaptureImage", image=(n, 0), key="img")
+        handed.clear()
+        assert host.run(g.prompt)["img"].shape == (1, 64, 64, 3)
+        (models,) = handed
+        return models
+
+    body_only = run(include_body=True, include_hand=False, include_face=False)
+    assert [type(p.model).__name__ for p in body_only] == ["BodyPoseNet"]
+    full = run(include_body=True, include_hand=True, include_face=True)
+    assert [type(p.model).__name__ for p in full] == ["BodyPoseNet", "HandPoseNet", "FaceNet"]
+    assert full[0] is body_only[0]  # one patcher per network, made once
+    loaded = [lm.model for lm in mm.current_loaded_models]
+    assert all(any(p is m for m in loaded) for p in full)
+    det = _node_module(host, "openpose").registry.load("openpose", device=mm.unet_offload_device(), dirs=[host.dirs["annotators"]])
+    assert [p.model for p in full] == det.networks(include_hand=True, include_face=True)
+
+
+def test_the_node_hands_a_single_network_annotator_its_network(host, monkeypatch):
+    import comfy.model_management as mm
+    from factories import randomize_
+
+    from annotators.pidinet import PiDiNet
+
+    torch.save({"state_dict": {"module." + k: v for k, v in randomize_(PiDiNet(), 0).state_dict().items()}},
+               host.dirs["annotators"] / "table5_pidinet.pth")
+    monkeypatch.setenv("CNS_SKIP_HASH_CHECK", "1")
+    handed = []
+    real = mm.load_models_gpu
+    monkeypatch.setattr(mm, "load_models_gpu", lambda models, *a, **kw: (handed.append(list(models)), real(models, *a, **kw))[1])
+    g, img = image_graph(w=64, h=64, batch=2)
+    n = g.add("ControlNetSuiteAnnotator_pidinet", image=img, safe=False, resolution=64, pixel_perfect=False)
+    g.add("SuiteTestCaptureImage", image=(n, 0), key="img")
+    assert host.run(g.prompt)["img"].shape == (2, 64, 64, 3)
+    assert [[type(p.model).__name__ for p in models] for models in handed] == [["PiDiNet"]]
+
