@@ -22,21 +22,29 @@ RES = Param("resolution", "INT", 512, 64, 4096, 64, tooltip="Detect resolution: 
 
 
 
+# Floats in [+0, 1] are exactly the float32 bit patterns 0 .. 0x3F800000 read as unsigned integers; a negative value
+# (sign bit set), anything above 1, the infinities and NaN all read as larger numbers.
+_ONE_BITS = int(np.float32(1.0).view(np.uint32))
+# uint8 -> float32 in [0, 1] as a table: the same IEEE division, x / 255 in float32, done once for the 256 values
+_TO_FLOAT = np.arange(256, dtype=np.float32) / np.float32(255.0)
+
+
 def image_uint8(image: torch.Tensor) -> np.ndarray:
     """(3,H,W) float -> HxWx3 uint8 RGB, rounded and saturated (NaN and -inf -> 0, +inf -> 255); uint8 passes.
 
     Saturating here is what lets PerImage skip as_rgb's separate range pass. The usual case, a CPU float32 image
-    in [0, 1] laid out channels-last (a ComfyUI IMAGE), is converted without a copy: a numpy range check and one
-    OpenCV scaling pass, on the calling thread. Why not torch: its OpenMP threads keep spinning for a while after
-    each operation and take the cores from the cv2.Canny that follows (measured: the uint8 -> float -> uint8
-    round trip cost more than cv2.Canny itself). Other images take the torch path.
+    in [0, 1] laid out channels-last (a ComfyUI IMAGE), is converted without a copy: one range check (a max over
+    the float bits read as unsigned integers, see _ONE_BITS) and one OpenCV scaling pass, on the calling thread.
+    Why not torch: its OpenMP threads keep spinning for a while after each operation and take the cores from the
+    cv2.Canny that follows (measured: the uint8 -> float -> uint8 round trip cost more than cv2.Canny itself).
+    Other images take the torch path.
     """
     hwc = image.permute(1, 2, 0)
     if hwc.dtype == torch.uint8:
         return hwc.contiguous().cpu().numpy()  # contiguous HxWx3: OpenCV would copy a strided one
     if hwc.device.type == "cpu" and hwc.dtype == torch.float32 and hwc.is_contiguous():
         flat = hwc.numpy().reshape(hwc.shape[0], -1)
-        if flat.min() >= 0.0 and flat.max() <= 1.0:  # NaN fails both; then no sign or overflow to lose below
+        if int(flat.view(np.uint32).max()) <= _ONE_BITS:  # all in [+0, 1]: no sign, overflow or NaN to lose below
             return cv2.convertScaleAbs(flat, alpha=255.0).reshape(hwc.shape)
     # the same arithmetic as OpenCV's (x * 255 in float32, rounded half to even), so both paths give one answer
     hwc = torch.nan_to_num(hwc.float(), nan=0.0, posinf=1.0, neginf=0.0).mul(255.0).round_().clamp_(0, 255).to(torch.uint8)
@@ -44,16 +52,20 @@ def image_uint8(image: torch.Tensor) -> np.ndarray:
 
 
 def from_uint8(maps: list[np.ndarray], like: torch.Tensor) -> torch.Tensor:
-    """HxW (broadcast to 3 channels, no copy) or HxWx3 uint8 maps -> (B,3,H,W) float [0,1] on like's device.
+    """HxW (gray, repeated into 3 channels) or HxWx3 uint8 maps -> (B,3,H,W) float [0,1] on like's device.
 
-    numpy writes each map into the output on the calling thread (no torch OpenMP pass, see `image_uint8`)."""
-    out = torch.empty((len(maps), *maps[0].shape), dtype=torch.float32)
+    The result is a channels-last view (its memory is B,H,W,3, ComfyUI's IMAGE layout), so the node layer hands it
+    on without another copy. Each map is written by OpenCV on the calling thread (see `image_uint8`): gray to RGB on
+    the bytes, then one table lookup into the float output, x / 255 bit for bit."""
+    h, w = maps[0].shape[:2]
+    out = torch.empty((len(maps), h, w, 3), dtype=torch.float32)
     for m, dst in zip(maps, out.numpy()):
-        np.divide(m, np.float32(255.0), out=dst, dtype=np.float32)
-    out = out.to(like.device)
-    if out.ndim == 3:
-        return out[:, None].expand(-1, 3, -1, -1)
-    return out.permute(0, 3, 1, 2)
+        if m.dtype != np.uint8 or m.shape[:2] != (h, w) or m.ndim not in (2, 3) or (m.ndim == 3 and m.shape[2] != 3):
+            raise AnnotatorError(f"from_uint8: expected {h}x{w} or {h}x{w}x3 uint8 maps; got {m.shape} {m.dtype}.")
+        if m.ndim == 2:
+            m = cv2.cvtColor(m, cv2.COLOR_GRAY2RGB)
+        cv2.LUT(m, _TO_FLOAT, dst=dst)
+    return out.permute(0, 3, 1, 2).to(like.device)
 
 
 class PerImage(Annotator):

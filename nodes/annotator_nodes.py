@@ -116,7 +116,8 @@ def run_annotator(key: str, image: torch.Tensor, resolution: int, pixel_perfect:
             m = det(part, chunk_size=chunk_size, **params)
         maps.append(m.float().cpu())
         pbar.update(part.shape[0])
-    out = torch.cat(maps).movedim(1, -1).contiguous()
+    out = maps[0] if len(maps) == 1 else torch.cat(maps)  # cat keeps a channels-last layout
+    out = out.movedim(1, -1).contiguous()  # no copy for channels-last maps (the OpenCV annotators' own layout)
     return out, (keypoints if info.keypoints else None)
 
 

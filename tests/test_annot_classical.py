@@ -195,3 +195,32 @@ def test_fast_and_general_uint8_conversions_agree():
     bad[0, :, 0, 2] = -1.0
     out = image_uint8(bad[0])  # out of range: the saturating torch path
     assert out[0, 0].tolist() == [0, 0, 0] and out[0, 1].tolist() == [255] * 3 and out[0, 2].tolist() == [0, 0, 0]
+
+
+def test_the_range_check_on_the_float_bits_sends_every_odd_value_to_the_torch_path():
+    """The fast path takes an image only when every value is in [+0, 1] (checked as unsigned float bits); the odd
+    values (negative zero, the smallest subnormal, the float just above 1, infinities, NaN) give the torch path's bytes."""
+    from annotators.classical import image_uint8
+
+    odd = [-0.0, 1e-45, float(np.nextafter(np.float32(1), np.float32(2))), float("inf"), float("-inf"), float("nan"), -1e-30, 0.5, 1.0]
+    for v in odd:
+        x = torch.rand(1, 8, 8, 3)
+        x[0, 3, 4, 1] = v
+        chw = x.permute(0, 3, 1, 2)[0]  # channels-last view: the fast path's layout
+        assert np.array_equal(image_uint8(chw), image_uint8(chw.contiguous())), v  # NCHW copy: always the torch path
+
+
+@pytest.mark.parametrize("key", ["canny", "binary", "scribble_threshold", "lineart_standard", "tile", "shuffle", "hough_lines"])
+def test_maps_are_the_float_image_of_the_uint8_map_bit_for_bit(key):
+    """uint8 map -> float: x / 255 in float32 for every value (a table lookup now), in a channels-last (B, H, W, 3) buffer."""
+    det = registry.load(key)
+    rng = np.random.default_rng(0)
+    u8 = np.stack([cv2.GaussianBlur(rng.integers(0, 255, (64, 96, 3), dtype=np.uint8), (0, 0), 2) for _ in range(2)])
+    x = torch.from_numpy(u8).float().div(255).permute(0, 3, 1, 2)  # as the node hands it over
+    out = det(x, resolution=64)
+    assert out.shape == (2, 3, 64, 96) and out.dtype == torch.float32 and out.movedim(1, -1).is_contiguous()
+    for b in range(2):
+        m = det.one(u8[b])
+        m3 = np.repeat(m[..., None], 3, axis=2) if m.ndim == 2 else m
+        want = np.divide(m3, np.float32(255.0), dtype=np.float32)
+        assert np.array_equal(out[b].permute(1, 2, 0).numpy().view(np.uint32), want.view(np.uint32))

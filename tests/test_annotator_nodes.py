@@ -198,3 +198,27 @@ def test_the_node_hands_a_single_network_annotator_its_network(host, monkeypatch
     assert host.run(g.prompt)["img"].shape == (2, 64, 64, 3)
     assert [[type(p.model).__name__ for p in models] for models in handed] == [["PiDiNet"]]
 
+
+@pytest.mark.parametrize("key, settings", [("canny", {"low_threshold": 100, "high_threshold": 200}), ("binary", {"threshold": 0}),
+                                           ("tile", {"pyramid_levels": 1, "blur_sigma": 0.0})])
+@pytest.mark.parametrize("batch", [3, 11])  # one chunk, and two (the node runs 8 images per call)
+def test_the_opencv_nodes_equal_raw_opencv_plus_the_image_conversion_bit_for_bit(host, key, settings, batch):
+    """What the fast path must keep: the node's IMAGE is exactly the OpenCV result on the uint8 image, / 255 in
+    float32, in 3 channels, (B, H, W, 3) contiguous, whatever route the bytes take (bench/bench_canny_node.py times it)."""
+    import cv2
+    import numpy as np
+
+    rng = np.random.default_rng(batch)
+    u8 = np.stack([cv2.GaussianBlur(rng.integers(0, 255, (72, 104, 3), dtype=np.uint8), (0, 0), 2) for _ in range(batch)])
+    image = torch.from_numpy(u8).float() / 255.0
+    node = host.nodes.NODE_CLASS_MAPPINGS[f"ControlNetSuiteAnnotator_{key}"]()
+    (out,) = node.run(image, resolution=72, pixel_perfect=False, **settings)
+    assert out.shape == (batch, 72, 104, 3) and out.dtype == torch.float32 and out.is_contiguous()
+    det = _node_module(host, key).registry.load(key)
+    for b in range(batch):
+        m = det.one(u8[b], **settings)
+        if key == "canny":
+            assert np.array_equal(m, cv2.Canny(u8[b], 100, 200))
+        m3 = np.repeat(m[..., None], 3, axis=2) if m.ndim == 2 else m
+        want = np.divide(m3, np.float32(255.0), dtype=np.float32)
+        assert np.array_equal(out[b].numpy().view(np.uint32), want.view(np.uint32))
