@@ -11,6 +11,7 @@ from .loader import StateDictLike, as_source
 from .mmdit import SD3ControlNetConfig
 from .flux.config import FluxControlNetConfig
 from .mmdit.sd35_stability import SD35ControlNetConfig
+from .qwen.config import QwenControlNetConfig
 from .t2i_adapter import T2IAdapterConfig
 
 
@@ -51,22 +52,27 @@ class TransformerModelInfo:
     patch_size: Optional[int] = None
 
     def describe(self) -> str:
-        if self.family in ("sd3", "flux") and self.hidden_size:
-            what = "an SD3-family MMDiT" if self.family == "sd3" else "a Flux.1 transformer"
+        if self.family in ("sd3", "flux", "qwen_image") and self.hidden_size:
+            what = {"sd3": "an SD3-family MMDiT", "flux": "a Flux.1 transformer", "qwen_image": "a Qwen-Image transformer"}[self.family]
             return (f"{self.name} ({what} of width {self.hidden_size}, {self.in_channels} latent channels, "
                     f"text width {self.context_dim}, patch {self.patch_size})")
         return f"{self.name} (a {self.family} transformer, no UNet)"
 
 
 AnyBaseInfo = Union[BaseModelInfo, TransformerModelInfo]
-AnyControlConfig = Union[ControlNetConfig, T2IAdapterConfig, SD3ControlNetConfig, SD35ControlNetConfig, FluxControlNetConfig]
+AnyControlConfig = Union[ControlNetConfig, T2IAdapterConfig, SD3ControlNetConfig, SD35ControlNetConfig, FluxControlNetConfig, QwenControlNetConfig]
+
+# the transformer family each DiT ControlNet config steers, and its name in messages
+_DIT_FAMILY = {FluxControlNetConfig: ("flux", "Flux.1"), QwenControlNetConfig: ("qwen_image", "Qwen-Image")}
 
 
-def _check_flux(config: FluxControlNetConfig, base: "AnyBaseInfo", control_name: str) -> None:
-    if not isinstance(base, TransformerModelInfo) or base.family != "flux":
+def _check_dit(config: Union[FluxControlNetConfig, QwenControlNetConfig], base: "AnyBaseInfo", control_name: str) -> None:
+    """Flux and Qwen-Image ControlNets: the right family, then width, latent channels and text width where known."""
+    family, title = _DIT_FAMILY[type(config)]
+    if not isinstance(base, TransformerModelInfo) or base.family != family:
         raise IncompatibleModelError(
-            f"{control_name} is a Flux ControlNet ({config.summary()}), but {base.describe()}. It steers Flux.1 models only: "
-            "load a Flux checkpoint, or pick a ControlNet made for this model's family.")
+            f"{control_name} is a {title.split('.')[0]} ControlNet ({config.summary()}), but {base.describe()}. It steers {title} "
+            "models only: load such a model, or pick a ControlNet made for this model's family.")
     problems = []
     if base.hidden_size is not None and config.hidden_size != base.hidden_size:
         problems.append(f"width {config.hidden_size} vs {base.hidden_size}")
@@ -103,8 +109,8 @@ def check_compatible(config: AnyControlConfig, base: AnyBaseInfo, control_name: 
     """Raise `IncompatibleModelError` naming both models when the control cannot steer `base`."""
     if isinstance(config, (SD3ControlNetConfig, SD35ControlNetConfig)):
         return _check_sd3(config, base, control_name)
-    if isinstance(config, FluxControlNetConfig):
-        return _check_flux(config, base, control_name)
+    if isinstance(config, (FluxControlNetConfig, QwenControlNetConfig)):
+        return _check_dit(config, base, control_name)
     if isinstance(base, TransformerModelInfo):
         what = "T2I-Adapter" if isinstance(config, T2IAdapterConfig) else f"{config.family()} ControlNet"
         raise IncompatibleModelError(

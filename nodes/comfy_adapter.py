@@ -26,11 +26,11 @@ from ..controlnet_core import (
     scale,
 )
 from ..controlnet_core.hint import match_batch
-from ..controlnet_core import flux
+from ..controlnet_core import flux, qwen
 from ..controlnet_core.mmdit import SD3ControlNet, append_keep_mask, hint_latent_from_vae
 from ..controlnet_core.mmdit import sd35_stability
 
-DIT_KINDS = ("sd3_controlnet", "sd35_controlnet", "flux_controlnet")
+DIT_KINDS = ("sd3_controlnet", "sd35_controlnet", "flux_controlnet", "qwen_controlnet")
 from ..controlnet_core.t2i_adapter import T2IAdapterConfig
 
 log = logging.getLogger(__name__)
@@ -91,6 +91,8 @@ def base_info(model) -> Optional[Union[BaseModelInfo, TransformerModelInfo]]:
         return TransformerModelInfo("sd3", name, 64 * cfg["depth"], cfg.get("in_channels"), embedder.get("in_features"), cfg.get("patch_size"))
     if type(net).__module__.endswith(".flux.model") and "hidden_size" in cfg:
         return TransformerModelInfo("flux", name, cfg["hidden_size"], cfg.get("in_channels"), cfg.get("context_in_dim"), cfg.get("patch_size"))
+    if type(net).__module__.endswith(".qwen_image.model") and hasattr(net, "img_in") and hasattr(net, "txt_in"):
+        return TransformerModelInfo("qwen_image", name, net.img_in.weight.shape[0], net.img_in.weight.shape[1] // 4, net.txt_in.weight.shape[1], 2)
     return TransformerModelInfo(type(net).__module__.rsplit(".", 1)[-1], name)
 
 
@@ -305,6 +307,9 @@ class SuiteControl(ControlBase):
             hint = sd35_stability.hint_latent_from_vae(latent.float())
         elif self.backend.kind == "flux_controlnet":
             hint = flux.hint_latent_from_vae(latent.float())
+        elif self.backend.kind == "qwen_controlnet":  # the Wan 2.1 VAE gives (B, 16, 1, h, w): one frame
+            hint = qwen.hint_latent_from_vae(latent.float())
+            hint = hint[:, :, 0] if hint.ndim == 5 else hint
         else:
             hint = hint_latent_from_vae(latent.float())
         if getattr(cfg, "extra_conditioning_channels", 0):
@@ -333,6 +338,8 @@ class SuiteControl(ControlBase):
         context = cond.get("crossattn_controlnet", cond["c_crossattn"])
         if self.backend.kind == "flux_controlnet":
             return self._flux_residuals(x_in, timesteps, context, cond, x_noisy, batched_number)
+        if self.backend.kind == "qwen_controlnet":
+            return self._qwen_residuals(x_in, timesteps, context, x_noisy, batched_number)
         if self.backend.kind in DIT_KINDS:
             return self._sd3_residuals(x_in, timesteps, context, cond.get("y"), x_noisy, batched_number)
         return self.backend.residuals(x_in, self._hint_for(x_noisy, batched_number), timesteps, context, cond.get("y"), **self._union_args())
@@ -387,6 +394,15 @@ class SuiteControl(ControlBase):
         sites = out.host_control()
         return ControlResiduals(tuple(sites.get("output") or ()), input=tuple(sites.get("input") or ()),
                                 token_grid=_token_grid(x_noisy, flux.config.PATCH))
+
+
+    def _qwen_residuals(self, x_in, timesteps, context, x_noisy, batched_number) -> ControlResiduals:
+        """ComfyUI's Qwen-Image adds `input[k]` after transformer block k (60 slots), to the image tokens."""
+        model = self.backend.model
+        dtype = next(model.parameters()).dtype
+        hint = self._latent_hint_for(x_noisy, batched_number)
+        out = model(x_in.to(dtype), hint, timesteps, context.to(device=x_in.device, dtype=dtype))
+        return ControlResiduals(input=tuple(out.host_control()["input"]), token_grid=_token_grid(x_noisy, 2))
 
 
 def _token_grid(x_noisy: torch.Tensor, patch: int) -> tuple[int, int]:
