@@ -2,6 +2,7 @@
 from .apply import ControlNetSuiteApply, ControlNetSuiteApplyStack, ControlNetSuiteStack
 from .annotator_nodes import node_mappings
 from .loader import ControlNetSuiteLoader
+from .model_patch import ControlNetSuiteApplyPatch
 from .train_node import ControlNetSuiteTrain
 from .union import ControlNetSuiteUnion
 
@@ -12,6 +13,7 @@ NODE_CLASS_MAPPINGS: dict[str, type] = {
     "ControlNetSuiteApplyStack": ControlNetSuiteApplyStack,
     "ControlNetSuiteTrain": ControlNetSuiteTrain,
     "ControlNetSuiteUnion": ControlNetSuiteUnion,
+    "ControlNetSuiteApplyPatch": ControlNetSuiteApplyPatch,
 }
 NODE_DISPLAY_NAME_MAPPINGS: dict[str, str] = {
     "ControlNetSuiteLoader": "Load ControlNet (Suite)",
@@ -20,6 +22,7 @@ NODE_DISPLAY_NAME_MAPPINGS: dict[str, str] = {
     "ControlNetSuiteApplyStack": "Apply ControlNet Stack (Suite)",
     "ControlNetSuiteTrain": "Train ControlNet (Suite)",
     "ControlNetSuiteUnion": "ControlNet Union (Suite)",
+    "ControlNetSuiteApplyPatch": "Apply ControlNet Patch (Suite)",
 }
 
 _annotator_classes, _annotator_names = node_mappings()

@@ -67,6 +67,9 @@ class ControlUnit:
 def _check_unit(u: ControlUnit, node: str) -> None:
     if not isinstance(u.control_net, ControlBase):
         raise ControlNetError(f"{node}: 'control_net' is a {type(u.control_net).__name__}, not a ControlNet; connect a ControlNet loader.")
+    if isinstance(u.control_net, SuiteControl) and not u.control_net.is_foreign and u.control_net.backend.kind == "qwen_patch":
+        raise ControlNetError(f"{node}: '{u.control_net.name}' is a model-patch ControlNet: it steers the model block by block, "
+                              "so it goes through 'Apply ControlNet Patch (Suite)' (MODEL in, MODEL out), not the conditioning.")
     if u.image.ndim != 4 or u.image.shape[0] == 0:
         raise ControlNetError(f"{node}: 'image' must be an IMAGE batch (batch, height, width, channels); got shape {tuple(u.image.shape)}.")
     if u.image.shape[-1] not in (1, 2, 3, 4):

@@ -7,7 +7,7 @@ from __future__ import annotations
 
 from typing import Iterable, Optional
 
-from . import diffusers, flux_keys, ldm, patches, qwen_keys, sd3_keys, sd35_keys, t2i
+from . import diffusers, flux_keys, ldm, patches, qwen_keys, qwen_patch_keys, sd3_keys, sd35_keys, t2i
 from .record import Format
 
 REGISTRY: tuple[Format, ...] = (
@@ -16,6 +16,7 @@ REGISTRY: tuple[Format, ...] = (
     sd35_keys.FORMAT,
     *flux_keys.FORMATS,
     qwen_keys.FORMAT,
+    qwen_patch_keys.FORMAT,
     patches.DIFF,
     *ldm.FORMATS,
     diffusers.FORMAT,

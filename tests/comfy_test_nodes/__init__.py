@@ -137,8 +137,24 @@ class SuiteTestProvidedControlNet:
         return (PROVIDED_CONTROL[key],)
 
 
+class SuiteTestProvidedPatch:
+    """A MODEL_PATCH a test built in-process (ComfyUI's own model-patch classes at a width its loader cannot build)."""
+
+    CATEGORY = "testing"
+    RETURN_TYPES = ("MODEL_PATCH",)
+    FUNCTION = "get"
+
+    @classmethod
+    def INPUT_TYPES(cls):
+        return {"required": {"key": ("STRING", {"default": "patch"})}}
+
+    def get(self, key):
+        return (PROVIDED_CONTROL[key],)
+
+
 NODE_CLASS_MAPPINGS = {
     "SuiteTestProvided": SuiteTestProvided,
+    "SuiteTestProvidedPatch": SuiteTestProvidedPatch,
     "SuiteTestProvidedControlNet": SuiteTestProvidedControlNet,
     "SuiteTestConditioning": SuiteTestConditioning,
     "SuiteTestImage": SuiteTestImage,

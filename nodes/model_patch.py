@@ -1,0 +1,105 @@
+"""Apply ControlNet Patch (Suite): model-patch ControlNets (DiffSynth's blockwise Qwen-Image files), MODEL in, MODEL out."""
+from __future__ import annotations
+
+import math
+from pathlib import Path
+
+import torch
+
+from ..controlnet_core import ControlMode, ControlNetError, ResizeMode, load_control
+from ..controlnet_core.checkpoint import DictSource
+from .apply import MODES, RESIZE_MODES
+from .comfy_adapter import SuiteControl, make_patcher
+from .comfy_patch import SuiteBlockPatch
+
+NODE = "Apply ControlNet Patch (Suite)"
+_FROM_HOST: dict = {}  # id(host module) -> (module, our LoadedControl, patcher): one conversion per loaded patch
+
+
+def _from_host_patch(patch):
+    """ComfyUI's ModelPatchLoader output (a ModelPatcher around its own module) -> our model, read from its weights."""
+    module = getattr(patch, "model", None)
+    cached = _FROM_HOST.get(id(module))
+    if cached is not None and cached[0] is module:
+        return cached[1], cached[2]
+    loaded = load_control(DictSource(module.state_dict(), name=f"model patch {type(module).__name__}"))
+    patcher = make_patcher(loaded.model)
+    _FROM_HOST.clear()  # keep one: a new patch loaded replaces the old conversion
+    _FROM_HOST[id(module)] = (module, loaded, patcher)
+    return loaded, patcher
+
+
+class ControlNetSuiteApplyPatch:
+    DESCRIPTION = (
+        "Applies a model-patch ControlNet (DiffSynth's blockwise Qwen-Image canny / depth / inpaint) to a MODEL, with the "
+        "suite's strength, start/end, control mode and region mask. These ControlNets compute each block's control from the "
+        "model's own hidden state, so they patch the MODEL (MODEL in, MODEL out) instead of travelling in the conditioning "
+        "like a CONTROL_NET. Give it ComfyUI's ModelPatchLoader output ('patch'), or a file loaded by Load ControlNet (Suite).")
+    CATEGORY = "conditioning/controlnet"
+    RETURN_TYPES = ("MODEL",)
+    RETURN_NAMES = ("model",)
+    OUTPUT_TOOLTIPS = ("The model with the ControlNet patch; connect it to the sampler. Chain several of these nodes to stack patches.",)
+    FUNCTION = "apply"
+
+    @classmethod
+    def INPUT_TYPES(cls):
+        return {
+            "required": {
+                "model": ("MODEL", {"tooltip": "The Qwen-Image model to steer."}),
+                "vae": ("VAE", {"tooltip": "The model's VAE: the condition image is read as a latent."}),
+                "image": ("IMAGE", {"tooltip": "The condition image (edges, depth ...), resized to the latent's size as resize_mode says."}),
+                "strength": ("FLOAT", {"default": 1.0, "min": 0.0, "max": 10.0, "step": 0.01, "tooltip": "Multiplies every block's control; 0 turns the patch off exactly."}),
+                "start_percent": ("FLOAT", {"default": 0.0, "min": 0.0, "max": 1.0, "step": 0.001, "tooltip": "Fraction of the sampling schedule where the control starts."}),
+                "end_percent": ("FLOAT", {"default": 1.0, "min": 0.0, "max": 1.0, "step": 0.001, "tooltip": "Fraction of the sampling schedule where the control ends."}),
+                "control_mode": (MODES, {"default": ControlMode.BALANCED.value, "tooltip": (
+                    "balanced: every block alike, both branches. prompt / ControlNet is more important: early blocks weaker "
+                    "(0.825^12 rising to 1); ControlNet is more important also leaves the negative branch unsteered. CFG "
+                    "resolution weighting equals balanced here (one resolution).")}),
+                "resize_mode": (RESIZE_MODES, {"default": ResizeMode.CROP.value, "tooltip": "How an image of another aspect ratio fits the latent."}),
+            },
+            "optional": {
+                "patch": ("MODEL_PATCH", {"tooltip": "From ComfyUI's ModelPatchLoader (models/model_patches)."}),
+                "control_net": ("CONTROL_NET", {"tooltip": "Or a model-patch file loaded by Load ControlNet (Suite)."}),
+                "mask": ("MASK", {"tooltip": "Optional region mask: the control is multiplied by it per image token. None = everywhere."}),
+                "inpaint_mask": ("MASK", {"tooltip": "Inpainting patches only: 1 where the image is to be painted (as ComfyUI's node takes it)."}),
+            },
+        }
+
+    def apply(self, model, vae, image, strength, start_percent, end_percent, control_mode, resize_mode, patch=None, control_net=None,
+              mask=None, inpaint_mask=None):
+        for name, value in (("strength", strength), ("start_percent", start_percent), ("end_percent", end_percent)):
+            if not math.isfinite(value):
+                raise ControlNetError(f"{NODE}: {name} is {value}; it must be a finite number.")
+        if start_percent > end_percent:
+            raise ControlNetError(f"{NODE}: start_percent {start_percent} is after end_percent {end_percent}; the patch would never run.")
+        if image.ndim != 4 or not bool(torch.isfinite(image).all()):
+            raise ControlNetError(f"{NODE}: 'image' must be a finite IMAGE batch; got shape {tuple(image.shape)}.")
+        for name, m in (("mask", mask), ("inpaint_mask", inpaint_mask)):
+            if m is not None and (m.ndim not in (2, 3) or not bool(torch.isfinite(m).all())):
+                raise ControlNetError(f"{NODE}: '{name}' must be a finite MASK (batch, height, width); got shape {tuple(m.shape)}.")
+        if (patch is None) == (control_net is None):
+            raise ControlNetError(f"{NODE}: connect exactly one of 'patch' (ComfyUI's ModelPatchLoader) and 'control_net' (Load ControlNet (Suite)).")
+        if control_net is not None:
+            if not isinstance(control_net, SuiteControl) or control_net.is_foreign or control_net.backend.kind != "qwen_patch":
+                raise ControlNetError(f"{NODE}: '{getattr(control_net, 'name', type(control_net).__name__)}' is not a model-patch ControlNet; "
+                                      "apply it with Apply ControlNet (Suite).")
+            loaded, patcher, name = control_net.backend, control_net.patcher, control_net.name
+        else:
+            try:
+                loaded, patcher = _from_host_patch(patch)
+            except ControlNetError as e:
+                raise ControlNetError(f"{NODE}: the connected model patch is not a ControlNet patch this suite runs ({e}).") from None
+            name = "model patch"
+        if type(model.model.diffusion_model).__module__.rsplit(".", 2)[-2:] != ["qwen_image", "model"]:
+            raise ControlNetError(f"{NODE}: {name} is a Qwen-Image ControlNet patch, but the model is {type(model.model).__name__}; "
+                                  "connect a Qwen-Image model.")
+        if mask is not None and mask.ndim == 2:
+            mask = mask[None]
+        keep = None if inpaint_mask is None else 1.0 - (inpaint_mask[None] if inpaint_mask.ndim == 2 else inpaint_mask)
+        sampling = model.get_model_object("model_sampling")
+        sigma_range = (float(sampling.percent_to_sigma(start_percent)), float(sampling.percent_to_sigma(end_percent)))
+        unit = SuiteBlockPatch(loaded, patcher, vae=vae, image=image[..., :3].movedim(-1, 1), strength=strength, sigma_range=sigma_range,
+                               mode=control_mode, resize_mode=resize_mode, mask=mask, keep=keep, name=Path(str(name)).name)
+        out = model.clone()
+        out.set_model_double_block_patch(unit)
+        return (out,)
