@@ -54,17 +54,23 @@ def image_uint8(image: torch.Tensor) -> np.ndarray:
 def from_uint8(maps: list[np.ndarray], like: torch.Tensor) -> torch.Tensor:
     """HxW (gray, repeated into 3 channels) or HxWx3 uint8 maps -> (B,3,H,W) float [0,1] on like's device.
 
-    The result is a channels-last view (its memory is B,H,W,3, ComfyUI's IMAGE layout), so the node layer hands it
-    on without another copy. Each map is written by OpenCV on the calling thread (see `image_uint8`): gray to RGB on
-    the bytes, then one table lookup into the float output, x / 255 bit for bit."""
+    Each map goes through one table lookup by OpenCV on the calling thread (x / 255 bit for bit; see `image_uint8`
+    for why not torch). The layout follows `like`: a channels-last batch (a ComfyUI IMAGE seen as B,3,H,W) gets a
+    channels-last result whose memory is B,H,W,3, so the node layer returns it without another copy (gray maps are
+    made RGB on the bytes first); otherwise gray maps stay one plane, broadcast to 3 channels without a copy."""
     h, w = maps[0].shape[:2]
-    out = torch.empty((len(maps), h, w, 3), dtype=torch.float32)
-    for m, dst in zip(maps, out.numpy()):
+    for m in maps:
         if m.dtype != np.uint8 or m.shape[:2] != (h, w) or m.ndim not in (2, 3) or (m.ndim == 3 and m.shape[2] != 3):
             raise AnnotatorError(f"from_uint8: expected {h}x{w} or {h}x{w}x3 uint8 maps; got {m.shape} {m.dtype}.")
-        if m.ndim == 2:
-            m = cv2.cvtColor(m, cv2.COLOR_GRAY2RGB)
-        cv2.LUT(m, _TO_FLOAT, dst=dst)
+    gray = maps[0].ndim == 2 and all(m.ndim == 2 for m in maps)
+    if gray and not (like.dim() == 4 and like.is_contiguous(memory_format=torch.channels_last)):
+        out = torch.empty((len(maps), h, w), dtype=torch.float32)
+        for m, dst in zip(maps, out.numpy()):
+            cv2.LUT(m, _TO_FLOAT, dst=dst)
+        return out.to(like.device)[:, None].expand(-1, 3, -1, -1)
+    out = torch.empty((len(maps), h, w, 3), dtype=torch.float32)
+    for m, dst in zip(maps, out.numpy()):
+        cv2.LUT(cv2.cvtColor(m, cv2.COLOR_GRAY2RGB) if m.ndim == 2 else m, _TO_FLOAT, dst=dst)
     return out.permute(0, 3, 1, 2).to(like.device)
 
 

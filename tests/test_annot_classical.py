@@ -212,13 +212,16 @@ def test_the_range_check_on_the_float_bits_sends_every_odd_value_to_the_torch_pa
 
 @pytest.mark.parametrize("key", ["canny", "binary", "scribble_threshold", "lineart_standard", "tile", "shuffle", "hough_lines"])
 def test_maps_are_the_float_image_of_the_uint8_map_bit_for_bit(key):
-    """uint8 map -> float: x / 255 in float32 for every value (a table lookup now), in a channels-last (B, H, W, 3) buffer."""
+    """uint8 map -> float: x / 255 in float32 for every value (a table lookup now). A channels-last batch (the node's
+    IMAGE) gets a channels-last result, (B, H, W, 3) in memory; an NCHW one keeps a gray map as one broadcast plane."""
     det = registry.load(key)
     rng = np.random.default_rng(0)
     u8 = np.stack([cv2.GaussianBlur(rng.integers(0, 255, (64, 96, 3), dtype=np.uint8), (0, 0), 2) for _ in range(2)])
     x = torch.from_numpy(u8).float().div(255).permute(0, 3, 1, 2)  # as the node hands it over
     out = det(x, resolution=64)
     assert out.shape == (2, 3, 64, 96) and out.dtype == torch.float32 and out.movedim(1, -1).is_contiguous()
+    nchw = det(x.contiguous(), resolution=64)
+    assert torch.equal(nchw, out) and (nchw.stride(1) == 0) == (det.one(u8[0]).ndim == 2)
     for b in range(2):
         m = det.one(u8[b])
         m3 = np.repeat(m[..., None], 3, axis=2) if m.ndim == 2 else m
