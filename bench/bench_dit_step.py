@@ -24,7 +24,7 @@ plus the hint embedding (a linear projection of the latent hint; XLabs: a pixel-
 size) and the ControlNet's own text / time embedders. Printed for the bench's shapes and the published ones, next to
 the FLOPs `torch.utils.flop_counter` counts in one step of each kind.
 
-    .venv/bin/python bench/bench_dit_step.py [--families sd3 flux-instantx ...] [--reps 5] [--size 384]
+    .venv/bin/python bench/bench_dit_step.py [--families sd3 flux-instantx ...] [--reps 5] [--size 384] [--threads 1]
 """
 from __future__ import annotations
 
@@ -72,7 +72,7 @@ def sd3_checkpoint(path: Path, depth: int, context: int, grid: int, seed: int = 
     saved as a checkpoint CheckpointLoaderSimple detects as SD3 (as tests/host.make_tiny_sd3_checkpoint, any depth)."""
     import comfy.ops
     import comfy.taesd.taesd
-    from comfy.ldm.modules.diffusionmodules.mmdit import OpenAISignatureMMDITWrapper
+    from comfy.ldm.modules.diffusionmodules.mmdit import OpenAISignatureMMDITWrapper, get_2d_sincos_pos_embed
     from factories import save
 
     width = 64 * depth
@@ -81,6 +81,9 @@ def sd3_checkpoint(path: Path, depth: int, context: int, grid: int, seed: int = 
         context_embedder_config={"target": "torch.nn.Linear", "params": {"in_features": context, "out_features": width}},
         dtype=torch.float32, device="cpu", operations=comfy.ops.disable_weight_init)
     _randomized(base, seed)
+    # `pos_embed` is a buffer made with torch.empty, which randomize_ (parameters only) leaves as whatever the memory
+    # held: sometimes NaN. SD3's own fixed sin-cos grid instead.
+    base.pos_embed.copy_(torch.from_numpy(get_2d_sincos_pos_embed(width, grid)).float()[None])
     vae = _randomized(comfy.taesd.taesd.TAESD(latent_channels=16), seed + 1)
     sd = {"model.diffusion_model." + k: v for k, v in base.state_dict().items()}
     sd.update({"first_stage_model." + k: v for k, v in vae.state_dict().items()})
@@ -376,7 +379,10 @@ def main() -> None:
     ap.add_argument("--instantx-single", type=int, default=2)
     ap.add_argument("--xlabs-double", type=int, default=1)
     ap.add_argument("--no-flops", action="store_true", help="skip the FLOP count")
+    ap.add_argument("--threads", type=int, default=None, help="torch threads (default: torch's choice); 1 is steadier on a shared machine")
     args = ap.parse_args()
+    if args.threads:
+        torch.set_num_threads(args.threads)
 
     from comfy_host import import_comfy
 
