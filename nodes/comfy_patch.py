@@ -3,11 +3,16 @@ ControlNets (DiffSynth's Qwen-Image files), with the suite's strength, start/end
 
 ComfyUI's Qwen-Image calls every `patches["double_block"]` entry after each transformer block k with the image tokens
 (`img`), the base's input latent (`x`), `block_index` and `transformer_options` (its `sigmas` and `cond_or_uncond`),
-and goes on with the `img` it returns. Patches added to one MODEL run in the order they were added, each seeing the
-tokens the previous one changed (the host's own chaining).
+and goes on with the `img` it returns. The host chains patches (each sees the tokens the previous one changed); the
+suite's units on one MODEL are gathered in one `SuiteBlockPatchGroup` instead, so that, as for ControlNets, a stack is
+the sum of its units: every unit's control is computed from the same tokens, then they are added together.
+
+`ModelPatcher.clone` deep-copies its options, patches included: ours copy their settings only and share the network,
+its patcher, the VAE and the image (a clone must not duplicate weights).
 """
 from __future__ import annotations
 
+import copy
 import logging
 from typing import Optional
 
@@ -45,6 +50,11 @@ class SuiteBlockPatch:
         self._hint: Optional[tuple] = None  # (latent size, hint tokens)
         self._masks: dict = {}
 
+    def __deepcopy__(self, memo):
+        c = copy.copy(self)
+        c._hint, c._masks = None, {}
+        return c
+
     # the host's patch protocol
 
     def to(self, device_or_dtype):
@@ -56,10 +66,18 @@ class SuiteBlockPatch:
         return [self.patcher]
 
     def __call__(self, kwargs: dict) -> dict:
+        delta = self.delta(kwargs)
+        if delta is not None:
+            img = kwargs["img"]
+            img[:, :delta.shape[1]] += delta.to(img.dtype)
+        return kwargs
+
+    def delta(self, kwargs: dict) -> Optional[torch.Tensor]:
+        """This unit's scaled, masked control for the block `kwargs` describes, or None when it does not act there."""
         img, x, index = kwargs["img"], kwargs["x"], kwargs["block_index"]
         options = kwargs.get("transformer_options", {})
         if self.strength == 0 or not self._in_range(options):
-            return kwargs
+            return None
         total = options.get("total_blocks")
         if total is not None and total > self.net.config.num_layers:
             raise IncompatibleModelError(f"{self.name} has {self.net.config.num_layers} control blocks, but the model has {total} "
@@ -70,11 +88,7 @@ class SuiteBlockPatch:
         delta = self.net.block_residual(index, rows, hint.expand(rows.shape[0], -1, -1) if hint.shape[0] == 1 else
                                         match_batch(hint, rows.shape[0], "hint", len(options.get("cond_or_uncond") or [0])))
         weight = self.strength * self._mode_weight(index, total or self.net.config.num_layers)
-        delta = delta * weight
-        delta = self._masked(delta, x, options)
-        img[:, :t] += delta.to(img.dtype)
-        kwargs["img"] = img
-        return kwargs
+        return self._masked(delta * weight, x, options)
 
     # the suite's unit settings
 
@@ -138,4 +152,46 @@ class SuiteBlockPatch:
         return self._hint[1]
 
 
-__all__ = ["SuiteBlockPatch"]
+class SuiteBlockPatchGroup:
+    """The suite's patch units on one MODEL: each computes its control from the tokens as the block left them, and the
+    sum is added once (a stack is the sum of its units)."""
+
+    def __init__(self, units: tuple):
+        self.units = tuple(units)
+
+    def with_unit(self, unit: SuiteBlockPatch) -> "SuiteBlockPatchGroup":
+        return SuiteBlockPatchGroup(self.units + (unit,))
+
+    def __deepcopy__(self, memo):
+        return SuiteBlockPatchGroup(tuple(copy.deepcopy(u, memo) for u in self.units))
+
+    def to(self, device_or_dtype):
+        for u in self.units:
+            u.to(device_or_dtype)
+        return self
+
+    def models(self):
+        return [m for u in self.units for m in u.models()]
+
+    def __call__(self, kwargs: dict) -> dict:
+        deltas = [d for d in (u.delta(kwargs) for u in self.units) if d is not None]
+        if deltas:
+            img = kwargs["img"]
+            total = deltas[0] if len(deltas) == 1 else torch.stack([d.to(deltas[0]) for d in deltas]).sum(0)
+            img[:, :total.shape[1]] += total.to(img.dtype)
+        return kwargs
+
+
+def add_unit(model, unit: SuiteBlockPatch):
+    """A clone of `model` with `unit` joined to the suite's group of patch units (the last double-block patch, if it is
+    ours), or a new group after the patches already there."""
+    out = model.clone()
+    patches = out.model_options["transformer_options"].setdefault("patches", {}).setdefault("double_block", [])
+    if patches and isinstance(patches[-1], SuiteBlockPatchGroup):
+        patches[-1] = patches[-1].with_unit(unit)
+    else:
+        patches.append(SuiteBlockPatchGroup((unit,)))
+    return out
+
+
+__all__ = ["SuiteBlockPatch", "SuiteBlockPatchGroup", "add_unit"]

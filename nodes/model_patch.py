@@ -10,7 +10,7 @@ from ..controlnet_core import ControlMode, ControlNetError, ResizeMode, load_con
 from ..controlnet_core.checkpoint import DictSource
 from .apply import MODES, RESIZE_MODES
 from .comfy_adapter import SuiteControl, make_patcher
-from .comfy_patch import SuiteBlockPatch
+from .comfy_patch import SuiteBlockPatch, add_unit
 
 NODE = "Apply ControlNet Patch (Suite)"
 _FROM_HOST: dict = {}  # id(host module) -> (module, our LoadedControl, patcher): one conversion per loaded patch
@@ -38,7 +38,8 @@ class ControlNetSuiteApplyPatch:
     CATEGORY = "conditioning/controlnet"
     RETURN_TYPES = ("MODEL",)
     RETURN_NAMES = ("model",)
-    OUTPUT_TOOLTIPS = ("The model with the ControlNet patch; connect it to the sampler. Chain several of these nodes to stack patches.",)
+    OUTPUT_TOOLTIPS = ("The model with the ControlNet patch; connect it to the sampler. Chain several of these nodes to stack "
+                       "patches: their controls add up, each computed from the same tokens.",)
     FUNCTION = "apply"
 
     @classmethod
@@ -100,6 +101,4 @@ class ControlNetSuiteApplyPatch:
         sigma_range = (float(sampling.percent_to_sigma(start_percent)), float(sampling.percent_to_sigma(end_percent)))
         unit = SuiteBlockPatch(loaded, patcher, vae=vae, image=image[..., :3].movedim(-1, 1), strength=strength, sigma_range=sigma_range,
                                mode=control_mode, resize_mode=resize_mode, mask=mask, keep=keep, name=Path(str(name)).name)
-        out = model.clone()
-        out.set_model_double_block_patch(unit)
-        return (out,)
+        return (add_unit(model, unit),)

@@ -123,3 +123,26 @@ def test_errors_name_the_remedy(qwen):
                   control_mode="balanced", resize_mode="crop and resize", patch=(g.add("SuiteTestProvidedPatch", key="patch-plain"), 0))
         pos = (g.add("SuiteTestConditioning", seed=1, width=768), 0)
         qwen.run(finish(g, (m, 0), pos, pos, (g.add("EmptyLatentImage", width=64, height=64, batch_size=1), 0)))
+
+
+def test_a_stack_of_two_patch_units_is_their_sum(qwen):
+    """Two chained suite nodes act as one group: each unit's control from the same tokens, added together. With the
+    same image and patch, strengths 0.3 + 0.4 must equal one unit at 0.7 (a chain would not: the second unit would see
+    tokens the first had changed)."""
+    def two(g, model, vae):
+        return ours(strength=0.4)(g, ours(strength=0.3)(g, model, vae), vae)
+
+    torch.testing.assert_close(run(qwen, two), run(qwen, ours(strength=0.7)), rtol=1e-5, atol=1e-5)
+
+
+def test_a_cloned_model_shares_the_patch_network(qwen):
+    import copy
+
+    node = qwen.nodes.NODE_CLASS_MAPPINGS["ControlNetSuiteApplyPatch"]()
+    model, _, vae = qwen.test_nodes.PROVIDED["qwen"]
+    patched = node.apply(model, vae, torch.rand(1, SIZE, SIZE, 3), 1.0, 0.0, 1.0, "balanced", "crop and resize",
+                         patch=qwen.test_nodes.PROVIDED_CONTROL["patch-plain"])[0]
+    group = patched.model_options["transformer_options"]["patches"]["double_block"][-1]
+    clone = copy.deepcopy(group)
+    assert clone is not group and clone.units[0].net is group.units[0].net and clone.units[0].patcher is group.units[0].patcher
+    assert patched.clone().model_options["transformer_options"]["patches"]["double_block"][-1].units[0].net is group.units[0].net
