@@ -30,6 +30,11 @@ SOCKETS = {
     "DualCLIPLoader": ([], [("CLIP", "CLIP")]),
     "VAELoader": ([], [("VAE", "VAE")]),
     "FluxGuidance": ([("conditioning", "CONDITIONING")], [("CONDITIONING", "CONDITIONING")]),
+    "CLIPLoader": ([], [("CLIP", "CLIP")]),
+    "ModelPatchLoader": ([], [("MODEL_PATCH", "MODEL_PATCH")]),
+    "ModelSamplingAuraFlow": ([("model", "MODEL")], [("MODEL", "MODEL")]),
+    "ControlNetSuiteApplyPatch": ([("model", "MODEL"), ("vae", "VAE"), ("image", "IMAGE"), ("patch", "MODEL_PATCH"), ("control_net", "CONTROL_NET"),
+                                   ("mask", "MASK"), ("inpaint_mask", "MASK")], [("model", "MODEL")]),
     "ConditioningZeroOut": ([("conditioning", "CONDITIONING")], [("CONDITIONING", "CONDITIONING")]),
     "KSampler": ([("model", "MODEL"), ("positive", "CONDITIONING"), ("negative", "CONDITIONING"), ("latent_image", "LATENT")], [("LATENT", "LATENT")]),
     "VAEDecode": ([("samples", "LATENT"), ("vae", "VAE")], [("IMAGE", "IMAGE")]),
@@ -41,7 +46,8 @@ SOCKETS = {
 }
 OPTIONAL = {("ControlNetSuiteLoader", "model"), ("ControlNetSuiteApply", "mask"), ("ControlNetSuiteApply", "vae"),
             ("ControlNetSuiteStack", "mask"), ("ControlNetSuiteStack", "stack"), ("ControlNetSuiteApplyStack", "vae"),
-            ("ControlNetSuiteUnion", "image_2"), ("ControlNetSuiteUnion", "image_3")}
+            ("ControlNetSuiteUnion", "image_2"), ("ControlNetSuiteUnion", "image_3"), ("ControlNetSuiteApplyPatch", "patch"),
+            ("ControlNetSuiteApplyPatch", "control_net"), ("ControlNetSuiteApplyPatch", "mask"), ("ControlNetSuiteApplyPatch", "inpaint_mask")}
 
 # Where each loader's files live (the host's model folder names) and the published files the workflows name.
 # Why: a newcomer opening a workflow without the models gets the frontend's missing-models dialog, which offers a
@@ -49,7 +55,7 @@ OPTIONAL = {("ControlNetSuiteLoader", "model"), ("ControlNetSuiteApply", "mask")
 # file the node's widget holds), from an allowed host (https://huggingface.co/ ...) and for a .safetensors name.
 # The file names and URLs are those of ComfyUI's own SD1.5 templates: a user who ran those already has the files.
 LOADER_DIRECTORY = {"CheckpointLoaderSimple": "checkpoints", "ControlNetSuiteLoader": "controlnet", "UNETLoader": "diffusion_models",
-                    "DualCLIPLoader": "text_encoders", "VAELoader": "vae"}
+                    "DualCLIPLoader": "text_encoders", "VAELoader": "vae", "CLIPLoader": "text_encoders", "ModelPatchLoader": "model_patches"}
 HF_CONTROLNET = "https://huggingface.co/comfyanonymous/ControlNet-v1-1_fp16_safetensors/resolve/main/"
 CKPT = "v1-5-pruned-emaonly-fp16.safetensors"
 CN_CANNY, CN_SCRIBBLE, CN_POSE, CN_DEPTH, CN_SEG = (f"control_{k}_fp16.safetensors" for k in (
@@ -63,6 +69,11 @@ CN_SD35_CANNY = "sd3.5_large_controlnet_canny.safetensors"
 # depth, pose and gray; no mode to set), under its published name
 FLUX_UNET, FLUX_CLIP_L, FLUX_T5, FLUX_VAE = "flux1-dev-fp8.safetensors", "clip_l.safetensors", "t5xxl_fp16.safetensors", "ae.safetensors"
 CN_FLUX_UNION = "diffusion_pytorch_model.safetensors"
+# Qwen-Image and its ControlNets under the names and downloads of ComfyUI's own Qwen-Image ControlNet templates
+QWEN_UNET, QWEN_CLIP, QWEN_VAE = "qwen_image_fp8_e4m3fn.safetensors", "qwen_2.5_vl_7b_fp8_scaled.safetensors", "qwen_image_vae.safetensors"
+CN_QWEN_UNION = "Qwen-Image-InstantX-ControlNet-Union.safetensors"
+PATCH_QWEN_CANNY = "qwen_image_canny_diffsynth_controlnet.safetensors"
+_QWEN = "https://huggingface.co/Comfy-Org/Qwen-Image_ComfyUI/resolve/main/split_files/"
 MODEL_URLS = {CKPT: "https://huggingface.co/Comfy-Org/stable-diffusion-v1-5-archive/resolve/main/" + CKPT,
               **{cn: HF_CONTROLNET + cn for cn in (CN_CANNY, CN_SCRIBBLE, CN_POSE, CN_DEPTH, CN_SEG)},
               CKPT_XL: "https://huggingface.co/stabilityai/stable-diffusion-xl-base-1.0/resolve/main/" + CKPT_XL,
@@ -74,7 +85,11 @@ MODEL_URLS = {CKPT: "https://huggingface.co/Comfy-Org/stable-diffusion-v1-5-arch
               FLUX_CLIP_L: "https://huggingface.co/comfyanonymous/flux_text_encoders/resolve/main/" + FLUX_CLIP_L,
               FLUX_T5: "https://huggingface.co/comfyanonymous/flux_text_encoders/resolve/main/" + FLUX_T5,
               FLUX_VAE: "https://huggingface.co/Comfy-Org/Lumina_Image_2.0_Repackaged/resolve/main/split_files/vae/" + FLUX_VAE,
-              CN_FLUX_UNION: "https://huggingface.co/Shakker-Labs/FLUX.1-dev-ControlNet-Union-Pro-2.0/resolve/main/" + CN_FLUX_UNION}
+              CN_FLUX_UNION: "https://huggingface.co/Shakker-Labs/FLUX.1-dev-ControlNet-Union-Pro-2.0/resolve/main/" + CN_FLUX_UNION,
+              QWEN_UNET: _QWEN + "diffusion_models/" + QWEN_UNET, QWEN_CLIP: _QWEN + "text_encoders/" + QWEN_CLIP, QWEN_VAE: _QWEN + "vae/" + QWEN_VAE,
+              CN_QWEN_UNION: "https://huggingface.co/Comfy-Org/Qwen-Image-InstantX-ControlNets/resolve/main/split_files/controlnet/" + CN_QWEN_UNION,
+              PATCH_QWEN_CANNY: "https://huggingface.co/Comfy-Org/Qwen-Image-DiffSynth-ControlNets/resolve/main/split_files/model_patches/"
+                                + PATCH_QWEN_CANNY}
 
 
 def published_models(type_: str, widgets: list) -> list[dict]:
@@ -292,6 +307,48 @@ def flux_union():
     w.save("flux_union_depth_region")
 
 
+def _qwen_base(w: Workflow, prompt: str):
+    unet = w.node("UNETLoader", [QWEN_UNET, "default"], (0, -260))
+    clip = w.node("CLIPLoader", [QWEN_CLIP, "qwen_image", "default"], (0, -80))
+    vae = w.node("VAELoader", [QWEN_VAE], (0, 125))
+    pos = w.node("CLIPTextEncode", [prompt], (360, -260), title="Prompt", clip=(clip, 0))
+    neg = w.node("CLIPTextEncode", [" "], (360, -40), title="Negative prompt", clip=(clip, 0))
+    photo = w.node("LoadImage", ["canny_example.png", "image"], (0, 270), title="Photo")
+    edges = w.node("Canny", [0.1, 0.2], (360, 300), image=(photo, 0))
+    return unet, vae, pos, neg, edges
+
+
+def _qwen_sample(w: Workflow, model: tuple, pos: tuple, neg: tuple, vae: int, prefix: str, x: int = 1110):
+    latent = w.node("EmptySD3LatentImage", [1328, 1328, 1], (760, 410))
+    shifted = w.node("ModelSamplingAuraFlow", [3.1], (760, 620), model=model)
+    ks = w.node("KSampler", [42, "fixed", 20, 2.5, "euler", "simple", 1.0], (x, 0), model=(shifted, 0), positive=pos, negative=neg,
+                latent_image=(latent, 0))
+    dec = w.node("VAEDecode", [], (x + 360, 0), samples=(ks, 0), vae=(vae, 0))
+    w.node("SaveImage", [prefix], (x + 360, 160), images=(dec, 0))
+
+
+def qwen_instantx():
+    """Qwen-Image with InstantX's union ControlNet (canny edges) through the suite's loader and apply node."""
+    w = Workflow("Qwen-Image + InstantX union ControlNet (canny) with the suite's nodes")
+    unet, vae, pos, neg, edges = _qwen_base(w, "a glass greenhouse in a snowy forest at dusk, photo, detailed")
+    cn = w.node("ControlNetSuiteLoader", [CN_QWEN_UNION, "auto"], (360, 500))
+    app = w.node("ControlNetSuiteApply", [1.0, 0.0, 1.0, "balanced", "crop and resize"], (760, 0), positive=(pos, 0), negative=(neg, 0),
+                 control_net=(cn, 0), image=(edges, 0), vae=(vae, 0))
+    _qwen_sample(w, (unet, 0), (app, 0), (app, 1), vae, "controlnet_qwen_instantx")
+    w.save("qwen_image_instantx_canny")
+
+
+def qwen_diffsynth():
+    """Qwen-Image with DiffSynth's blockwise canny ControlNet: a model patch, through Apply ControlNet Patch (Suite)."""
+    w = Workflow("Qwen-Image + DiffSynth canny model patch with the suite's patch node")
+    unet, vae, pos, neg, edges = _qwen_base(w, "a glass greenhouse in a snowy forest at dusk, photo, detailed")
+    patch = w.node("ModelPatchLoader", [PATCH_QWEN_CANNY], (360, 500))
+    patched = w.node("ControlNetSuiteApplyPatch", [1.0, 0.0, 1.0, "balanced", "crop and resize"], (760, 0), model=(unet, 0), vae=(vae, 0),
+                     image=(edges, 0), patch=(patch, 0))
+    _qwen_sample(w, (patched, 0), (pos, 0), (neg, 0), vae, "controlnet_qwen_diffsynth")
+    w.save("qwen_image_diffsynth_canny_patch")
+
+
 def train():
     """Train a ControlNet on a folder, then try it at once: the trained CONTROL_NET feeds the apply node directly."""
     w = Workflow("Train a ControlNet on a dataset folder, then sample with it")
@@ -325,6 +382,8 @@ def main() -> None:
     union()
     sd35_canny()
     flux_union()
+    qwen_instantx()
+    qwen_diffsynth()
     train()
 
 

@@ -14,13 +14,17 @@ from controlnet_core.train.toy import make_fill50k
 from comfy_flux import CONTEXT as FLUX_CONTEXT
 from comfy_flux import POOLED as FLUX_POOLED
 from comfy_flux import instantx_file, tiny_flux
+from comfy_qwen import CONTEXT as QWEN_CONTEXT
+from comfy_qwen import instantx_file as qwen_instantx_file
+from comfy_qwen import tiny_qwen
 from host import SD3_TINY, TINY_SD3_CHECKPOINT, Host, make_tiny_sd3_checkpoint, tiny_sd35_controlnet, tiny_union_file
 from ui_workflow import ui_to_api
 
 WORKFLOWS = sorted((Path(__file__).resolve().parents[1] / "workflows").glob("*.json"))
 REQUIRED = {"canny", "scribble", "pose", "depth", "segmentation", "multi_control_pose_canny", "regional_two_masked_units",
             "mode_balanced", "mode_prompt_more_important", "mode_controlnet_more_important", "mode_cfg_resolution_weighting",
-            "train_controlnet", "sdxl_union_pose_depth", "sd35_large_canny", "flux_union_depth_region"}
+            "train_controlnet", "sdxl_union_pose_depth", "sd35_large_canny", "flux_union_depth_region", "qwen_image_instantx_canny",
+            "qwen_image_diffsynth_canny_patch"}
 
 
 def test_all_required_workflows_are_shipped():
@@ -47,7 +51,7 @@ def test_no_node_covers_another():
 
 # The loaders whose widgets name model files, and the host model folder each reads (the frontend's `directory`).
 LOADERS = {"CheckpointLoaderSimple": "checkpoints", "ControlNetSuiteLoader": "controlnet", "UNETLoader": "diffusion_models",
-           "DualCLIPLoader": "text_encoders", "VAELoader": "vae"}
+           "DualCLIPLoader": "text_encoders", "VAELoader": "vae", "CLIPLoader": "text_encoders", "ModelPatchLoader": "model_patches"}
 MODEL_SUFFIXES = (".safetensors", ".sft", ".ckpt", ".pt", ".pth", ".bin", ".gguf")
 
 
@@ -121,6 +125,15 @@ def _provide_flux(host: Host) -> None:
         host.test_nodes.PROVIDED["flux"] = (parts["model"], None, parts["vae"])
 
 
+def _provide_qwen(host: Host) -> None:
+    from test_qwen_patch import host_patch
+
+    if "qwen" not in host.test_nodes.PROVIDED:
+        parts = tiny_qwen()
+        host.test_nodes.PROVIDED["qwen"] = (parts["model"], None, parts["vae"])
+    host.test_nodes.PROVIDED_CONTROL.setdefault("workflow-patch", host_patch(False, 52))
+
+
 def substitute(prompt: dict, host: Host) -> dict:
     """Tiny models and sizes in place of the real ones; CLIP text encoding (no CLIP in the tiny model) -> test conditioning.
     A training workflow gets the tiny checkpoint with a CLIP (the Train node encodes captions), a 2-pair dataset and 1 step."""
@@ -128,13 +141,15 @@ def substitute(prompt: dict, host: Host) -> dict:
     trains = any(n["class_type"] == "ControlNetSuiteTrain" for n in prompt.values())
     sd3 = any(n["class_type"] == "CheckpointLoaderSimple" and "sd3" in n["inputs"]["ckpt_name"] for n in prompt.values())
     flux = any(n["class_type"] == "UNETLoader" and "flux" in n["inputs"]["unet_name"] for n in prompt.values())
-    if flux:  # the tiny Flux base is built in-process (ComfyUI detects Flux only at full width): see comfy_flux.py
-        _provide_flux(host)
-        for nid in [nid for nid, n in prompt.items() if n["class_type"] == "DualCLIPLoader"]:
+    qwen = any(n["class_type"] == "UNETLoader" and "qwen" in n["inputs"]["unet_name"] for n in prompt.values())
+    if flux or qwen:  # tiny DiT bases are built in-process (ComfyUI detects them only at full width): comfy_flux.py, comfy_qwen.py
+        key = "flux" if flux else "qwen"
+        _provide_flux(host) if flux else _provide_qwen(host)
+        for nid in [nid for nid, n in prompt.items() if n["class_type"] in ("DualCLIPLoader", "CLIPLoader")]:
             del prompt[nid]  # its only consumers, the text encoders, become test conditioning below
         vaes = {nid for nid, n in prompt.items() if n["class_type"] == "VAELoader"}
         for nid in vaes:
-            prompt[nid] = {"class_type": "SuiteTestProvided", "inputs": {"key": "flux"}}
+            prompt[nid] = {"class_type": "SuiteTestProvided", "inputs": {"key": key}}
         for n in prompt.values():  # SuiteTestProvided gives (MODEL, CLIP, VAE): the VAE is its third output
             n["inputs"] = {k: ([v[0], 2] if isinstance(v, list) and v[0] in vaes else v) for k, v in n["inputs"].items()}
     k = 0
@@ -151,10 +166,14 @@ def substitute(prompt: dict, host: Host) -> dict:
             inp.update(steps=1, batch_size=2, resolution=64, resume=False)
         elif ct == "ControlNetSuiteLoader" and flux:  # an InstantX-layout (latent hint) Flux ControlNet of the tiny width
             inp["control_net_name"] = instantx_file(host.dirs["controlnet"] / "flux_workflow_tiny.safetensors", seed=35).name
+        elif ct == "ControlNetSuiteLoader" and qwen:
+            inp["control_net_name"] = qwen_instantx_file(host.dirs["controlnet"] / "qwen_workflow_tiny.safetensors", seed=45).name
         elif ct == "ControlNetSuiteLoader" and "union" in inp["control_net_name"].lower() + str(node.get("_meta", "")).lower():
             inp["control_net_name"] = tiny_union_file(host.dirs["controlnet"]).name
-        elif ct == "UNETLoader" and flux:
-            node.update(class_type="SuiteTestProvided", inputs={"key": "flux"})
+        elif ct == "UNETLoader" and (flux or qwen):
+            node.update(class_type="SuiteTestProvided", inputs={"key": "flux" if flux else "qwen"})
+        elif ct == "ModelPatchLoader":  # ComfyUI's own DiffSynth class at the tiny width (see test_qwen_patch.py)
+            node.update(class_type="SuiteTestProvidedPatch", inputs={"key": "workflow-patch"})
         elif ct == "ControlNetSuiteLoader" and "sd3.5" in inp["control_net_name"]:  # Stability's release layout, canny type
             inp["control_net_name"] = tiny_sd35_controlnet(host.dirs["controlnet"] / "sd35_canny_tiny.safetensors", 1, seed=25).name
         elif ct == "ControlNetSuiteLoader":
@@ -167,6 +186,8 @@ def substitute(prompt: dict, host: Host) -> dict:
                 node["inputs"].update(width=SD3_TINY["context"], pooled=SD3_TINY["pooled"])
             elif flux:
                 node["inputs"].update(width=FLUX_CONTEXT, pooled=FLUX_POOLED)
+            elif qwen:
+                node["inputs"].update(width=QWEN_CONTEXT)
         elif ct in ("EmptyLatentImage", "EmptySD3LatentImage"):
             inp.update(width=64, height=64)
         elif ct in ("SolidMask", "MaskComposite"):
