@@ -291,7 +291,19 @@ def test_workflow_opens_fitted_to_the_view(page, path):
     assert not hidden, f"nodes not fully visible at {VIEW[0]}x{VIEW[1]} (box, hidden grid points, first few):\n" + json.dumps(hidden, indent=1)
 
 
-@pytest.mark.parametrize("path", [compat_where(p) for p in WORKFLOWS], ids=ids(WORKFLOWS))
+# Their bases (SD3.5, Flux, Qwen-Image) exist here only as tiny models the tests build in-process, because the host's
+# loaders detect these families only at full width; the page's server is another process, with nothing built.
+# tests/test_workflows.py runs each of them through the host's own executor with those tiny models instead.
+IN_PROCESS_BASES = {"sd35_large_canny", "flux_union_depth_region", "qwen_image_instantx_canny", "qwen_image_diffsynth_canny_patch"}
+
+
+def queued_where(path: Path):
+    if path.stem in IN_PROCESS_BASES:
+        return pytest.param(path, marks=pytest.mark.skip(reason="a DiT base built in-process only; run through the host in test_workflows.py"))
+    return compat_where(path)
+
+
+@pytest.mark.parametrize("path", [queued_where(p) for p in WORKFLOWS], ids=ids(WORKFLOWS))
 def test_workflow_runs_when_queued_from_the_page(page, server, host, ours, path):
     """Loaded, tiny models and sizes set through the graph's widgets, CLIPTextEncode replaced by test conditioning
     (the tiny checkpoint has no CLIP), queued with app.queuePrompt: the prompt runs to success and saves a 64x64 image."""
