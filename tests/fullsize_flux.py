@@ -11,7 +11,7 @@ import json
 import math
 import struct
 from pathlib import Path
-from typing import Callable, Iterable, Mapping
+from typing import Callable, Mapping
 
 import torch
 
@@ -84,7 +84,3 @@ def convert_file(src: Path, dst: Path, dtype: torch.dtype) -> Path:
         shapes = {k: tuple(f.get_slice(k).get_shape()) for k in f.keys()}
         write_safetensors(dst, shapes, dtype, lambda name, shape: f.get_tensor(name))
     return dst
-
-
-def tensor_bytes(tensors: Iterable[torch.Tensor]) -> int:
-    return sum(t.numel() * t.element_size() for t in tensors)

@@ -7,12 +7,12 @@ single block, 0.55 G parameters; XLabs: 1 double block, 0.39 G), one forward eac
 tokens) and 8 text tokens, and the host's control dict ("input" for its 19 double blocks, "output" for its 38 single
 blocks) must equal our `FluxControlOutput.host_control()` at fp32, rel. err <= 1e-5 per entry (measured: 3e-7).
 
-Cost, on 2 CPU cores: 34-45 s and 4.2 GB of resident memory at the peak (one fp32 model at a time); the tests
-are named `..._once`, like the full-size SDXL ProMax test in test_union.py. The files store bfloat16 (half the disk
-and writing time of fp32); both loaders are asked for float32, so both compute in float32 from the very same
-(bf16-representable) weights and the fp32 tolerance applies. One more file stores float8_e4m3fn, as fp8 Flux
-ControlNets are shipped: `load_control` reads it into bfloat16 by default, every weight equal to the stored fp8 value
-cast.
+Cost, on 2 CPU cores: 34 s (about 50 s while other jobs share the cores) and 4.2 GB of resident memory at the peak
+(one fp32 model at a time); the tests are named `..._once`, like the full-size SDXL ProMax test in test_union.py.
+The files store bfloat16 (half the disk and writing time of fp32); both loaders are asked for float32, so both compute
+in float32 from the very same (bf16-representable) weights and the fp32 tolerance applies. One more file stores
+float8_e4m3fn, as fp8 Flux ControlNets are shipped: `load_control` reads it into bfloat16 by default, every weight
+equal to the stored fp8 value cast.
 """
 import gc
 import logging
