@@ -55,6 +55,8 @@ def make_tiny_sd3_checkpoint(path: Path, seed: int = 20) -> Path:
         dtype=torch.float32, device="cpu", operations=comfy.ops.disable_weight_init,
     )
     randomize_(base, seed)
+    with torch.no_grad():  # a buffer ComfyUI makes with torch.empty (randomize_ fills parameters only): never leave garbage
+        base.pos_embed.copy_(torch.randn(base.pos_embed.shape, generator=torch.Generator().manual_seed(seed + 2)) * 0.02)
     vae = randomize_(comfy.taesd.taesd.TAESD(latent_channels=16), seed + 1)
     sd = {"model.diffusion_model." + k: v for k, v in base.state_dict().items()}
     sd.update({"first_stage_model." + k: v for k, v in vae.state_dict().items()})
