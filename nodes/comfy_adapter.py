@@ -296,7 +296,7 @@ class SuiteControl(ControlBase):
         stability = isinstance(self.backend.model, sd35_stability.SD35ControlNet)
         if stability:  # how these were trained to see each control type
             pixels = sd35_stability.prepare_pixels(pixels, cfg.control_type)
-        loaded = comfy.model_management.loaded_models(only_currently_used=True) if hasattr(comfy.model_management, "loaded_models") else None
+        loaded = _currently_loaded()
         latent = self.vae.encode(pixels.movedim(1, -1))
         if loaded is not None:  # the VAE may have pushed the sampling models out: bring them back, as the host does
             comfy.model_management.load_models_gpu(loaded)
@@ -409,5 +409,13 @@ def _token_grid(x_noisy: torch.Tensor, patch: int) -> tuple[int, int]:
     """Rows and columns of image tokens a DiT makes of this latent (the host pads odd sizes up to whole patches)."""
     return -(-x_noisy.shape[-2] // patch), -(-x_noisy.shape[-1] // patch)
 
+
+
+def _currently_loaded() -> list:
+    """The models the sampler has loaded (to reload them after the VAE), without entries whose model was already
+    freed: the host's list holds weak references, and one that died reads as None and breaks `load_models_gpu`."""
+    if not hasattr(comfy.model_management, "loaded_models"):
+        return None
+    return [m for m in comfy.model_management.loaded_models(only_currently_used=True) if m is not None]
 
 __all__ = ["SuiteControl", "needs_vae", "UnionConditions", "to_comfy", "from_comfy", "merge_with_previous", "make_patcher", "base_info", "IncompatibleModelError"]

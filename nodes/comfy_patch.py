@@ -129,7 +129,7 @@ class SuiteBlockPatch:
             return self._hint[1]
         check_hint_size(h * 8, w * 8, x.shape[0], who=self.name)
         pixels = prepare_hint(self.image, h * 8, w * 8, 3, self.image.shape[0], self.resize_mode)
-        loaded = comfy.model_management.loaded_models(only_currently_used=True) if hasattr(comfy.model_management, "loaded_models") else None
+        loaded = _currently_loaded()
         latent = self.vae.encode(pixels.movedim(1, -1))
         if loaded is not None:
             comfy.model_management.load_models_gpu(loaded)
@@ -193,5 +193,13 @@ def add_unit(model, unit: SuiteBlockPatch):
         patches.append(SuiteBlockPatchGroup((unit,)))
     return out
 
+
+
+def _currently_loaded() -> list:
+    """The models the sampler has loaded (to reload them after the VAE), without entries whose model was already
+    freed: the host's list holds weak references, and one that died reads as None and breaks `load_models_gpu`."""
+    if not hasattr(comfy.model_management, "loaded_models"):
+        return None
+    return [m for m in comfy.model_management.loaded_models(only_currently_used=True) if m is not None]
 
 __all__ = ["SuiteBlockPatch", "SuiteBlockPatchGroup", "add_unit"]
