@@ -13,16 +13,16 @@ no key table. Messages name no file: the loader puts the file's name in front.
 from __future__ import annotations
 
 import logging
-import re
 from pathlib import Path
 from typing import Iterable, Mapping, Optional, Sequence
 
 import torch
 
-from ..checkpoint import TensorSource, check_output_file, save_safetensors
+from ..checkpoint import TensorSource
 from ..errors import CheckpointError, ControlNetError
 from ..loading import LoadedControl, LoadOptions, read_float, strict_fill
 from .record import Format
+from .shapes import compute_dtype, count_blocks, expect, save_state_dict, shape_of
 from ..flux.config import HINT_ENCODER_CHANNELS, PATCH, TIME_FREQ_DIM, FluxControlNetConfig, scaled_axes_dims
 from ..flux.layers import MISTOLINE_HINT_CONVS, XLABS_HINT_CONVS
 
@@ -91,36 +91,21 @@ def flux_layout(keys: Iterable[str]) -> str | None:
 Shapes = Mapping[str, Sequence[int]]
 
 
-def _shape(shapes: Shapes, key: str, rank: int) -> tuple[int, ...]:
-    if key not in shapes:
-        raise CheckpointError(f"no '{key}', which this Flux ControlNet layout needs; the file is damaged or of another layout.")
-    shape = tuple(int(d) for d in shapes[key])
-    if len(shape) != rank or min(shape) < 1:
-        raise CheckpointError(f"'{key}' has shape {list(shape)}; expected {rank} non-zero dimensions.")
-    return shape
+
+def _shape(shapes, key: str, rank: int) -> tuple[int, ...]:
+    return shape_of(shapes, key, rank, 'this Flux ControlNet layout')
 
 
-def _expect(shapes: Shapes, key: str, expected: tuple[int, ...], why: str) -> None:
-    shape = _shape(shapes, key, len(expected))
-    if shape != expected:
-        raise CheckpointError(f"'{key}' has shape {list(shape)}; expected {list(expected)} ({why}).")
+def _expect(shapes, key: str, expected: tuple[int, ...], why: str) -> None:
+    expect(shapes, key, expected, why, 'this Flux ControlNet layout')
 
+
+_count = count_blocks
 
 def _linear(shapes: Shapes, prefix: str, out_f: int, in_f: int, why: str, bias: bool = True) -> None:
     _expect(shapes, prefix + ".weight", (out_f, in_f), why)
     if bias:
         _expect(shapes, prefix + ".bias", (out_f,), "one bias per output")
-
-
-def _count(shapes: Shapes, prefix: str) -> int:
-    """Blocks numbered 0..n-1 under `prefix`, refusing gaps (a missing block) so no stray index sizes the model."""
-    pattern = re.compile(re.escape(prefix) + r"\.(\d+)\.")
-    found = {int(m[1]) for k in shapes if (m := pattern.match(k))}
-    n = max(found) + 1 if found else 0
-    if len(found) != n:
-        gaps = [str(i) for i in range(n) if i not in found][:5]
-        raise CheckpointError(f"'{prefix}' are numbered up to {n - 1}, but {', '.join(gaps)} are missing; the file is damaged.")
-    return n
 
 
 def _head_dim(shapes: Shapes, key: str, hidden: int) -> int:
@@ -317,16 +302,11 @@ def config_from_shapes(shapes: Shapes) -> FluxControlNetConfig:
 
 
 log = logging.getLogger(__name__)
-# fp8 stored weights (common for Flux ControlNets) are computed in bf16 unless the caller asks otherwise: fp8 is a
-# storage format, and the host does the same
-_FP8 = {getattr(torch, n) for n in ("float8_e4m3fn", "float8_e5m2", "float8_e4m3fnuz", "float8_e5m2fnuz") if hasattr(torch, n)}
 
 
 def _compute_dtype(source: TensorSource, options: LoadOptions) -> torch.dtype:
-    if options.dtype is not None:
-        return options.dtype
     stored = next((source.stored_dtype(k) for k in source.keys() if source.stored_dtype(k).is_floating_point), torch.float32)
-    return torch.bfloat16 if stored in _FP8 else stored
+    return compute_dtype(stored, options.dtype)
 
 
 def load(source: TensorSource, options: LoadOptions) -> LoadedControl:
@@ -348,11 +328,7 @@ def load(source: TensorSource, options: LoadOptions) -> LoadedControl:
 
 def save(model, path: Path, dtype: Optional[torch.dtype], overwrite: bool) -> Path:
     """The file's own layout: the model's state dict as it is (its keys are the layout's)."""
-    path = Path(path)
-    check_output_file(path, overwrite)
-    sd = {k: (v.to(dtype) if dtype is not None else v).detach().cpu() for k, v in model.state_dict().items()}
-    save_safetensors(sd, path, {"format": "pt"}, overwrite=overwrite)
-    return path
+    return save_state_dict(model, path, dtype, overwrite)
 
 
 FORMATS = (

@@ -15,18 +15,18 @@ no key table. Messages name no file: the loader puts the file's name in front.
 from __future__ import annotations
 
 import logging
-import re
 from pathlib import Path
 from typing import Iterable, Mapping, Optional, Sequence
 
 import torch
 
-from ..checkpoint import TensorSource, check_output_file, save_safetensors
+from ..checkpoint import TensorSource
 from ..errors import CheckpointError, ControlNetError
 from ..flux.config import scaled_axes_dims
 from ..loading import LoadedControl, LoadOptions, read_float, strict_fill
 from ..qwen.config import PATCH, TIME_FREQ_DIM, QwenControlNetConfig
 from .record import Format
+from .shapes import compute_dtype, count_blocks, expect, save_state_dict, shape_of
 
 # The Qwen-Image transformer's own names (text RMSNorm, `img_in` / `txt_in`, `img_mod` / `img_mlp` blocks) with the
 # ControlNet's hint projection and output layers.
@@ -53,35 +53,20 @@ def is_qwen_instantx(keys: Iterable[str]) -> bool:
 Shapes = Mapping[str, Sequence[int]]
 
 
-def _shape(shapes: Shapes, key: str, rank: int) -> tuple[int, ...]:
-    if key not in shapes:
-        raise CheckpointError(f"no '{key}', which a Qwen-Image ControlNet needs; the file is damaged or of another layout.")
-    shape = tuple(int(d) for d in shapes[key])
-    if len(shape) != rank or min(shape) < 1:
-        raise CheckpointError(f"'{key}' has shape {list(shape)}; expected {rank} non-zero dimensions.")
-    return shape
+
+def _shape(shapes, key: str, rank: int) -> tuple[int, ...]:
+    return shape_of(shapes, key, rank, 'a Qwen-Image ControlNet')
 
 
-def _expect(shapes: Shapes, key: str, expected: tuple[int, ...], why: str) -> None:
-    shape = _shape(shapes, key, len(expected))
-    if shape != expected:
-        raise CheckpointError(f"'{key}' has shape {list(shape)}; expected {list(expected)} ({why}).")
+def _expect(shapes, key: str, expected: tuple[int, ...], why: str) -> None:
+    expect(shapes, key, expected, why, 'a Qwen-Image ControlNet')
 
+
+_count = count_blocks
 
 def _linear(shapes: Shapes, prefix: str, out_f: int, in_f: int, why: str) -> None:
     _expect(shapes, prefix + ".weight", (out_f, in_f), why)
     _expect(shapes, prefix + ".bias", (out_f,), "one bias per output")
-
-
-def _count(shapes: Shapes, prefix: str) -> int:
-    """Blocks numbered 0..n-1 under `prefix`, refusing gaps (a missing block) so no stray index sizes the model."""
-    pattern = re.compile(re.escape(prefix) + r"\.(\d+)\.")
-    found = {int(m[1]) for k in shapes if (m := pattern.match(k))}
-    n = max(found) + 1 if found else 0
-    if len(found) != n:
-        gaps = [str(i) for i in range(n) if i not in found][:5]
-        raise CheckpointError(f"'{prefix}' are numbered up to {n - 1}, but {', '.join(gaps)} are missing; the file is damaged.")
-    return n
 
 
 def config_from_shapes(shapes: Shapes) -> QwenControlNetConfig:
@@ -144,17 +129,10 @@ def config_from_shapes(shapes: Shapes) -> QwenControlNetConfig:
 
 
 log = logging.getLogger(__name__)
-# fp8 stored weights are computed in bf16 unless the caller asks otherwise: fp8 is a storage format
-_FP8 = {getattr(torch, n) for n in ("float8_e4m3fn", "float8_e5m2", "float8_e4m3fnuz", "float8_e5m2fnuz") if hasattr(torch, n)}
 
 
 def _compute_dtype(source: TensorSource, options: LoadOptions) -> torch.dtype:
-    if options.dtype is not None:
-        return options.dtype
-    stored = source.stored_dtype("img_in.weight")
-    if not stored.is_floating_point:
-        return torch.float32  # strict_fill names the key and refuses it
-    return torch.bfloat16 if stored in _FP8 else stored
+    return compute_dtype(source.stored_dtype("img_in.weight"), options.dtype)
 
 
 def load(source: TensorSource, options: LoadOptions) -> LoadedControl:
@@ -174,11 +152,7 @@ def load(source: TensorSource, options: LoadOptions) -> LoadedControl:
 
 def save(model, path: Path, dtype: Optional[torch.dtype], overwrite: bool) -> Path:
     """One .safetensors file with diffusers' keys (what InstantX publish); diffusers reads it with a config.json."""
-    path = Path(path)
-    check_output_file(path, overwrite)
-    sd = {k: (v.to(dtype) if dtype is not None else v).detach().cpu() for k, v in model.state_dict().items()}
-    save_safetensors(sd, path, {"format": "pt"}, overwrite=overwrite)
-    return path
+    return save_state_dict(model, path, dtype, overwrite)
 
 
 FORMAT = Format("qwen-instantx", "Qwen-Image ControlNet, diffusers layout (InstantX canny / depth / union, inpainting)",

@@ -9,12 +9,13 @@ from typing import Iterable, Mapping, Optional, Sequence
 
 import torch
 
-from ..checkpoint import TensorSource, check_output_file, save_safetensors
+from ..checkpoint import TensorSource
 from ..errors import CheckpointError, ControlNetError
 from ..loading import LoadedControl, LoadOptions, read_float, strict_fill
 from ..qwen.blockwise import QwenBlockwiseConfig, QwenBlockwiseControlNet
 from ..qwen.config import LATENT_CHANNELS, PATCH
 from .record import Format
+from .shapes import compute_dtype, save_state_dict
 
 log = logging.getLogger(__name__)
 SIGNATURE = ("img_in.weight", "controlnet_blocks.0.x_rms.weight", "controlnet_blocks.0.y_rms.weight", "controlnet_blocks.0.input_proj.weight")
@@ -48,9 +49,7 @@ def config_from_shapes(shapes: Mapping[str, Sequence[int]]) -> QwenBlockwiseConf
 def load(source: TensorSource, options: LoadOptions) -> LoadedControl:
     keys = list(source.keys())
     config = config_from_shapes({k: source.shape(k) for k in keys})
-    dtype = options.dtype or source.stored_dtype("img_in.weight")
-    if not dtype.is_floating_point or dtype.itemsize == 1:  # fp8 storage computes in bf16
-        dtype = torch.bfloat16
+    dtype = compute_dtype(source.stored_dtype("img_in.weight"), options.dtype)
     with torch.device("meta"):
         model = QwenBlockwiseControlNet(config, dtype=dtype)
     strict_fill(model, lambda k: read_float(source, k, dtype), set(keys), source.name, FORMAT.name)
@@ -60,11 +59,7 @@ def load(source: TensorSource, options: LoadOptions) -> LoadedControl:
 
 
 def save(model: QwenBlockwiseControlNet, path: Path, dtype: Optional[torch.dtype], overwrite: bool) -> Path:
-    path = Path(path)
-    check_output_file(path, overwrite)
-    sd = {k: (v.to(dtype) if dtype is not None else v).detach().cpu() for k, v in model.state_dict().items()}
-    save_safetensors(sd, path, {"format": "pt"}, overwrite=overwrite)
-    return path
+    return save_state_dict(model, path, dtype, overwrite)
 
 
 FORMAT = Format("qwen-diffsynth", "Qwen-Image blockwise ControlNet (DiffSynth canny / depth / inpaint; a model patch: MODEL in, MODEL out)",

@@ -8,18 +8,18 @@ accepts both, and so do we. The latent's patch embedding is normally absent: it 
 from __future__ import annotations
 
 import logging
-import re
 from pathlib import Path
 from typing import Iterable, Mapping, Optional, Sequence
 
 import torch
 
-from ..checkpoint import TensorSource, check_output_file, save_safetensors
+from ..checkpoint import TensorSource
 from ..errors import CheckpointError, ControlNetError
 from ..loading import LoadedControl, LoadOptions, first_float_dtype, read_float, strict_fill
 from ..mmdit.config import HEAD_DIM, TIME_FREQ_DIM
 from ..mmdit.sd35_stability import CONTROL_TYPES, SD35ControlNet, SD35ControlNetConfig
 from .record import Format
+from .shapes import count_blocks, expect, save_state_dict, shape_of
 
 log = logging.getLogger(__name__)
 
@@ -34,7 +34,6 @@ _ALIASES = {
     "time_text_embed.text_embedder.linear_2.": "y_embedder.mlp.2.",
     "pos_embed.proj.": "x_embedder.proj.",
 }
-_BLOCK = re.compile(r"^(transformer_blocks|controlnet_blocks)\.(\d+)\.")
 
 
 def is_sd35_stability(keys: Iterable[str]) -> bool:
@@ -62,29 +61,16 @@ def canonical_map(keys: Iterable[str]) -> dict[str, str]:
     return out
 
 
-def _shape(shapes: Mapping[str, Sequence[int]], key: str, rank: int) -> tuple[int, ...]:
-    if key not in shapes:
-        raise CheckpointError(f"no '{key}', which a Stability SD3.5 ControlNet needs; the file is damaged or of another layout.")
-    shape = tuple(int(d) for d in shapes[key])
-    if len(shape) != rank or min(shape) < 1:
-        raise CheckpointError(f"'{key}' has shape {list(shape)}; expected {rank} non-zero dimensions.")
-    return shape
+
+def _shape(shapes, key: str, rank: int) -> tuple[int, ...]:
+    return shape_of(shapes, key, rank, 'a Stability SD3.5 ControlNet')
 
 
 def _expect(shapes, key: str, expected: tuple[int, ...], why: str) -> None:
-    shape = _shape(shapes, key, len(expected))
-    if shape != expected:
-        raise CheckpointError(f"'{key}' has shape {list(shape)}; expected {list(expected)} ({why}).")
+    expect(shapes, key, expected, why, 'a Stability SD3.5 ControlNet')
 
 
-def _count(shapes, prefix: str) -> int:
-    found = {int(m[2]) for k in shapes if (m := _BLOCK.match(k)) and m[1] == prefix}
-    n = max(found) + 1 if found else 0
-    if len(found) != n:
-        gaps = [str(i) for i in range(n) if i not in found][:5]
-        raise CheckpointError(f"'{prefix}' are numbered up to {n - 1}, but {', '.join(gaps)} are missing; the file is damaged.")
-    return n
-
+_count = count_blocks
 
 def config_from_shapes(shapes: Mapping[str, Sequence[int]], control_type: Optional[int] = None) -> SD35ControlNetConfig:
     """The architecture `shapes` (our names -> shape; see `canonical_map`) describe. Raises `CheckpointError` naming the
@@ -164,14 +150,9 @@ def load(source: TensorSource, options: LoadOptions) -> LoadedControl:
 
 def save(model: SD35ControlNet, path: Path, dtype: Optional[torch.dtype], overwrite: bool) -> Path:
     """The release layout: reference names, no base-model embedder, the control type as a one-element tensor."""
-    path = Path(path)
-    check_output_file(path, overwrite)
     adopted = tuple(p + "." for p in model.config.base_embedders)
-    sd = {k: (v.to(dtype) if dtype is not None else v).detach().cpu() for k, v in model.state_dict().items() if not k.startswith(adopted)}
-    if model.config.control_type is not None:
-        sd[CONTROL_TYPE_KEY] = torch.tensor([float(model.config.control_type)])
-    save_safetensors(sd, path, {"format": "pt"}, overwrite=overwrite)
-    return path
+    extra = {CONTROL_TYPE_KEY: torch.tensor([float(model.config.control_type)])} if model.config.control_type is not None else {}
+    return save_state_dict(model, path, dtype, overwrite, skip=adopted, extra=extra)
 
 
 FORMAT = Format("sd35-stability", "Stability SD3.5 Large ControlNet (blur / canny / depth; the patch embedding is the base model's)",

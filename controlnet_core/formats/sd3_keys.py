@@ -11,7 +11,6 @@ Not this layout: Stability's own SD3.5 ControlNets (`transformer_blocks.N.adaLN_
 from __future__ import annotations
 
 import math
-import re
 from typing import Iterable, Mapping, Sequence
 
 import logging
@@ -20,12 +19,13 @@ from typing import Optional
 
 import torch
 
-from ..checkpoint import TensorSource, check_output_file, save_safetensors
+from ..checkpoint import TensorSource
 from ..errors import CheckpointError, ControlNetError
 from ..loading import LoadedControl, LoadOptions, first_float_dtype, read_float, strict_fill
 from ..mmdit.config import HEAD_DIM, TIME_FREQ_DIM, SD3ControlNetConfig
 from ..mmdit.sd3_control import SD3ControlNet
 from .record import Format
+from .shapes import count_blocks, expect, save_state_dict, shape_of
 
 log = logging.getLogger(__name__)
 
@@ -39,7 +39,6 @@ SIGNATURE = (
     "controlnet_blocks.0.weight",
 )
 
-_BLOCK = re.compile(r"^(transformer_blocks|controlnet_blocks)\.(\d+)\.")
 
 
 def is_sd3_diffusers(keys: Iterable[str]) -> bool:
@@ -48,30 +47,16 @@ def is_sd3_diffusers(keys: Iterable[str]) -> bool:
     return all(k in keys for k in SIGNATURE)
 
 
-def _shape(shapes: Mapping[str, Sequence[int]], key: str, rank: int) -> tuple[int, ...]:
-    if key not in shapes:
-        raise CheckpointError(f"no '{key}', which an SD3 ControlNet needs; the file is damaged or of another layout.")
-    shape = tuple(int(d) for d in shapes[key])
-    if len(shape) != rank or min(shape) < 1:
-        raise CheckpointError(f"'{key}' has shape {list(shape)}; expected {rank} non-zero dimensions.")
-    return shape
+
+def _shape(shapes, key: str, rank: int) -> tuple[int, ...]:
+    return shape_of(shapes, key, rank, 'an SD3 ControlNet')
 
 
-def _expect(shapes: Mapping[str, Sequence[int]], key: str, expected: tuple[int, ...], why: str) -> None:
-    shape = _shape(shapes, key, len(expected))
-    if shape != expected:
-        raise CheckpointError(f"'{key}' has shape {list(shape)}; expected {list(expected)} ({why}).")
+def _expect(shapes, key: str, expected: tuple[int, ...], why: str) -> None:
+    expect(shapes, key, expected, why, 'an SD3 ControlNet')
 
 
-def _count(shapes: Mapping[str, Sequence[int]], prefix: str) -> int:
-    """Blocks numbered 0..n-1 under `prefix`, refusing gaps (a missing block) so no stray index sizes the model."""
-    found = {int(m[2]) for k in shapes if (m := _BLOCK.match(k)) and m[1] == prefix}
-    n = max(found) + 1 if found else 0
-    if len(found) != n:
-        gaps = [str(i) for i in range(n) if i not in found][:5]
-        raise CheckpointError(f"'{prefix}' are numbered up to {n - 1}, but {', '.join(gaps)} are missing; the file is damaged.")
-    return n
-
+_count = count_blocks
 
 def config_from_shapes(shapes: Mapping[str, Sequence[int]]) -> SD3ControlNetConfig:
     """The `SD3ControlNetConfig` the tensor shapes describe (`shapes`: key -> shape, e.g. from a file's header).
@@ -154,11 +139,7 @@ def load(source: TensorSource, options: LoadOptions) -> LoadedControl:
 
 def save(model: SD3ControlNet, path: Path, dtype: Optional[torch.dtype], overwrite: bool) -> Path:
     """One .safetensors file with diffusers' keys (what InstantX publish); diffusers reads it with a config.json."""
-    path = Path(path)
-    check_output_file(path, overwrite)
-    sd = {k: (v.to(dtype) if dtype is not None else v).detach().cpu() for k, v in model.state_dict().items()}
-    save_safetensors(sd, path, {"format": "pt"}, overwrite=overwrite)
-    return path
+    return save_state_dict(model, path, dtype, overwrite)
 
 
 FORMAT = Format("sd3-diffusers", "SD3 / SD3.5 ControlNet, diffusers layout (InstantX canny / pose / tile, alimama inpainting)",
