@@ -7,7 +7,8 @@ encoders, ComfyUI's progress bar and its Cancel button (which saves a checkpoint
 
 Files: `<output>/controlnet_training/<name>/` holds checkpoint.pt (resume; the one before it is kept as
 checkpoint.prev.pt), loss.png, losses.json and the encoder cache; the trained ControlNet goes to
-`<first controlnet folder>/<name>.safetensors` (v1.1 layout). Neither an earlier run of that name nor a model file
+`<first controlnet folder>/<name>.safetensors` (v1.1 layout; under `make run` on an embedded host, the run folder's
+`models/controlnet`, never the host's own inside the venv). Neither an earlier run of that name nor a model file
 of that name that this run did not write is ever replaced unless `overwrite` is on: the node stops before training.
 """
 from __future__ import annotations
@@ -68,6 +69,20 @@ def written_by_run(run_dir: Path, out: Path) -> bool:
     except (OSError, ValueError):
         return False
     return rec.get("path") == str(out) and rec.get("size") == st.st_size and rec.get("mtime_ns") == st.st_mtime_ns
+
+
+def controlnet_output_folder() -> Path:
+    """Where a trained model is saved: ComfyUI's first controlnet folder, except under `make run` on an embedded host.
+    That host's own models folder lives inside the venv, which a re-install replaces, so the run script names the run
+    folder's models (CNS_MODELS_DIR) instead, when ComfyUI lists it."""
+    folders = [Path(f) for f in folder_paths.get_folder_paths("controlnet")]
+    preferred = os.environ.get("CNS_MODELS_DIR")
+    if preferred:
+        wanted = Path(preferred) / "controlnet"
+        for f in folders:
+            if f.resolve() == wanted.resolve():
+                return f
+    return folders[0]
 
 
 def check_may_write(run_dir: Path, out: Path, *, resume: bool, overwrite: bool) -> None:
@@ -334,7 +349,7 @@ class ControlNetSuiteTrain:
 
         run_dir = Path(folder_paths.get_output_directory()) / "controlnet_training" / stem
         ckpt = run_dir / CHECKPOINT
-        out = Path(folder_paths.get_folder_paths("controlnet")[0]) / f"{stem}.safetensors"
+        out = controlnet_output_folder() / f"{stem}.safetensors"
         check_may_write(run_dir, out, resume=resume, overwrite=overwrite)  # before minutes of set-up, not after hours of training
         if precision == "auto":
             precision = "fp32" if device.type != "cuda" else ("bf16" if torch.cuda.is_bf16_supported() else "fp16")

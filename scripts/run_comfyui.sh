@@ -41,6 +41,9 @@ controlnet_suite:
   upscale_models: upscale_models
   custom_nodes: $RUN/custom_nodes
 YAML
+# An embedded host's own models folder lives in the venv, which a re-install replaces: what we write (a trained
+# ControlNet) goes to the run folder's models instead (nodes/train_node.py reads CNS_MODELS_DIR).
+[ -z "${COMFYUI_PATH:-}" ] && export CNS_MODELS_DIR="$RUN/models"
 HOST_ARGS=()
 # An embedded host lives in the venv, which a re-install replaces: keep its user folder (saved workflows, settings)
 # and its database beside the models instead. A user's own ComfyUI keeps its own.

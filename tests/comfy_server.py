@@ -45,6 +45,8 @@ class ComfyServer:
             if not link.exists():
                 link.symlink_to(ROOT / "tests" / "comfy_test_nodes", target_is_directory=True)
         self.env = dict(os.environ, CNS_RUN_DIR=str(self.run_dir), PORT=str(self.port), VENV=sys.prefix, PYTHONUNBUFFERED="1", **(extra_env or {}))
+        if os.environ.get("COMFYUI_PATH"):  # run_comfyui.sh leaves a user's own ComfyUI its models folder; a test never writes there
+            self.env.setdefault("CNS_MODELS_DIR", str(self.run_dir / "models"))
         self.proc: subprocess.Popen | None = None
         self.object_info: dict = {}
 
