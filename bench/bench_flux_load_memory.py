@@ -10,9 +10,11 @@ tensor bytes of the model the loader returns (goal <= 1.1x), and the peak total.
 Cases: ours (`load_control`, compute dtype bf16: the default for fp8 files, the stored dtype for bf16 ones) and
 ComfyUI's own `load_controlnet` on the same file asked for the same compute dtype (`model_options={"dtype": bf16}`).
 `--comfy-default` adds ComfyUI with its own dtype choice (on the CPU: fp8 files stay fp8 and are cast per layer at run
-time; bf16 files are upcast to fp32, twice the tensor bytes).
+time; bf16 files are upcast to fp32, twice the tensor bytes). `--keep-fp8` adds ours as the loader node loads (fp8
+weights kept in fp8, `keep_fp8=True`) and ComfyUI's own choice beside it, on the fp8 file; `--stored fp8` skips the
+bf16 file.
 
-    .venv/bin/python bench/bench_flux_load_memory.py [--double 5 --single 10] [--comfy-default]
+    .venv/bin/python bench/bench_flux_load_memory.py [--double 5 --single 10] [--comfy-default] [--keep-fp8] [--stored fp8]
 """
 from __future__ import annotations
 
@@ -55,6 +57,12 @@ def measure(method: str, path: str, dtype: str) -> None:
         baseline = proc_status_kib("VmRSS")
         t0 = time.perf_counter()
         model = load_control(path, dtype=getattr(torch, DTYPES[dtype]) if dtype != "default" else None).model
+    elif method == "ours-keep":
+        from controlnet_core import load_control
+
+        baseline = proc_status_kib("VmRSS")
+        t0 = time.perf_counter()
+        model = load_control(path, dtype=torch.bfloat16, keep_fp8=True).model
     else:
         from comfy_host import import_comfy
 
@@ -76,6 +84,8 @@ def main() -> None:
     ap.add_argument("--double", type=int, default=5)
     ap.add_argument("--single", type=int, default=10)
     ap.add_argument("--comfy-default", action="store_true", help="also ComfyUI with its own dtype choice")
+    ap.add_argument("--keep-fp8", action="store_true", help="also ours keeping fp8 weights, beside ComfyUI's own choice")
+    ap.add_argument("--stored", nargs="+", default=["fp8", "bf16"], choices=["fp8", "bf16"])
     ap.add_argument("--dir", default=None, help="where to write the files (default: a temporary folder)")
     args = ap.parse_args()
 
@@ -90,15 +100,16 @@ def main() -> None:
     print(f"{'file':5} {'loader':10} {'loaded as':15} {'peak-baseline':>14} {'/ tensor bytes':>15} {'peak total':>11} {'load s':>7}")
     cases = [("ours", "default"), ("comfy", "bf16")] + ([("comfy", "default")] if args.comfy_default else [])
     with tempfile.TemporaryDirectory(dir=args.dir) as d:
-        for stored in ("fp8", "bf16"):
+        for stored in args.stored:
             path = Path(d) / f"flux_instantx_{args.double}d{args.single}s_{stored}.safetensors"
             t0 = time.perf_counter()
             write_random_file(path, cfg, getattr(torch, DTYPES[stored]), seed=50)
             print(f"# wrote {path.name}: {path.stat().st_size / 2**30:.2f} GiB in {time.perf_counter() - t0:.0f} s")
             ratios = {}
-            for method, dtype in cases:
+            keep = [("ours-keep", "default"), ("comfy", "default")] if args.keep_fp8 and stored == "fp8" else []
+            for method, dtype in cases + [c for c in keep if c not in cases]:
                 out = subprocess.run([sys.executable, __file__, "--measure", method, str(path), dtype], capture_output=True, text=True, cwd=ROOT)
-                label = f"{method}" + ("" if method == "ours" or dtype == "bf16" else " (own)")
+                label = f"{method}" + ("" if method.startswith("ours") or dtype == "bf16" else " (own)")
                 if out.returncode != 0:
                     print(f"{stored:5} {label:10} failed (exit {out.returncode}): {out.stderr[-300:]}")
                     continue
@@ -112,6 +123,9 @@ def main() -> None:
             if ("ours", "default") in ratios and ("comfy", "bf16") in ratios:
                 print(f"{stored:5} ours / ComfyUI (same dtype), peak over baseline per tensor byte: "
                       f"{ratios[('ours', 'default')] / ratios[('comfy', 'bf16')]:.2f}x")
+            if ("ours-keep", "default") in ratios and ("comfy", "default") in ratios:
+                print(f"{stored:5} ours kept fp8 / ComfyUI's own fp8 handling, peak over baseline per tensor byte: "
+                      f"{ratios[('ours-keep', 'default')] / ratios[('comfy', 'default')]:.2f}x")
             path.unlink()
 
 

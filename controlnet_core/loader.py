@@ -61,24 +61,49 @@ def load_control(
     diffusers_config: Optional[Union[dict, str, os.PathLike]] = None,
     num_heads: Optional[int] = None,
     num_head_channels: Optional[int] = None,
+    keep_fp8: bool = False,
 ) -> LoadedControl:
     """Load any supported control checkpoint (ControlNet, T2I-Adapter, SD3 / SD3.5 ControlNet); the layout is detected from its keys.
 
     base_unet: the base model's UNet weights (bare ldm keys, or a full checkpoint with
         `model.diffusion_model.*`), needed by "diff" ControlNets and control-LoRAs.
-    dtype: compute dtype of the returned model (default: the stored dtype).
+    dtype: compute dtype of the returned model (default: the stored dtype; bf16 for fp8 files), or a function
+        (format record, dtype of the file's largest float tensor) -> compute dtype, for callers whose choice depends
+        on the family (a host's supported dtypes).
+    keep_fp8: fp8-stored Linear / Conv2d weights of the DiT families stay fp8 in memory and are cast to the compute
+        dtype as each layer runs, as ComfyUI runs fp8 ControlNets (half the memory of bf16; exact same outputs).
     global_average_pooling: shuffle models; None detects it (metadata, diffusers config, file name).
     diffusers_config: a diffusers config.json (dict or path); by default one next to the file is used.
 
     Every bad input raises a `ControlNetError` subclass whose message names the file (see `errors.py`).
     """
     source = _control_source(checkpoint)
-    options = LoadOptions(base_unet, dtype, device, global_average_pooling, diffusers_config, num_heads, num_head_channels)
     with _naming(source.name):
         fmt = formats.find_format(source.keys())
         if fmt is None:
             raise _unknown(source)
+        if callable(dtype):
+            dtype = dtype(fmt, _main_dtype(source))
+        options = LoadOptions(base_unet, dtype, device, global_average_pooling, diffusers_config, num_heads, num_head_channels, keep_fp8)
         return fmt.load(source, options)
+
+
+def _main_dtype(source: TensorSource) -> torch.dtype:
+    """The stored dtype of the largest floating-point tensor: what "the file's dtype" means when norms and biases are
+    kept wider than the fp8 weights."""
+    best, size = torch.float32, -1
+    for k in source.keys():
+        dtype = source.stored_dtype(k)
+        if dtype.is_floating_point and (n := _numel(source.shape(k))) > size:
+            best, size = dtype, n
+    return best
+
+
+def _numel(shape) -> int:
+    n = 1
+    for d in shape:
+        n *= int(d)
+    return n
 
 
 def _unknown(source: TensorSource) -> UnknownLayoutError:

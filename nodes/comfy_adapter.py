@@ -26,6 +26,7 @@ from ..controlnet_core import (
     scale,
 )
 from ..controlnet_core.hint import match_batch
+from ..controlnet_core.precision import compute_dtype_of
 from ..controlnet_core import flux, qwen
 from ..controlnet_core.mmdit import SD3ControlNet, append_keep_mask, hint_latent_from_vae
 from ..controlnet_core.mmdit import sd35_stability
@@ -255,7 +256,7 @@ class SuiteControl(ControlBase):
                 f"{self.name}: the latent it was given at sigma {sigma:.4g} already holds NaN or inf, so its residuals do too. "
                 "The base model or an earlier node made it: check the model's precision (try --force-fp32 or bf16) and the "
                 "input latent.")
-        dtype = next((p.dtype for p in self.backend.model.parameters()), None) if not self.is_foreign else None
+        dtype = compute_dtype_of(self.backend.model) if not self.is_foreign else None
         return NonFiniteResidualsError(
             f"{self.name}: its residuals turned NaN or infinite at sigma {sigma:.4g} from a finite latent"
             f"{f' (weights in {dtype})' if dtype is not None else ''}. The image would come out black, so sampling stopped. "
@@ -320,7 +321,7 @@ class SuiteControl(ControlBase):
                 keep = match_batch(keep, hint.shape[0], "inpainting mask")
             hint = append_keep_mask(hint, keep)
         hint = match_batch(hint, x_noisy.shape[0], "hint", batched_number)
-        dtype = next(self.backend.model.parameters()).dtype
+        dtype = compute_dtype_of(self.backend.model)
         self._prepared = (key, hint.to(device=x_noisy.device, dtype=dtype))
         return self._prepared[1]
 
@@ -348,7 +349,7 @@ class SuiteControl(ControlBase):
         """SD3-family controls: ComfyUI's MMDiT adds `output[k]` to its image tokens after joint block k."""
         model = self.backend.model
         cfg = model.config
-        dtype = next(model.parameters()).dtype
+        dtype = compute_dtype_of(model)
         hint = self._latent_hint_for(x_noisy, batched_number)
         if isinstance(model, SD3ControlNet):
             sites = model(x_in.to(dtype), hint, timesteps, context.to(device=x_in.device, dtype=dtype)).host_output(cfg.base_depth)
@@ -376,7 +377,7 @@ class SuiteControl(ControlBase):
         h, w = x_noisy.shape[-2] * 8, x_noisy.shape[-1] * 8
         key = ("pixels", x_noisy.shape[0], h, w, batched_number)
         if self._prepared is None or self._prepared[0] != key:
-            dtype = next(self.backend.model.parameters()).dtype
+            dtype = compute_dtype_of(self.backend.model)
             hint = prepare_hint(self.cond_hint_original, h, w, 3, x_noisy.shape[0], self.resize_mode, batched_number)
             self._prepared = (key, hint.to(device=x_noisy.device, dtype=dtype))
         return self._prepared[1]
@@ -384,7 +385,7 @@ class SuiteControl(ControlBase):
     def _flux_residuals(self, x_in, timesteps, context, cond, x_noisy, batched_number) -> ControlResiduals:
         """ComfyUI's Flux adds `input[k]` after double block k and `output[k]` after single block k (image tokens)."""
         model = self.backend.model
-        dtype = next(model.parameters()).dtype
+        dtype = compute_dtype_of(model)
         hint = self._latent_hint_for(x_noisy, batched_number) if self.backend.takes_latent_hint else self._pixel_hint_for(x_noisy, batched_number)
         cast = lambda t: None if t is None else t.to(device=x_in.device, dtype=dtype)  # noqa: E731
         types = getattr(self, "extra_args", {}).get("control_type") or []  # ComfyUI's SetUnionControlNetType on a union file
@@ -399,7 +400,7 @@ class SuiteControl(ControlBase):
     def _qwen_residuals(self, x_in, timesteps, context, x_noisy, batched_number) -> ControlResiduals:
         """ComfyUI's Qwen-Image adds `input[k]` after transformer block k (60 slots), to the image tokens."""
         model = self.backend.model
-        dtype = next(model.parameters()).dtype
+        dtype = compute_dtype_of(model)
         hint = self._latent_hint_for(x_noisy, batched_number)
         out = model(x_in.to(dtype), hint, timesteps, context.to(device=x_in.device, dtype=dtype))
         return ControlResiduals(input=tuple(out.host_control()["input"]), token_grid=_token_grid(x_noisy, 2))

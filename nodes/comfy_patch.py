@@ -24,6 +24,7 @@ import comfy.utils
 
 from ..controlnet_core import ControlMode, ControlNetError, IncompatibleModelError, LoadedControl, ResizeMode, check_hint_size, prepare_hint
 from ..controlnet_core.hint import match_batch
+from ..controlnet_core.precision import compute_dtype_of
 from ..controlnet_core.modes import SOFT_SPAN
 from ..controlnet_core.qwen import hint_latent_from_vae
 
@@ -147,7 +148,7 @@ class SuiteBlockPatch:
                 keep = match_batch(keep, hint.shape[0], "inpainting mask")
             hint = torch.cat([hint, keep.to(hint)], dim=1)
         param = next(self.net.parameters())
-        tokens = self.net.encode_hint(hint.to(device=param.device, dtype=param.dtype))
+        tokens = self.net.encode_hint(hint.to(device=param.device, dtype=compute_dtype_of(self.net)))
         self._hint = ((h, w), tokens.to(x.device))
         return self._hint[1]
 

@@ -4,11 +4,14 @@ from __future__ import annotations
 import logging
 from pathlib import Path
 
+import torch
+
 import comfy.model_management
 import folder_paths
 
 from ..controlnet_core import ControlNetError, load_control
 from ..controlnet_core.checkpoint import DictSource
+from ..controlnet_core.formats.record import Format
 from .comfy_adapter import SuiteControl, make_patcher
 
 log = logging.getLogger(__name__)
@@ -16,11 +19,17 @@ log = logging.getLogger(__name__)
 GAP_CHOICES = ["auto", "on", "off"]
 
 
-def _compute_dtype():
+def host_compute_dtype(fmt: Format, stored: torch.dtype) -> torch.dtype:
+    """The dtype ComfyUI's own ControlNet loader would compute this file in: its storage choice for the family's
+    supported dtypes (an fp8 file stays fp8), then its manual-cast dtype for the device when the weights are stored
+    in another. With `keep_fp8` on the load, the weights are then held as the host holds them."""
+    mm = comfy.model_management
+    supported = [getattr(torch, n) for n in fmt.inference_dtypes]
     try:
-        return comfy.model_management.unet_dtype()
-    except Exception:  # very old hosts: keep the stored dtype
-        return None
+        storage = mm.unet_dtype(model_params=-1, supported_dtypes=supported, weight_dtype=stored)
+    except TypeError:  # hosts before 2024-08 take no weight_dtype (and know no fp8 ControlNets)
+        storage = mm.unet_dtype(supported_dtypes=supported)
+    return mm.unet_manual_cast(storage, mm.get_torch_device(), supported) or storage
 
 
 class ControlNetSuiteLoader:
@@ -28,7 +37,7 @@ class ControlNetSuiteLoader:
         "Loads a ControlNet or T2I-Adapter in any common format: original v1.0/v1.1 .pth/.safetensors, diffusers, "
         "'diff' ControlNets, Stability control-LoRAs, T2I-Adapters, SDXL union (ControlNet++ / ProMax), SD3 / SD3.5 "
         "ControlNets (InstantX, alimama inpainting, Stability's SD3.5 Large blur / canny / depth) and Flux ControlNets "
-        "(InstantX, Shakker union, Union Pro 2.0, alimama inpainting, XLabs, MistoLine; fp8 files too) and Qwen-Image "
+        "(InstantX, Shakker union, Union Pro 2.0, alimama inpainting, XLabs, MistoLine; fp8 files stay fp8 in memory, as in ComfyUI's loader) and Qwen-Image "
         "ControlNets (InstantX, union, inpainting; DiffSynth's blockwise model patches, which go to Apply ControlNet Patch "
         "(Suite)). The layout is "
         "detected from the file's tensors. Diff ControlNets and control-LoRAs need the base model connected to 'model'; "
@@ -67,8 +76,8 @@ class ControlNetSuiteLoader:
             base = DictSource(model.model.diffusion_model.state_dict(), name=f"base model of {control_net_name}")
         gap = {"auto": None, "on": True, "off": False}[global_average_pooling]
         try:
-            loaded = load_control(path, base_unet=base, dtype=_compute_dtype(), device=comfy.model_management.unet_offload_device(),
-                                  global_average_pooling=gap)
+            loaded = load_control(path, base_unet=base, dtype=host_compute_dtype, device=comfy.model_management.unet_offload_device(),
+                                  global_average_pooling=gap, keep_fp8=True)
         except ControlNetError as e:  # the library's message, with its class, behind the node's name
             raise type(e)(f"Load ControlNet (Suite): {e}") from None
         return (SuiteControl(loaded, make_patcher(loaded.model), name=Path(control_net_name).name),)

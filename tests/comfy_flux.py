@@ -67,15 +67,24 @@ def xlabs_file(path: Path, seed: int = 32) -> Path:
 
 
 def host_control(path: Path):
-    """ComfyUI's ControlNet object for the file, as its loader builds it at full width (see the module doc)."""
+    """ComfyUI's ControlNet object for the file, as its loader builds it at full width (see the module doc). An fp8
+    file is held as the loader holds it (controlnet_config): fp8 weights, ComfyUI's manual-cast operations computing in
+    the host's cast dtype for the device."""
     import comfy.controlnet
     import comfy.latent_formats
     import comfy.ldm.flux.controlnet
     import comfy.model_detection
+    import comfy.model_management
     import comfy.ops
+    import comfy.utils
     from safetensors.torch import load_file
 
     sd = load_file(str(path))
+    weight_dtype = comfy.utils.weight_dtype(sd)
+    dtype, cast, ops = torch.float32, None, comfy.ops.disable_weight_init
+    if weight_dtype in (torch.float8_e4m3fn, torch.float8_e5m2):
+        dtype, cast = weight_dtype, comfy.model_management.unet_manual_cast(weight_dtype, torch.device("cpu"))
+        ops = comfy.ops.pick_operations(dtype, cast, disable_fast_fp8=True)
     if "controlnet_x_embedder.weight" in sd:  # load_controlnet_flux_instantx
         new = comfy.model_detection.convert_diffusers_mmdit(dict(sd), "")
         for k, v in sd.items():
@@ -85,13 +94,12 @@ def host_control(path: Path):
         double = sum(1 for k in sd if k.startswith("transformer_blocks.") and k.endswith(".norm1.linear.weight"))
         single = sum(1 for k in sd if k.startswith("single_transformer_blocks.") and k.endswith(".norm.linear.weight"))
         net = comfy.ldm.flux.controlnet.ControlNetFlux(latent_input=True, num_union_modes=modes, control_latent_channels=channels,
-                                                      operations=comfy.ops.disable_weight_init, dtype=torch.float32, device="cpu",
-                                                      **params(double, single))
+                                                      operations=ops, dtype=dtype, device="cpu", **params(double, single))
         net.load_state_dict({k: v for k, v in new.items() if k in net.state_dict()}, strict=True)
         return comfy.controlnet.ControlNet(net, compression_ratio=1, latent_format=comfy.latent_formats.Flux(), concat_mask=channels == 17,
-                                           load_device=torch.device("cpu"), manual_cast_dtype=None, extra_conds=["y", "guidance"])
+                                           load_device=torch.device("cpu"), manual_cast_dtype=cast, extra_conds=["y", "guidance"])
     # load_controlnet_flux_xlabs_mistoline
     double = sum(1 for k in sd if k.startswith("double_blocks.") and k.endswith(".img_attn.qkv.weight"))
-    net = comfy.ldm.flux.controlnet.ControlNetFlux(operations=comfy.ops.disable_weight_init, dtype=torch.float32, device="cpu", **params(double, 0))
+    net = comfy.ldm.flux.controlnet.ControlNetFlux(operations=ops, dtype=dtype, device="cpu", **params(double, 0))
     net.load_state_dict(sd, strict=True)
-    return comfy.controlnet.ControlNet(net, load_device=torch.device("cpu"), manual_cast_dtype=None, extra_conds=["y", "guidance"])
+    return comfy.controlnet.ControlNet(net, load_device=torch.device("cpu"), manual_cast_dtype=cast, extra_conds=["y", "guidance"])

@@ -92,7 +92,8 @@ def test_full_width_file_matches_comfyui_builtin_loader_once(comfy, files, caplo
 
 
 def test_full_width_fp8_file_loads_in_bfloat16_once(files, tmp_path):
-    """float8_e4m3fn storage: computed in bfloat16 unless asked otherwise; each weight is the fp8 value cast."""
+    """float8_e4m3fn storage: computed in bfloat16 unless asked otherwise; each weight is the fp8 value cast. Kept in
+    fp8 (keep_fp8), the same outputs."""
     from safetensors import safe_open
 
     path = convert_file(files["instantx"], tmp_path / "flux_instantx_full_1d1s_fp8.safetensors", torch.float8_e4m3fn)
@@ -109,5 +110,14 @@ def test_full_width_fp8_file_loads_in_bfloat16_once(files, tmp_path):
     with torch.no_grad():
         out = ours.model.eval()(x.bfloat16(), hint.bfloat16(), t, ctx.bfloat16(), y.bfloat16(), guidance)
     assert all(o.dtype == torch.bfloat16 and bool(torch.isfinite(o).all()) for o in out.double + out.single)
-    del params, ours, out
+    del params, ours
+    gc.collect()
+    # held as ComfyUI holds it (keep_fp8, what the loader node asks): 1 byte a weight in memory, the same outputs
+    kept = load_control(path, dtype=torch.bfloat16, keep_fp8=True)
+    fp8 = sum(p.numel() for p in kept.model.parameters() if p.dtype == torch.float8_e4m3fn)
+    assert fp8 > 0.99 * sum(p.numel() for p in kept.model.parameters())
+    with torch.no_grad():
+        again = kept.model(x.bfloat16(), hint.bfloat16(), t, ctx.bfloat16(), y.bfloat16(), guidance)
+    assert all(torch.equal(a, b) for a, b in zip(out.double + out.single, again.double + again.single))
+    del kept, out, again
     gc.collect()

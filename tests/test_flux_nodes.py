@@ -3,15 +3,17 @@ nodes in the real host, against ComfyUI's own Flux ControlNet objects and apply 
 Flux base (built in-process: see comfy_flux.py): final latents, token masks, modes, strength 0, wrong families."""
 import pytest
 import torch
+from safetensors.torch import load_file
 
 from comfy_flux import CONTEXT, POOLED, host_control, instantx_file, tiny_flux, xlabs_file
+from factories import save
 from controlnet_core import load_control
 from controlnet_core.modes import SOFT_SPAN
 from host import Graph, PromptFailed, finish
 from test_nodes import image, spy_calls
 
 FILES = {"plain": "flux_instantx_tiny.safetensors", "union": "flux_union_tiny.safetensors", "inpaint": "flux_inpaint_tiny.safetensors",
-         "xlabs": "flux_xlabs_tiny.safetensors"}
+         "xlabs": "flux_xlabs_tiny.safetensors", "plain-fp8": "flux_instantx_tiny_fp8.safetensors", "xlabs-fp8": "flux_xlabs_tiny_fp8.safetensors"}
 SIZE = 64
 
 
@@ -23,6 +25,8 @@ def flux(host):
     folder = host.dirs["controlnet"]
     paths = {"plain": instantx_file(folder / FILES["plain"]), "union": instantx_file(folder / FILES["union"], modes=4, seed=33),
              "inpaint": instantx_file(folder / FILES["inpaint"], inpaint=True, seed=34), "xlabs": xlabs_file(folder / FILES["xlabs"])}
+    for name in ("plain", "xlabs"):  # fp8 files, as Flux ControlNets are mostly published
+        paths[f"{name}-fp8"] = save(folder / FILES[f"{name}-fp8"], {k: v.to(torch.float8_e4m3fn) for k, v in load_file(str(paths[name])).items()})
     for name, path in paths.items():
         nodes.PROVIDED_CONTROL[f"flux-{name}"] = host_control(path)
     return host
@@ -66,7 +70,7 @@ def run(host, build=None, spy=None):
 def test_files_load_as_flux_families(flux):
     got = {name: load_control(flux.dirs["controlnet"] / f) for name, f in FILES.items()}
     assert {n: lc.format for n, lc in got.items()} == {"plain": "flux-instantx", "union": "flux-instantx", "inpaint": "flux-instantx",
-                                                      "xlabs": "flux-xlabs"}
+                                                      "xlabs": "flux-xlabs", "plain-fp8": "flux-instantx", "xlabs-fp8": "flux-xlabs"}
     assert got["plain"].takes_latent_hint and not got["xlabs"].takes_latent_hint
     assert got["union"].config.num_modes == 4 and got["inpaint"].config.extra_conditioning_channels == 1
 
@@ -80,6 +84,28 @@ def test_our_nodes_match_the_builtin_control_and_interoperate(flux, name):
                                                                    image(g, SIZE, SIZE, seed=3), vae, 0.8))
     ref = results["builtin+builtin"]
     assert ref.shape == (1, 16, 8, 8) and (ref - run(flux)).abs().max() > 1e-3
+    for combo, out in results.items():
+        torch.testing.assert_close(out, ref, rtol=1e-4, atol=1e-4, msg=combo)
+
+
+@pytest.mark.parametrize("name", ["plain-fp8", "xlabs-fp8"])
+def test_fp8_files_stay_fp8_in_memory_and_match_the_builtins_fp8_path(flux, name):
+    """Our loader holds an fp8 file as ComfyUI's does (fp8 weights, each cast to the host's compute dtype where it is
+    used: float32 on this CPU), and gives the built-in's final latent, which runs the same file through its
+    manual-cast operations."""
+    (loaded,) = flux.nodes.NODE_CLASS_MAPPINGS["ControlNetSuiteLoader"]().load(FILES[name])
+    model = loaded.backend.model
+    stored = {p.dtype for n, p in model.named_parameters() if n.endswith("qkv.weight") or n.endswith("to_q.weight")}
+    assert stored == {torch.float8_e4m3fn} and model.compute_dtype == torch.float32
+    fp8_bytes = sum(p.numel() * p.element_size() for p in model.parameters())
+    assert fp8_bytes < 0.4 * sum(p.numel() * 4 for p in model.parameters())  # an upcast model would hold 4 bytes per weight
+    results = {}
+    for combo in ("builtin+builtin", "ours+ours", "ours+builtin"):
+        load_kind, apply_kind = combo.split("+")
+        results[combo] = run(flux, lambda g, pos, neg, vae: apply(apply_kind, g, pos, neg, control(g, load_kind, name),
+                                                                   image(g, SIZE, SIZE, seed=3), vae, 0.8))
+    ref = results["builtin+builtin"]
+    assert (ref - run(flux)).abs().max() > 1e-3
     for combo, out in results.items():
         torch.testing.assert_close(out, ref, rtol=1e-4, atol=1e-4, msg=combo)
 

@@ -20,7 +20,7 @@ import torch
 
 from ..checkpoint import TensorSource
 from ..errors import CheckpointError, ControlNetError
-from ..loading import LoadedControl, LoadOptions, read_float, strict_fill
+from ..loading import LoadedControl, LoadOptions, finish_load, float_reader, strict_fill
 from .record import Format
 from .shapes import compute_dtype, count_blocks, expect, save_state_dict, shape_of
 from ..flux.config import HINT_ENCODER_CHANNELS, PATCH, TIME_FREQ_DIM, FluxControlNetConfig, scaled_axes_dims
@@ -311,7 +311,7 @@ def _compute_dtype(source: TensorSource, options: LoadOptions) -> torch.dtype:
 
 def load(source: TensorSource, options: LoadOptions) -> LoadedControl:
     """Any of the three layouts: the keys are our parameter names. fp8 tensors are cast one by one on reading, into
-    the compute dtype; nothing is written back."""
+    the compute dtype, or stay fp8 with `keep_fp8`; nothing is written back."""
     from ..flux import build_flux_controlnet
 
     keys = list(source.keys())
@@ -320,8 +320,9 @@ def load(source: TensorSource, options: LoadOptions) -> LoadedControl:
     dtype = _compute_dtype(source, options)
     with torch.device("meta"):
         model = build_flux_controlnet(config, dtype=dtype)
-    strict_fill(model, lambda k: read_float(source, k, dtype), set(keys), source.name, name)
-    model.to(options.device).eval().requires_grad_(False)
+    read = float_reader(model, source, dtype, options.keep_fp8)
+    strict_fill(model, lambda k: read(k, k), set(keys), source.name, name)
+    finish_load(model, options, dtype)
     log.info("loaded %s as '%s': %s", source.name, name, config.summary())
     return LoadedControl(model, name, source.name)
 
@@ -331,11 +332,14 @@ def save(model, path: Path, dtype: Optional[torch.dtype], overwrite: bool) -> Pa
     return save_state_dict(model, path, dtype, overwrite)
 
 
+_FLUX_DTYPES = ("bfloat16", "float16", "float32")  # ComfyUI's order for Flux
 FORMATS = (
     Format("flux-instantx", "Flux ControlNet, diffusers layout (InstantX, Shakker union / Union Pro 2.0, alimama inpainting)",
-           SIGNATURE_INSTANTX, is_flux_instantx, load, save, kind="flux_controlnet", takes_latent_hint=True),
+           SIGNATURE_INSTANTX, is_flux_instantx, load, save, kind="flux_controlnet", takes_latent_hint=True,
+           inference_dtypes=_FLUX_DTYPES),
     Format("flux-xlabs", "Flux ControlNet, XLabs layout (pixel hint encoder, double blocks)", SIGNATURE_XLABS, is_flux_xlabs, load, save,
-           kind="flux_controlnet"),
-    Format("flux-mistoline", "Flux ControlNet, MistoLine layout", SIGNATURE_MISTOLINE, is_flux_mistoline, load, save, kind="flux_controlnet"),
+           kind="flux_controlnet", inference_dtypes=_FLUX_DTYPES),
+    Format("flux-mistoline", "Flux ControlNet, MistoLine layout", SIGNATURE_MISTOLINE, is_flux_mistoline, load, save, kind="flux_controlnet",
+           inference_dtypes=_FLUX_DTYPES),
 )
 _FORMAT_OF_LAYOUT = {"instantx": "flux-instantx", "xlabs": "flux-xlabs", "mistoline": "flux-mistoline"}

@@ -23,7 +23,7 @@ import torch
 from ..checkpoint import TensorSource
 from ..errors import CheckpointError, ControlNetError
 from ..flux.config import scaled_axes_dims
-from ..loading import LoadedControl, LoadOptions, read_float, strict_fill
+from ..loading import LoadedControl, LoadOptions, finish_load, float_reader, strict_fill
 from ..qwen.config import PATCH, TIME_FREQ_DIM, QwenControlNetConfig
 from .record import Format
 from .shapes import compute_dtype, count_blocks, expect, save_state_dict, shape_of
@@ -136,7 +136,8 @@ def _compute_dtype(source: TensorSource, options: LoadOptions) -> torch.dtype:
 
 
 def load(source: TensorSource, options: LoadOptions) -> LoadedControl:
-    """The keys are our parameter names. fp8 tensors are cast one by one on reading, into the compute dtype."""
+    """The keys are our parameter names. fp8 tensors are cast one by one on reading, into the compute dtype, or stay
+    fp8 with `keep_fp8`."""
     from ..qwen import build_qwen_controlnet
 
     keys = list(source.keys())
@@ -144,8 +145,9 @@ def load(source: TensorSource, options: LoadOptions) -> LoadedControl:
     dtype = _compute_dtype(source, options)
     with torch.device("meta"):
         model = build_qwen_controlnet(config, dtype=dtype)
-    strict_fill(model, lambda k: read_float(source, k, dtype), set(keys), source.name, FORMAT.name)
-    model.to(options.device).eval().requires_grad_(False)
+    read = float_reader(model, source, dtype, options.keep_fp8)
+    strict_fill(model, lambda k: read(k, k), set(keys), source.name, FORMAT.name)
+    finish_load(model, options, dtype)
     log.info("loaded %s as '%s': %s", source.name, FORMAT.name, config.summary())
     return LoadedControl(model, FORMAT.name, source.name)
 
@@ -156,4 +158,5 @@ def save(model, path: Path, dtype: Optional[torch.dtype], overwrite: bool) -> Pa
 
 
 FORMAT = Format("qwen-instantx", "Qwen-Image ControlNet, diffusers layout (InstantX canny / depth / union, inpainting)",
-                SIGNATURE, is_qwen_instantx, load, save, kind="qwen_controlnet", takes_latent_hint=True)
+                SIGNATURE, is_qwen_instantx, load, save, kind="qwen_controlnet", takes_latent_hint=True,
+                inference_dtypes=("bfloat16", "float32"))

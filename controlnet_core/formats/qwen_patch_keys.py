@@ -11,7 +11,7 @@ import torch
 
 from ..checkpoint import TensorSource
 from ..errors import CheckpointError, ControlNetError
-from ..loading import LoadedControl, LoadOptions, read_float, strict_fill
+from ..loading import LoadedControl, LoadOptions, finish_load, float_reader, strict_fill
 from ..qwen.blockwise import QwenBlockwiseConfig, QwenBlockwiseControlNet
 from ..qwen.config import LATENT_CHANNELS, PATCH
 from .record import Format
@@ -52,8 +52,9 @@ def load(source: TensorSource, options: LoadOptions) -> LoadedControl:
     dtype = compute_dtype(source.stored_dtype("img_in.weight"), options.dtype)
     with torch.device("meta"):
         model = QwenBlockwiseControlNet(config, dtype=dtype)
-    strict_fill(model, lambda k: read_float(source, k, dtype), set(keys), source.name, FORMAT.name)
-    model.to(options.device).eval().requires_grad_(False)
+    read = float_reader(model, source, dtype, options.keep_fp8)
+    strict_fill(model, lambda k: read(k, k), set(keys), source.name, FORMAT.name)
+    finish_load(model, options, dtype)
     log.info("loaded %s as '%s': %s", source.name, FORMAT.name, config.summary())
     return LoadedControl(model, FORMAT.name, source.name)
 
@@ -63,4 +64,5 @@ def save(model: QwenBlockwiseControlNet, path: Path, dtype: Optional[torch.dtype
 
 
 FORMAT = Format("qwen-diffsynth", "Qwen-Image blockwise ControlNet (DiffSynth canny / depth / inpaint; a model patch: MODEL in, MODEL out)",
-                SIGNATURE, is_qwen_blockwise, load, save, kind="qwen_patch", takes_latent_hint=True)
+                SIGNATURE, is_qwen_blockwise, load, save, kind="qwen_patch", takes_latent_hint=True,
+                inference_dtypes=("bfloat16", "float32"))

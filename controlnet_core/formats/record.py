@@ -29,6 +29,8 @@ class Format:
         is only read (e.g. "diff" files, whose deltas need the base they were made against).
     kind: what the model is: "controlnet", "t2i_adapter", "sd3_controlnet", "sd35_controlnet", ...
     takes_latent_hint: the hint is the condition image through the base model's VAE (DiT families), not pixels.
+    inference_dtypes: the compute dtypes the family runs in, preferred first (names of torch dtypes); a host picks
+        the first its device supports. Flux and Qwen-Image overflow in fp16, so they list bf16 first, as ComfyUI does.
     """
 
     name: str
@@ -39,6 +41,7 @@ class Format:
     save: Optional[Callable[["torch.nn.Module", Path, "Optional[torch.dtype]", bool], Path]] = None
     kind: str = "controlnet"
     takes_latent_hint: bool = False
+    inference_dtypes: tuple[str, ...] = ("float16", "bfloat16", "float32")
 
     def signature_stems(self) -> set[str]:
         return {k.split(".")[0] for k in self.signature}

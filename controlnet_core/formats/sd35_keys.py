@@ -15,11 +15,11 @@ import torch
 
 from ..checkpoint import TensorSource
 from ..errors import CheckpointError, ControlNetError
-from ..loading import LoadedControl, LoadOptions, first_float_dtype, read_float, strict_fill
+from ..loading import LoadedControl, LoadOptions, finish_load, first_float_dtype, float_reader, strict_fill
 from ..mmdit.config import HEAD_DIM, TIME_FREQ_DIM
 from ..mmdit.sd35_stability import CONTROL_TYPES, SD35ControlNet, SD35ControlNetConfig
 from .record import Format
-from .shapes import count_blocks, expect, save_state_dict, shape_of
+from .shapes import compute_dtype, count_blocks, expect, save_state_dict, shape_of
 
 log = logging.getLogger(__name__)
 
@@ -123,9 +123,7 @@ def load(source: TensorSource, options: LoadOptions) -> LoadedControl:
             raise CheckpointError(f"{source.name}: '{CONTROL_TYPE_KEY}' holds {value.numel()} values; expected one number (0 blur, 1 canny, 2 depth).")
         control_type = round(float(value.float().item()))
     config = config_from_shapes({k: source.shape(s) for k, s in mapping.items()}, control_type)
-    dtype = options.dtype
-    if dtype is None:
-        dtype = first_float_dtype(source, mapping["pos_embed_input.proj.weight"])
+    dtype = compute_dtype(first_float_dtype(source, mapping["pos_embed_input.proj.weight"]), options.dtype)
     with torch.device("meta"):
         model = SD35ControlNet(config, dtype=dtype)
     adopted = tuple(p + "." for p in config.base_embedders)
@@ -136,14 +134,15 @@ def load(source: TensorSource, options: LoadOptions) -> LoadedControl:
     for k in ignored:
         del mapping[k]
     shapes = model.state_dict()
+    read = float_reader(model, source, dtype, options.keep_fp8)
 
     def get(key: str) -> torch.Tensor:
         if key in from_base:
             return torch.zeros(shapes[key].shape, dtype=dtype)
-        return read_float(source, mapping[key], dtype)
+        return read(key, mapping[key])
 
     strict_fill(model, get, set(mapping) | from_base, source.name, FORMAT.name)
-    model.to(options.device).eval().requires_grad_(False)
+    finish_load(model, options, dtype)
     log.info("loaded %s as '%s': %s", source.name, FORMAT.name, config.summary())
     return LoadedControl(model, FORMAT.name, source.name)
 

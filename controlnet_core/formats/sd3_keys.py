@@ -21,11 +21,11 @@ import torch
 
 from ..checkpoint import TensorSource
 from ..errors import CheckpointError, ControlNetError
-from ..loading import LoadedControl, LoadOptions, first_float_dtype, read_float, strict_fill
+from ..loading import LoadedControl, LoadOptions, finish_load, first_float_dtype, float_reader, strict_fill
 from ..mmdit.config import HEAD_DIM, TIME_FREQ_DIM, SD3ControlNetConfig
 from ..mmdit.sd3_control import SD3ControlNet
 from .record import Format
-from .shapes import count_blocks, expect, save_state_dict, shape_of
+from .shapes import compute_dtype, count_blocks, expect, save_state_dict, shape_of
 
 log = logging.getLogger(__name__)
 
@@ -128,11 +128,12 @@ def load(source: TensorSource, options: LoadOptions) -> LoadedControl:
     """The keys already are our parameter names: no key table."""
     keys = list(source.keys())
     config = config_from_shapes({k: source.shape(k) for k in keys})
-    dtype = options.dtype or first_float_dtype(source, "pos_embed.proj.weight")
+    dtype = compute_dtype(first_float_dtype(source, "pos_embed.proj.weight"), options.dtype)
     with torch.device("meta"):
         model = SD3ControlNet(config, dtype=dtype)
-    strict_fill(model, lambda k: read_float(source, k, dtype), set(keys), source.name, FORMAT.name)
-    model.to(options.device).eval().requires_grad_(False)
+    read = float_reader(model, source, dtype, options.keep_fp8)
+    strict_fill(model, lambda k: read(k, k), set(keys), source.name, FORMAT.name)
+    finish_load(model, options, dtype)
     log.info("loaded %s as '%s': %s", source.name, FORMAT.name, config.summary())
     return LoadedControl(model, FORMAT.name, source.name)
 

@@ -12,10 +12,10 @@ import torch
 
 from ..checkpoint import check_output_file, save_safetensors
 from ..errors import CheckpointError
+from ..precision import FP8
 
 Shapes = Mapping[str, Sequence[int]]
 # fp8 is a storage format: fp8 files compute in bf16 unless the caller asks otherwise, as the host does
-FP8 = {getattr(torch, n) for n in ("float8_e4m3fn", "float8_e5m2", "float8_e4m3fnuz", "float8_e5m2fnuz") if hasattr(torch, n)}
 
 
 def shape_of(shapes: Shapes, key: str, rank: int, needs: str) -> tuple[int, ...]:

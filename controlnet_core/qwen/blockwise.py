@@ -21,6 +21,7 @@ from torch import nn
 
 from ..errors import ControlNetError
 from ..flux.layers import pack
+from ..precision import compute_dtype_of
 from .config import LATENT_CHANNELS, PATCH
 
 _EPS = 1e-6
@@ -90,7 +91,7 @@ class QwenBlockwiseControlNet(nn.Module):
             hint_latent = hint_latent[:, :, 0]
         if hint_latent.ndim != 4 or hint_latent.shape[1] != cfg.hint_channels:
             raise ControlNetError(f"the hint has shape {list(hint_latent.shape)}; this {cfg.summary()} takes [B, {cfg.hint_channels}, H, W].")
-        return self.img_in(pack(hint_latent.to(self.img_in.weight.dtype)))
+        return self.img_in(pack(hint_latent.to(compute_dtype_of(self))))
 
     def block_residual(self, index: int, img: torch.Tensor, hint_tokens: torch.Tensor) -> torch.Tensor:
         """What to add to the base's image tokens `img` (B, T, hidden) after its block `index`; unscaled."""
