@@ -7,7 +7,7 @@ The model is built on `meta` and each weight is read once, straight into its fin
 from __future__ import annotations
 
 import os
-from dataclasses import dataclass, field
+from dataclasses import dataclass
 from typing import Mapping, Optional, Union
 
 import torch
