@@ -31,6 +31,7 @@ def test_only_controlnet_parameters_learn_when_locked(tmp_path):
     tr.train_step()
     assert all(torch.equal(v, tr.unet.state_dict()[k]) for k, v in before.items())
     assert all(p.grad is None for p in tr.unet.parameters())
+    assert all(p.grad is None for p in tr.controlnet.parameters())  # freed right after the optimizer step
     changed = [k for k, v in cn_before.items() if not torch.equal(v, tr.controlnet.state_dict()[k])]
     # paper section 3.1: with zero convs at 0, the first step moves only the zero convs (the copy gets zero gradient) ...
     assert any(k.startswith("zero_convs") for k in changed) and not any(k.startswith("input_blocks") for k in changed)
