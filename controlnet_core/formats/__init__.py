@@ -7,7 +7,7 @@ from __future__ import annotations
 
 from typing import Iterable, Optional
 
-from . import diffusers, flux_keys, ldm, patches, qwen_keys, qwen_patch_keys, sd3_keys, sd35_keys, t2i
+from . import diffusers, flux_keys, ldm, patches, qwen_keys, qwen_patch_keys, sd3_keys, sd35_keys, t2i, zimage_keys
 from .record import Format
 
 REGISTRY: tuple[Format, ...] = (
@@ -17,6 +17,7 @@ REGISTRY: tuple[Format, ...] = (
     *flux_keys.FORMATS,
     qwen_keys.FORMAT,
     qwen_patch_keys.FORMAT,
+    zimage_keys.FORMAT,
     patches.DIFF,
     *ldm.FORMATS,
     diffusers.FORMAT,
