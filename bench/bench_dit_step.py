@@ -1,14 +1,19 @@
 """One controlled sampling step of the DiT families through the real host: our ControlNet vs ComfyUI's built-in one.
 
-Families: SD3 (diffusers layout, InstantX-style), Stability's SD3.5 ControlNets, Flux InstantX, Flux XLabs. For each,
-one base model (ComfyUI's own MMDiT / Flux classes, random weights), one random-weight ControlNet file, and three
-ways to sample it with ComfyUI's own `KSampler` node (euler, 3 steps):
+Families: SD3 (diffusers layout, InstantX-style), Stability's SD3.5 ControlNets, Flux InstantX, Flux XLabs, Qwen-Image
+InstantX, Qwen-Image DiffSynth blockwise patches. For each, one base model (ComfyUI's own MMDiT / Flux / Qwen-Image
+classes, random weights), one random-weight ControlNet file, and three ways to sample it with ComfyUI's own `KSampler`
+node (euler, 3 steps):
 - ours: the file through Load ControlNet (Suite) + Apply ControlNet (Suite) (balanced mode, strength 1);
 - built-in: ComfyUI's own ControlNet object for the same file + its `ControlNetApplyAdvanced`. SD3 / SD3.5 files go
   through ComfyUI's `ControlNetLoader`; for Flux its loader only accepts Flux.1's full width (3072), so its objects
   are built directly at the bench's width the way its `load_controlnet_flux_*` functions build them (as
   tests/comfy_flux.py does);
 - plain: no ControlNet.
+Qwen-Image InstantX files are built like Flux's (the host's detection fixes width 3072); the DiffSynth patches are model
+patches: ours through Load ControlNet (Suite) + Apply ControlNet Patch (Suite), the built-in through ComfyUI's
+`QwenImageDiffsynthControlnet` on its own `QwenImageBlockWiseControlNet` holding the same weights (MODEL in, MODEL out,
+so the patch runs inside the base model and "ControlNet = step - base" does not apply).
 Timed: every call of ComfyUI's `calc_cond_batch` (one sampling step: the ControlNet's `get_control` plus the base
 model, cond and uncond batched) through the host's own wrapper API (`WrappersMP.CALC_COND_BATCH`), and inside it the
 base model's `apply_model` (`WrappersMP.APPLY_MODEL`), so "ControlNet" = step - base. The first step of every run also
@@ -20,6 +25,9 @@ blocks, SD3.5 DiT blocks) cost the same per token they process (12 w^2 multiply-
 - Stability SD3.5, n DiT blocks over the image tokens only: 1 + n * N_img / (d * (N_img + N_txt));
 - Flux, base D double + S single blocks, ControlNet n_d + n_s blocks, all over image + text tokens:
   (D + S + n_d + n_s) / (D + S);
+- Qwen-Image InstantX, n blocks on a base of D, all over image + text tokens: (D + n) / D;
+- Qwen-Image DiffSynth, one small block per base block (two w x w projections, 2 w^2 per image token, against the base
+  block's 12 w^2 per image and text token): 1 + N_img / (6 (N_img + N_txt));
 plus the hint embedding (a linear projection of the latent hint; XLabs: a pixel-space conv encoder at 8x the latent's
 size) and the ControlNet's own text / time embedders. Printed for the bench's shapes and the published ones, next to
 the FLOPs `torch.utils.flop_counter` counts in one step of each kind.
@@ -38,8 +46,10 @@ from pathlib import Path
 import torch
 from common import machine
 
-FAMILIES = ("sd3", "sd35", "flux-instantx", "flux-xlabs")
+FAMILIES = ("sd3", "sd35", "flux-instantx", "flux-xlabs", "qwen-instantx", "qwen-diffsynth")
 SD3_TEXT, FLUX_TEXT = 154, 128  # text tokens: SD3 77 CLIP + 77 T5 (published: 77 + 256); Flux 128 T5 (schnell 256, dev 512)
+QWEN_TEXT, QWEN_CONTEXT = 128, 512  # Qwen2.5-VL tokens of a short prompt after the template; text width (published 3584)
+QWEN_AXES = (16, 56, 56)
 
 
 @dataclass
@@ -56,6 +66,7 @@ class Case:
     shape: str  # one line: base and ControlNet
     floor: float  # the block-count floor at the bench's shape
     published: str  # the same for a published shape
+    models: dict | None = None  # model patches: kind -> the patched MODEL (the conditioning is then the same for all)
 
 
 # -- base models and files ---------------------------------------------------------------------------------------
@@ -183,6 +194,64 @@ def flux_builtin(path: Path, width: int):
     return comfy.controlnet.ControlNet(net, load_device=torch.device("cpu"), manual_cast_dtype=None, extra_conds=["y", "guidance"])
 
 
+def qwen_sizes(width: int) -> dict:
+    return dict(attention_head_dim=128, num_attention_heads=width // 128, joint_attention_dim=QWEN_CONTEXT, axes_dims_rope=QWEN_AXES)
+
+
+def qwen_base(width: int, depth: int, seed: int = 67):
+    """(ModelPatcher, VAE): ComfyUI's Qwen-Image base built in-process (as tests/comfy_qwen.tiny_qwen) at this width."""
+    import comfy.model_management as mm
+    import comfy.model_patcher
+    import comfy.sd
+    import comfy.supported_models
+    from comfy_qwen import tiny_wan21_vae
+
+    with torch.no_grad():
+        base = comfy.supported_models.QwenImage({"image_model": "qwen_image", "num_layers": depth, **qwen_sizes(width)}).get_model({})
+    _randomized(base.diffusion_model, seed)
+    model = comfy.model_patcher.ModelPatcher(base, load_device=mm.get_torch_device(), offload_device=mm.unet_offload_device())
+    return model, comfy.sd.VAE(sd=tiny_wan21_vae(seed + 1))
+
+
+def qwen_instantx_file(path: Path, width: int, blocks: int, seed: int = 68) -> Path:
+    from controlnet_core.qwen import QwenControlNetConfig, build_qwen_controlnet
+    from factories import save
+
+    cfg = QwenControlNetConfig(hidden_size=width, head_dim=128, num_layers=blocks, hint_channels=64, joint_attention_dim=QWEN_CONTEXT,
+                               mlp_hidden_dim=4 * width, axes_dims_rope=QWEN_AXES)
+    return save(path, _randomized(build_qwen_controlnet(cfg), seed).state_dict())
+
+
+def qwen_builtin(path: Path, width: int):
+    """ComfyUI's ControlNet object for a Qwen-Image InstantX file, as `load_controlnet_qwen_instantx` builds it, at the
+    file's width."""
+    import comfy.controlnet
+    import comfy.latent_formats
+    import comfy.ldm.qwen_image.controlnet
+    import comfy.ops
+    from safetensors.torch import load_file
+
+    sd = load_file(str(path))
+    blocks = sum(1 for k in sd if k.startswith("controlnet_blocks.") and k.endswith(".weight"))
+    net = comfy.ldm.qwen_image.controlnet.QwenImageControlNetModel(
+        extra_condition_channels=0, operations=comfy.ops.disable_weight_init, dtype=torch.float32, device="cpu", num_layers=blocks,
+        image_model="qwen_image", **qwen_sizes(width))
+    net.load_state_dict(sd, strict=True)
+    return comfy.controlnet.ControlNet(net, compression_ratio=1, latent_format=comfy.latent_formats.Wan21(), concat_mask=False,
+                                       load_device=torch.device("cpu"), manual_cast_dtype=None, extra_conds=[])
+
+
+def qwen_diffsynth_patch(width: int, depth: int, seed: int = 69):
+    """ComfyUI's own blockwise patch (what its ModelPatchLoader returns for a DiffSynth file), random weights."""
+    import comfy.model_management as mm
+    import comfy.model_patcher
+    import comfy.ops
+    from comfy_extras.nodes_model_patch import QwenImageBlockWiseControlNet
+
+    net = _randomized(QwenImageBlockWiseControlNet(num_layers=depth, dim=width, additional_in_dim=0, operations=comfy.ops.disable_weight_init), seed)
+    return comfy.model_patcher.ModelPatcher(net, load_device=mm.get_torch_device(), offload_device=mm.unet_offload_device())
+
+
 # -- the FLOP floor --------------------------------------------------------------------------------------------
 
 
@@ -198,6 +267,14 @@ def floor_flux(base_double: int, base_single: int, double: int, single: int) -> 
     return (base_double + base_single + double + single) / (base_double + base_single)
 
 
+def floor_qwen_instantx(depth: int, n: int) -> float:
+    return (depth + n) / depth
+
+
+def floor_qwen_diffsynth(img: int, txt: int) -> float:
+    return 1 + img / (6 * (img + txt))
+
+
 PUBLISHED = {
     "sd3": f"published: InstantX SD3 canny, 6 blocks on SD3 medium (24): {floor_sd3(24, 6):.3f}x",
     "sd35": f"published: Stability SD3.5 Large ControlNets, 19 DiT blocks on 38, 1024 px (4096 image + 333 text tokens): "
@@ -205,6 +282,9 @@ PUBLISHED = {
     "flux-instantx": f"published: InstantX canny / depth 5 + 10 on Flux.1 19 + 38: {floor_flux(19, 38, 5, 10):.3f}x; "
                      f"Union Pro 2.0 6 + 0: {floor_flux(19, 38, 6, 0):.3f}x",
     "flux-xlabs": f"published: XLabs v3, 2 double blocks on Flux.1 19 + 38: {floor_flux(19, 38, 2, 0):.3f}x + the pixel hint encoder",
+    "qwen-instantx": f"published: InstantX Qwen-Image ControlNets, 5 blocks on 60: {floor_qwen_instantx(60, 5):.3f}x",
+    "qwen-diffsynth": f"published: DiffSynth blockwise patches on 60 blocks, 1024 px (4096 image + 128 text tokens): "
+                      f"{floor_qwen_diffsynth(4096, 128):.3f}x",
 }
 
 
@@ -260,6 +340,37 @@ def build_flux_family(family: str, host, M, args, base) -> Case:
     return Case(family, model, vae, _cond(FLUX_TEXT, 4096, 768, 1, guidance=3.5), _cond(FLUX_TEXT, 4096, 768, 2, guidance=3.5),
                 {"samples": torch.zeros(1, 16, latent, latent)}, 1.0, M["ControlNetSuiteLoader"]().load(path.name)[0],
                 flux_builtin(path, width), shape, floor_flux(D, S, nd, ns), PUBLISHED[family])
+
+
+def build_qwen_family(family: str, host, M, args, base) -> Case:
+    from factories import save
+
+    width, D = args.qwen_width, args.qwen_depth
+    latent = args.size // 8
+    model, vae = base
+    img = (latent // 2) ** 2
+    g = torch.Generator().manual_seed(1)
+    pos = [[torch.randn(1, QWEN_TEXT, QWEN_CONTEXT, generator=g), {}]]
+    neg = [[torch.randn(1, QWEN_TEXT, QWEN_CONTEXT, generator=g), {}]]
+    empty = {"samples": torch.zeros(1, 16, 1, latent, latent)}  # one-frame Wan 2.1 latent, as the host samples Qwen-Image
+    tokens = f"{args.size} px ({img} image + {QWEN_TEXT} text tokens), batch 2 (cfg 2.5)"
+    if family == "qwen-instantx":
+        n = args.qwen_instantx_blocks
+        path = qwen_instantx_file(host.dirs["controlnet"] / f"bench_qwen_instantx_{n}.safetensors", width, n)
+        return Case(family, model, vae, pos, neg, empty, 2.5, M["ControlNetSuiteLoader"]().load(path.name)[0], qwen_builtin(path, width),
+                    f"Qwen-Image {D} blocks of {width} ({width // 128} heads of 128) + InstantX ControlNet {n} blocks, {tokens}",
+                    floor_qwen_instantx(D, n), PUBLISHED[family])
+    patch = qwen_diffsynth_patch(width, D)
+    name = f"bench_qwen_diffsynth_{D}.safetensors"
+    save(host.dirs["controlnet"] / name, patch.model.state_dict())
+    image = _image(args.size, 3)
+    ours_cn = M["ControlNetSuiteLoader"]().load(name)[0]
+    with torch.no_grad():  # as the host's executor runs nodes: the built-in's VAE encode is kept in its patch, which clones copy
+        ours = M["ControlNetSuiteApplyPatch"]().apply(model, vae, image, 1.0, 0.0, 1.0, "balanced", "crop and resize", control_net=ours_cn)[0]
+        builtin = M["QwenImageDiffsynthControlnet"]().diffsynth_controlnet(model, patch, vae, image, 1.0)[0]
+    return Case(family, model, vae, pos, neg, empty, 2.5, None, None,
+                f"Qwen-Image {D} blocks of {width} + DiffSynth blockwise patch ({D} blocks), {tokens}",
+                floor_qwen_diffsynth(img, QWEN_TEXT), PUBLISHED[family], models={"ours": ours, "built-in": builtin})
 
 
 # -- timing through the host's wrappers ----------------------------------------------------------------------------
@@ -330,15 +441,19 @@ def instrument(model, timer: StepTimer):
 
 def run_family(case: Case, M, args) -> None:
     timer = StepTimer()
-    model = instrument(case.model, timer)
-    image = _image(args.size, 3)
-    apply_ours = M["ControlNetSuiteApply"]().apply(case.pos, case.neg, case.ours, image, 1.0, 0.0, 1.0, "balanced", "crop and resize", vae=case.vae)
-    apply_builtin = M["ControlNetApplyAdvanced"]().apply_controlnet(case.pos, case.neg, case.builtin, image, 1.0, 0.0, 1.0, vae=case.vae)
-    conds = {"ours": apply_ours[:2], "built-in": apply_builtin[:2], "plain": (case.pos, case.neg)}
+    if case.models is None:
+        image = _image(args.size, 3)
+        apply_ours = M["ControlNetSuiteApply"]().apply(case.pos, case.neg, case.ours, image, 1.0, 0.0, 1.0, "balanced", "crop and resize", vae=case.vae)
+        apply_builtin = M["ControlNetApplyAdvanced"]().apply_controlnet(case.pos, case.neg, case.builtin, image, 1.0, 0.0, 1.0, vae=case.vae)
+        conds = {"ours": apply_ours[:2], "built-in": apply_builtin[:2], "plain": (case.pos, case.neg)}
+        models = dict.fromkeys(conds, instrument(case.model, timer))
+    else:  # model patches: the same conditioning, three models
+        conds = dict.fromkeys(("ours", "built-in", "plain"), (case.pos, case.neg))
+        models = {k: instrument(case.models.get(k, case.model), timer) for k in conds}
 
     def sample(kind: str, steps: int):
         p, n = conds[kind]
-        return M["KSampler"]().sample(model, 7, steps, case.cfg, "euler", "simple", p, n, case.latent, denoise=1.0)[0]["samples"]
+        return M["KSampler"]().sample(models[kind], 7, steps, case.cfg, "euler", "simple", p, n, case.latent, denoise=1.0)[0]["samples"]
 
     print(f"\n## {case.family}: {case.shape}")
     # same result (balanced mode reproduces the built-in), and the warm-up
@@ -365,7 +480,8 @@ def run_family(case: Case, M, args) -> None:
     # then hit both sides of a pair
     paired = statistics.median(a / b for (a, _), (b, _) in zip(samples["ours"], samples["built-in"]))
     print(f"step ratio ours / built-in: **{step['ours'] / step['built-in']:.3f}x** median, {paired:.3f}x median of adjacent pairs, "
-          f"{best['ours'] / best['built-in']:.3f}x best; ControlNet alone ours / built-in: {control['ours'] / max(control['built-in'], 1e-9):.3f}x")
+          f"{best['ours'] / best['built-in']:.3f}x best" + ("" if case.models else
+          f"; ControlNet alone ours / built-in: {control['ours'] / max(control['built-in'], 1e-9):.3f}x"))
     print(f"controlled / plain step: ours {step['ours'] / step['plain']:.3f}x, built-in {step['built-in'] / step['plain']:.3f}x")
 
     flops = {}
@@ -397,6 +513,9 @@ def main() -> None:
     ap.add_argument("--instantx-double", type=int, default=1)
     ap.add_argument("--instantx-single", type=int, default=2)
     ap.add_argument("--xlabs-double", type=int, default=1)
+    ap.add_argument("--qwen-width", type=int, default=512)
+    ap.add_argument("--qwen-depth", type=int, default=8)
+    ap.add_argument("--qwen-instantx-blocks", type=int, default=1)
     ap.add_argument("--no-flops", action="store_true", help="skip the FLOP count")
     ap.add_argument("--threads", type=int, default=None, help="torch threads (default: torch's choice); 1 is steadier on a shared machine")
     args = ap.parse_args()
@@ -417,12 +536,15 @@ def main() -> None:
     with tempfile.TemporaryDirectory() as d:
         host = Host(Path(d))
         M = host.nodes.NODE_CLASS_MAPPINGS
-        flux = None
+        flux = qwen = None
         for family in args.families:
             torch.manual_seed(0)
             if family.startswith("flux"):
                 flux = flux or flux_base(args.flux_width, args.flux_double, args.flux_single)
                 case = build_flux_family(family, host, M, args, flux)
+            elif family.startswith("qwen"):
+                qwen = qwen or qwen_base(args.qwen_width, args.qwen_depth)
+                case = build_qwen_family(family, host, M, args, qwen)
             else:
                 case = build_sd3_family(family, host, M, args)
             run_family(case, M, args)
