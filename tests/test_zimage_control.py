@@ -288,6 +288,11 @@ def test_fp8_file_stays_fp8(files, tmp_path):
     assert net.config.refiner_source == REFINER_FROM_CONTROL_LAYERS  # the zero check reads fp8 too
     tokens = net.embed_hint(torch.randn(1, 33, 4, 4))
     assert tokens.dtype == torch.bfloat16 and tokens.shape == (1, 4, DIM)
+    rope = torch.polar(torch.ones(1, 4, 16), torch.rand(1, 4, 16))
+    steps = net.start(tokens, torch.randn(1, DIM), rope)  # fp32 base pieces into a bf16 control: cast where used
+    outs = [steps.after_refiner_block(i, torch.randn(1, 4, DIM)) for i in range(2)]
+    outs += [o for k in range(30) if (o := steps.after_base_block(k, torch.randn(1, 4, DIM))) is not None]
+    assert len(outs) == 6 and all(o.dtype == torch.bfloat16 and o.isfinite().all() for o in outs)
 
 
 def test_hint_and_hook_errors(files):
@@ -309,3 +314,58 @@ def test_hint_and_hook_errors(files):
         net.start(tokens, torch.randn(1, 256), rope)
     with pytest.raises(ControlNetError, match="impossible ZImageFunConfig"):
         ZImageFunConfig(dim=64, head_dim=32, adaln_dim=64, hint_channels=16, refiner_source=REFINER_FROM_CONTROL_LAYERS)
+
+
+def comfy_rope(freqs: torch.Tensor) -> torch.Tensor:
+    """diffusers' complex table -> ComfyUI's rotation matrices (B, T, 1, D/2, 2, 2), as Lumina2 hands its patches."""
+    cos, sin = freqs.real, freqs.imag
+    return torch.stack([torch.stack([cos, -sin], -1), torch.stack([sin, cos], -1)], -2).unsqueeze(2)
+
+
+@pytest.mark.parametrize("name", ["v1", "v2.1", "v2.0"])
+def test_matches_comfyui_patch(comfy, files, base, name):
+    """ComfyUI 0.8.0's own `ZImageControlPatch` hook (its block rule, its `broken` workaround) on ComfyUI's
+    `ZImage_Control` loaded from the same file through `z_image_convert`, against our image-only run (no caption, as
+    ComfyUI does). Each hook gets a zero `img`, so what it adds is the control output. Skipped on hosts without Z-Image
+    Fun (run with COMFYUI_PATH=/work/hosts/comfyui-0.8.0). ComfyUI's q/k RMSNorms use torch's default eps, ours
+    diffusers' 1e-5: hence 2e-5 (measured: about 3e-6)."""
+    try:
+        import comfy.ldm.lumina.controlnet as zc
+        import comfy.ops
+        from comfy_extras.nodes_model_patch import ZImageControlPatch, z_image_convert
+    except ImportError:
+        pytest.skip("this ComfyUI has no Z-Image Fun ControlNet")
+    from safetensors.torch import load_file
+
+    arch = "v1" if name == "v1" else "v2.1"
+    layers, _, channels, mode = VARIANTS[arch]
+    sd = z_image_convert(load_file(str(files[name])))
+    extra = dict(additional_in_dim=17, refiner_control=True, broken=name == "v2.0") if channels == 33 else {}
+    theirs = zc.ZImage_Control(dim=DIM, n_heads=HEADS, n_kv_heads=HEADS, multiple_of=1, n_control_layers=layers,
+                               operations=comfy.ops.disable_weight_init, **extra)
+    theirs.load_state_dict(sd, strict=True)
+    patch = ZImageControlPatch.__new__(ZImageControlPatch)
+    vae = type("Vae", (), {"spacial_compression_encode": staticmethod(lambda: 8)})()
+    x, hint, caps, t = inputs(channels)
+    _, seen = run_diffusers(diffusers_control(arch), base, x, hint, caps, t, mode)  # for the base's pieces
+    patch.__dict__.update(model_patch=type("P", (), {"model": theirs})(), vae=vae, strength=1.0, encoded_image=hint,
+                          encoded_image_size=(x.shape[-2] * 8, x.shape[-1] * 8), temp_data=None, is_inpaint=channels > 16)
+    x_in, pe = seen["refiner_in"][0], comfy_rope(seen["refiner_in"][2])
+    main_in = seen["control0"][-1][1][:, :x_in.shape[1]]
+    ours = load_ours(files[name])
+    steps = ours.start(ours.embed_hint(hint), seen["adaln"], pe)
+
+    def hook(i, block_type, tokens):
+        img = torch.zeros_like(tokens)
+        kw = {"img": img, "img_input": tokens, "txt": seen["caption"], "pe": pe, "vec": seen["adaln"], "x": x, "block_index": i}
+        with torch.no_grad():
+            patch(dict(kw, block_type=block_type) if block_type else kw)
+        return img
+
+    with torch.no_grad():
+        for i in range(2):
+            ref, got = hook(i, "noise_refiner", x_in), steps.after_refiner_block(i, x_in)
+            assert (got is None and not ref.any()) if name == "v1" else rel_err(got, ref) <= 2e-5, (name, "refiner", i)
+        for k in range(30):
+            ref, got = hook(k, "", main_in), steps.after_base_block(k, main_in)
+            assert (not ref.any()) if got is None else (ref.norm() > 0 and rel_err(got, ref) <= 2e-5), (name, k)

@@ -122,6 +122,6 @@ class ControlBlock(TransformerBlock):
     def forward(self, c: torch.Tensor, x: torch.Tensor, adaln: torch.Tensor, rope: tuple[torch.Tensor, torch.Tensor],  # type: ignore[override]
                 mask: Optional[torch.Tensor] = None) -> tuple[torch.Tensor, torch.Tensor]:
         if self.first:
-            c = self.before_proj(c) + x
+            c = self.before_proj(c) + x.to(c.dtype)  # the base's tokens, in the control's compute dtype
         c = super().forward(c, adaln, rope, mask)
         return self.after_proj(c), c
