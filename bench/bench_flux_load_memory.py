@@ -1,4 +1,4 @@
-"""Peak resident memory while loading a full-size Flux ControlNet (random weights), stored fp8 and stored bf16.
+"""Peak resident memory while loading a full-size Flux (or Qwen-Image) ControlNet (random weights), fp8 and bf16.
 
 Default shape: InstantX's published Flux.1-dev canny / depth ControlNets, 5 double + 10 single blocks of width 3072
 with the guidance embedding (3.30 G parameters: 3.3 GB in float8_e4m3fn, 6.6 GB in bfloat16). The files are written
@@ -14,7 +14,11 @@ time; bf16 files are upcast to fp32, twice the tensor bytes). `--keep-fp8` adds 
 weights kept in fp8, `keep_fp8=True`) and ComfyUI's own choice beside it, on the fp8 file; `--stored fp8` skips the
 bf16 file.
 
+`--family qwen`: InstantX's published Qwen-Image ControlNet shape instead (5 blocks of 3072, text width 3584; 1.2 G
+parameters), which ComfyUI's own loader detects at this width too.
+
     .venv/bin/python bench/bench_flux_load_memory.py [--double 5 --single 10] [--comfy-default] [--keep-fp8] [--stored fp8]
+    .venv/bin/python bench/bench_flux_load_memory.py --family qwen [--blocks 5] ...
 """
 from __future__ import annotations
 
@@ -81,6 +85,8 @@ def measure(method: str, path: str, dtype: str) -> None:
 
 def main() -> None:
     ap = argparse.ArgumentParser()
+    ap.add_argument("--family", choices=["flux", "qwen"], default="flux")
+    ap.add_argument("--blocks", type=int, default=5, help="Qwen-Image: ControlNet blocks")
     ap.add_argument("--double", type=int, default=5)
     ap.add_argument("--single", type=int, default=10)
     ap.add_argument("--comfy-default", action="store_true", help="also ComfyUI with its own dtype choice")
@@ -91,19 +97,28 @@ def main() -> None:
 
     import torch
 
-    from fullsize_flux import full_width_config, shapes_of, write_random_file
+    from fullsize_flux import full_width_config, random_tensor, shapes_of, write_safetensors
 
-    cfg = full_width_config("instantx", args.double, args.single)
-    params = sum(torch.Size(s).numel() for s in shapes_of(cfg).values())
-    print(f"# load memory, full-size Flux InstantX ControlNet, {args.double} double + {args.single} single blocks, "
-          f"{params / 1e9:.2f} G parameters, random weights; {machine()}")
+    if args.family == "flux":
+        shapes = shapes_of(full_width_config("instantx", args.double, args.single))
+        what, stem = f"Flux InstantX ControlNet, {args.double} double + {args.single} single blocks", f"flux_instantx_{args.double}d{args.single}s"
+    else:
+        from controlnet_core.qwen import QwenControlNetConfig, build_qwen_controlnet
+
+        with torch.device("meta"):
+            model = build_qwen_controlnet(QwenControlNetConfig(num_layers=args.blocks))
+        shapes = {k: tuple(v.shape) for k, v in model.state_dict().items()}
+        what, stem = f"Qwen-Image InstantX ControlNet, {args.blocks} blocks", f"qwen_instantx_{args.blocks}"
+    params = sum(torch.Size(s).numel() for s in shapes.values())
+    print(f"# load memory, full-size {what}, {params / 1e9:.2f} G parameters, random weights; {machine()}")
     print(f"{'file':5} {'loader':10} {'loaded as':15} {'peak-baseline':>14} {'/ tensor bytes':>15} {'peak total':>11} {'load s':>7}")
     cases = [("ours", "default"), ("comfy", "bf16")] + ([("comfy", "default")] if args.comfy_default else [])
     with tempfile.TemporaryDirectory(dir=args.dir) as d:
         for stored in args.stored:
-            path = Path(d) / f"flux_instantx_{args.double}d{args.single}s_{stored}.safetensors"
+            path = Path(d) / f"{stem}_{stored}.safetensors"
             t0 = time.perf_counter()
-            write_random_file(path, cfg, getattr(torch, DTYPES[stored]), seed=50)
+            g = torch.Generator().manual_seed(50)
+            write_safetensors(path, shapes, getattr(torch, DTYPES[stored]), lambda name, shape: random_tensor(name, shape, g))
             print(f"# wrote {path.name}: {path.stat().st_size / 2**30:.2f} GiB in {time.perf_counter() - t0:.0f} s")
             ratios = {}
             keep = [("ours-keep", "default"), ("comfy", "default")] if args.keep_fp8 and stored == "fp8" else []

@@ -119,6 +119,33 @@ def test_mask_modes_and_strength_zero(qwen):
     torch.testing.assert_close(run(qwen, build(strength=0.0)), run(qwen), rtol=0, atol=0)
 
 
+def test_two_units_in_a_stack_add_up_and_start_end_hold(qwen):
+    """A stack of two Qwen-Image units gives the host the sum of each unit's control, slot by slot; steps before the
+    units' start get no control at all."""
+    qwen.spy.clear()
+
+    def stacked(seeds, start=0.0, end=1.0):
+        def b(g, pos, neg, vae):
+            stack = None
+            for s in seeds:
+                kw = dict(control_net=control(g, "ours", "plain"), image=image(g, SIZE, SIZE, seed=s), strength=0.7, start_percent=start,
+                          end_percent=end, control_mode="balanced", resize_mode="crop and resize")
+                stack = (g.add("ControlNetSuiteStack", **kw, **({"stack": stack} if stack else {})), 0)
+            n = g.add("ControlNetSuiteApplyStack", positive=pos, negative=neg, stack=stack, vae=vae)
+            return (n, 0), (n, 1)
+        return b
+
+    for tag, seeds in (("a", [3]), ("b", [4]), ("ab", [3, 4])):
+        run(qwen, stacked(seeds), spy=tag)
+    a, b, ab = (spy_calls(qwen, t)[0]["control"]["input"] for t in ("a", "b", "ab"))
+    assert len(ab) == len(a) == 60
+    for x, y, s in zip(a, b, ab):
+        torch.testing.assert_close(s, x + y, rtol=1e-6, atol=1e-6)
+    run(qwen, stacked([3, 4], start=0.5, end=1.0), spy="late")
+    calls = spy_calls(qwen, "late")
+    assert calls[0]["control"] is None and calls[-1]["control"] is not None, [c["control"] is None for c in calls]
+
+
 def test_a_flux_controlnet_on_qwen_image_stops_before_sampling(qwen):
     from comfy_flux import instantx_file as flux_file
 
