@@ -28,11 +28,24 @@ _NON_FINITE_FP8 = {"float8_e4m3fn": lambda b: (b & 0x7F) == 0x7F, "float8_e5m2":
                    "float8_e4m3fnuz": lambda b: b == 0x80, "float8_e5m2fnuz": lambda b: b == 0x80}
 
 
+def _any_non_finite_fp8(bits: torch.Tensor, fmt: str) -> bool:
+    """Two reductions over the bytes, no temporaries: a positive NaN / inf is the top of the signed byte range, a
+    negative one the top of the unsigned range (fnuz: the one NaN byte 0x80 is the signed minimum)."""
+    if fmt.endswith("fnuz"):
+        return int(bits.view(torch.int8).min()) == -128
+    positive, negative = {"float8_e4m3fn": (0x7F, 0xFF), "float8_e5m2": (0x7C, 0xFC)}[fmt]
+    return int(bits.view(torch.int8).max()) >= positive or int(bits.max()) >= negative
+
+
 def count_non_finite_fp8(t: torch.Tensor) -> int:
     """NaN / inf values of an fp8 tensor, read from its bit patterns: torch has no sum or isfinite for fp8 on the
-    CPU, and upcasting a whole tensor to check it would cost the memory that keeping fp8 saves."""
-    test = _NON_FINITE_FP8[str(t.dtype).removeprefix("torch.")]
-    return int(test(t.reshape(-1).view(torch.uint8)).sum())
+    CPU, and upcasting a whole tensor to check it would cost the memory that keeping fp8 saves. A finite tensor (the
+    usual case) costs two max reductions; only a damaged one is counted exactly."""
+    fmt = str(t.dtype).removeprefix("torch.")
+    bits = t.reshape(-1).view(torch.uint8)
+    if bits.numel() == 0 or not _any_non_finite_fp8(bits, fmt):
+        return 0
+    return int(_NON_FINITE_FP8[fmt](bits).sum())
 
 
 class CastOnUseLinear(nn.Linear):
