@@ -30,8 +30,8 @@ from ..controlnet_core import ControlNetError, LimitExceededError, create_from_u
 from ..controlnet_core.base_models.conditioning import SIZE_EMBED_DIM, sdxl_size_embedding
 from ..controlnet_core.train import ControlDataset, DatasetError, TrainConfig, Trainer
 from ..controlnet_core.train.buckets import Buckets
-from ..controlnet_core.train.cache import encoder_identity
-from ..controlnet_core.train.conditions import annotator_condition, annotator_names, annotator_params
+from ..controlnet_core.identity import encoder_identity
+from ..annotators.training import annotator_condition, annotator_names, annotator_params
 from ..controlnet_core.train.dataset_check import BATCH_LIMIT, IMAGE_LIMIT
 from ..controlnet_core.train.report import TrainingReport
 from ..controlnet_core.train.run_files import CHECKPOINT, check_can_start, resumable

@@ -19,7 +19,7 @@ from controlnet_core.train import ControlDataset, DatasetError, TrainConfig, Tra
 from controlnet_core.train import checkpointing
 from controlnet_core.train.buckets import Buckets, epoch_order, fit
 from controlnet_core.train.cache import TextCache, encoder_identity
-from controlnet_core.train.conditions import annotator_condition
+from annotators.training import annotator_condition
 from controlnet_core.train.report import TrainingReport
 from controlnet_core.train.sampling import ddim_sample, make_sample_fn
 from controlnet_core.train.toy import TOY_UNET, ToyTextEncoder, make_fill50k, toy_decode_latent, toy_encode_image

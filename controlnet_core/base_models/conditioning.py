@@ -17,6 +17,7 @@ from typing import Optional, Union
 import torch
 from torch import nn
 
+from ..identity import module_identity
 from ..layers import timestep_embedding
 from .clip_text import TextTransformer
 from .tokenizer import CLIPTokenizer
@@ -77,8 +78,6 @@ class TextConditioner(nn.Module):
     def cache_identity(self) -> str:
         """For the trainer's text cache: the weights, plus the image size when `y` carries it (the cached `y`
         of one resolution must not be read back for another)."""
-        from ..train.cache import module_identity
-
         ident = module_identity(self)
         return ident if self.pooled_from is None else f"{ident}:size{self.image_size[0]}x{self.image_size[1]}"
 

@@ -1,8 +1,8 @@
 """ControlNet training (paper section 3.3): `Trainer`, `TrainConfig`, `ControlDataset`, the toy world (`toy`).
 
 Next to them, one module per feature: `checkpointing` (gradient checkpointing), `ema`, `cache` (text
-embeddings and latents on disk), `buckets` (aspect-ratio bucketing), `conditions` (conditions from the
-annotators), `dataset_check` (every file, pair and size checked before step 1; megapixel limits per image and
+embeddings and latents on disk), `buckets` (aspect-ratio bucketing), `data` (the dataset; its `ConditionFn`
+derives conditions while loading, and the annotators package builds one: `annotators.training`), `dataset_check` (every file, pair and size checked before step 1; megapixel limits per image and
 batch), `report` (loss curve and validation grid PNGs), `sampling` (DDIM for the grid), `fsdp`, and
 `sd_cli` (the `sd` command: training on a real SD1.x/SD2.x/SDXL base from `controlnet_core.base_models`).
 The toy world in which the paper's experiments are reproduced (experiments/, `make demo`): `toy_world` (128 px

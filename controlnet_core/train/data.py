@@ -16,15 +16,18 @@ import json
 import random
 from dataclasses import dataclass
 from pathlib import Path
-from typing import Optional, Sequence
+from typing import Callable, Optional, Sequence
 
 import numpy as np
 import torch
 
 from .buckets import Buckets, assign, epoch_order, fit
 from .cache import file_key
-from .conditions import ConditionFn
 from .dataset_check import DatasetError, check_batches, check_files, dataset_error, not_a_file
+
+# images (B, 3, H, W) in [0, 1] -> conditions (B, C, H, W) in [0, 1], computed while loading; the annotators package
+# builds them (annotators/training.py) without this package knowing it
+ConditionFn = Callable[[torch.Tensor], torch.Tensor]
 
 IMAGE_EXTS = (".png", ".jpg", ".jpeg", ".webp", ".bmp")
 
