@@ -31,6 +31,11 @@ def flops(module: torch.nn.Module, x: torch.Tensor) -> int:
 
 def networks():
     """(name, our network, their network, our input, their input): the same random weights on both sides."""
+    from controlnet_aux.hed import ControlNetHED_Apache2
+    from controlnet_aux.lineart import Generator
+    from controlnet_aux.mlsd.models.mbv2_mlsd_large import MobileV2_MLSD_Large
+    from controlnet_aux.open_pose.model import bodypose_model
+    from controlnet_aux.pidi.model import pidinet
     from factories import randomize_
 
     from annotators.base import fold_batch_norms, inference_network
@@ -39,11 +44,6 @@ def networks():
     from annotators.mlsd import MLSDLarge
     from annotators.openpose import BodyPoseNet
     from annotators.pidinet import PiDiNet
-    from controlnet_aux.hed import ControlNetHED_Apache2
-    from controlnet_aux.lineart import Generator
-    from controlnet_aux.mlsd.models.mbv2_mlsd_large import MobileV2_MLSD_Large
-    from controlnet_aux.open_pose.model import bodypose_model
-    from controlnet_aux.pidi.model import pidinet
 
     def pair(ours_cls, theirs, channels, scale=1.0, fold=False, size=512):
         ours = randomize_(ours_cls(), 0).eval()
@@ -72,7 +72,7 @@ def main() -> None:
     for name, ours, theirs, x_ours, x_theirs in networks():
         n = flops(theirs, x_theirs)
         with torch.inference_mode():
-            t = alternate({"ours": lambda: ours(x_ours), "theirs": lambda: theirs(x_theirs)}, args.reps, stat=min)
+            t = alternate({"ours": lambda ours=ours, x=x_ours: ours(x), "theirs": lambda theirs=theirs, x=x_theirs: theirs(x)}, args.reps, stat=min)
         t_o, t_t = t["ours"], t["theirs"]
         print(f"{name:14} {n / 1e9:6.1f} GFLOP  ours {t_o * 1000:7.1f} ms = {n / t_o / 1e9:4.0f} GFLOP/s ({n / t_o / 1e9 / peak:4.0%} of the ceiling)"
               f"  controlnet-aux {t_t * 1000:7.1f} ms = {n / t_t / 1e9:4.0f} GFLOP/s ({n / t_t / 1e9 / peak:4.0%})  network speed-up {t_t / t_o:.2f}x")

@@ -114,7 +114,8 @@ def mlsd(d, imgs, batch, reps):
 
 
 def lineart(d, imgs, batch, reps):
-    from controlnet_aux.lineart import Generator, LineartDetector as TheirLineart
+    from controlnet_aux.lineart import Generator
+    from controlnet_aux.lineart import LineartDetector as TheirLineart
 
     from annotators.lineart import LineartDetector, LineartGenerator
 

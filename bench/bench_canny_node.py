@@ -13,6 +13,7 @@ Raw `cv2.Canny` on a ready uint8 image (no conversion at all) is printed too, fo
 from __future__ import annotations
 
 import argparse
+import functools
 import tempfile
 from datetime import date
 from pathlib import Path
@@ -80,7 +81,7 @@ def main() -> None:
             kw = SETTINGS[key]
             node = M[f"ControlNetSuiteAnnotator_{key}"]()
             det = registry.load(key)
-            recipe = (lambda det, kw: lambda rgb: det.one(rgb, **kw))(det, kw)
+            recipe = functools.partial(det.one, **kw)
             want = raw_with_conversion(recipe, image)()
             got = node.run(image, resolution=args.size, pixel_perfect=False, **kw)[0]
             if not torch.equal(got, want):  # the comparison only means something for the same output

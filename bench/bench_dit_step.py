@@ -102,8 +102,9 @@ def sd3_checkpoint(path: Path, depth: int, context: int, grid: int, seed: int = 
 
 
 def sd3_controlnet_file(path: Path, width: int, blocks: int, context: int, grid: int, seed: int = 62) -> Path:
-    from controlnet_core.mmdit import SD3ControlNet, SD3ControlNetConfig
     from factories import save
+
+    from controlnet_core.mmdit import SD3ControlNet, SD3ControlNetConfig
 
     cfg = SD3ControlNetConfig(hidden_size=width, num_layers=blocks, pooled_projection_dim=2048, joint_attention_dim=context,
                               pos_embed_max_size=grid, mlp_hidden_dim=4 * width)
@@ -112,8 +113,9 @@ def sd3_controlnet_file(path: Path, width: int, blocks: int, context: int, grid:
 
 def sd35_controlnet_file(path: Path, width: int, blocks: int, control_type: int = 2, seed: int = 63) -> Path:
     """Stability's release layout (no patch embedding: the base's is adopted), as tests/host.tiny_sd35_controlnet."""
-    from controlnet_core.mmdit.sd35_stability import SD35ControlNet, SD35ControlNetConfig
     from factories import save
+
+    from controlnet_core.mmdit.sd35_stability import SD35ControlNet, SD35ControlNetConfig
 
     sd = _randomized(SD35ControlNet(SD35ControlNetConfig(hidden_size=width, num_layers=blocks, mlp_hidden_dim=4 * width)), seed).state_dict()
     sd = {k: v for k, v in sd.items() if not k.startswith("x_embedder.")}
@@ -145,8 +147,9 @@ def flux_base(width: int, double: int, single: int, seed: int = 64):
 
 
 def flux_instantx_file(path: Path, width: int, double: int, single: int, seed: int = 65) -> Path:
-    from controlnet_core.flux import FluxControlNetConfig, build_flux_controlnet
     from factories import save
+
+    from controlnet_core.flux import FluxControlNetConfig, build_flux_controlnet
 
     cfg = FluxControlNetConfig(layout="instantx", hidden_size=width, num_layers=double, num_single_layers=single,
                                mlp_hidden_dim=4 * width, guidance_embeds=True)
@@ -214,8 +217,9 @@ def qwen_base(width: int, depth: int, seed: int = 67):
 
 
 def qwen_instantx_file(path: Path, width: int, blocks: int, seed: int = 68) -> Path:
-    from controlnet_core.qwen import QwenControlNetConfig, build_qwen_controlnet
     from factories import save
+
+    from controlnet_core.qwen import QwenControlNetConfig, build_qwen_controlnet
 
     cfg = QwenControlNetConfig(hidden_size=width, head_dim=128, num_layers=blocks, hint_channels=64, joint_attention_dim=QWEN_CONTEXT,
                                mlp_hidden_dim=4 * width, axes_dims_rope=QWEN_AXES)
@@ -526,7 +530,6 @@ def main() -> None:
 
     import_comfy(cpu=True)
     import comfy.utils
-
     from host import Host
 
     comfy.utils.PROGRESS_BAR_ENABLED = False  # KSampler's progress bars would interleave with the results

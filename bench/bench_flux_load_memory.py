@@ -96,7 +96,6 @@ def main() -> None:
     args = ap.parse_args()
 
     import torch
-
     from fullsize_flux import full_width_config, random_tensor, shapes_of, write_safetensors
 
     if args.family == "flux":
@@ -118,7 +117,7 @@ def main() -> None:
             path = Path(d) / f"{stem}_{stored}.safetensors"
             t0 = time.perf_counter()
             g = torch.Generator().manual_seed(50)
-            write_safetensors(path, shapes, getattr(torch, DTYPES[stored]), lambda name, shape: random_tensor(name, shape, g))
+            write_safetensors(path, shapes, getattr(torch, DTYPES[stored]), lambda name, shape, g=g: random_tensor(name, shape, g))
             print(f"# wrote {path.name}: {path.stat().st_size / 2**30:.2f} GiB in {time.perf_counter() - t0:.0f} s")
             ratios = {}
             keep = [("ours-keep", "default"), ("comfy", "default")] if args.keep_fp8 and stored == "fp8" else []

@@ -16,6 +16,7 @@ from pathlib import Path
 
 from common import ROOT, machine, proc_status_kib
 
+
 def load_ours(path: Path) -> int:
     baseline = proc_status_kib("VmRSS")
     import torch
@@ -59,7 +60,6 @@ def measure(method: str, path: str) -> None:
 
 def main() -> None:
     import torch
-
     from factories import SD15, random_controlnet, save
 
     with tempfile.TemporaryDirectory() as d:

@@ -30,20 +30,18 @@ import argparse
 import json
 import os
 import shutil
-import signal
 import socket
 import statistics
 import subprocess
 import sys
 import tempfile
 import time
-import urllib.request
 from pathlib import Path
 
 ROOT = Path(__file__).resolve().parents[1]
 sys.path.insert(0, str(ROOT / "tests"))
-from common import machine  # noqa: E402
 from comfy_server import ComfyServer, sampling_prompt  # noqa: E402
+from common import machine  # noqa: E402
 
 CONDITIONS = ("idle", "after-prompt", "during-prompt", "startup-bash", "startup-imports", "startup-nodes", "startup-listen")
 PY_SPY = shutil.which("py-spy") or "/tmp/tools/bin/py-spy"

@@ -22,12 +22,12 @@ DTYPES = {"fp32": torch.float32, "fp16": torch.float16, "bf16": torch.bfloat16}
 
 def flop_floor() -> str:
     """FLOPs of UNet, ControlNet and hint encoder for one 512 px sample (real CPU tensors: ComfyUI's attention queries device memory)."""
+    import comfy.ops
+    from comfy.ldm.modules.diffusionmodules.openaimodel import UNetModel
+    from factories import SD15, comfy_unet_kwargs
     from torch.utils.flop_counter import FlopCounterMode
 
     from controlnet_core import ControlNet
-    from factories import SD15, comfy_unet_kwargs
-    import comfy.ops
-    from comfy.ldm.modules.diffusionmodules.openaimodel import UNetModel
 
     unet = UNetModel(**comfy_unet_kwargs(SD15), device="cpu", operations=comfy.ops.manual_cast).eval()
     for p in unet.parameters():
@@ -65,9 +65,9 @@ def main() -> None:
 
     import_comfy(cpu=args.device == "cpu")
     import comfy.controlnet
+    from factories import SD15, comfy_control_dict, comfy_unet, inputs, random_controlnet, save
 
     from controlnet_core import load_control
-    from factories import SD15, comfy_control_dict, comfy_unet, inputs, random_controlnet, save
 
     dev, dt = torch.device(args.device), DTYPES[args.dtype]
     sync = torch.cuda.synchronize if dev.type == "cuda" else None

@@ -27,8 +27,9 @@ def main() -> None:
     ap.add_argument("--reps", type=int, default=3)
     args = ap.parse_args()
 
-    from controlnet_core import ControlNet, ControlNetConfig, combine
     from factories import SDXL, randomize_
+
+    from controlnet_core import ControlNet, ControlNetConfig, combine
 
     dev, dt = torch.device(args.device), DTYPES[args.dtype]
     sync = torch.cuda.synchronize if dev.type == "cuda" else None
@@ -49,11 +50,11 @@ def main() -> None:
         with torch.no_grad():
             times = alternate({
                 # one unit, k conditions: the fused hint is cached across steps
-                "fused": lambda: net(x, hs, t, ctx, y, control_types=types),
+                "fused": lambda hs=hs, types=types: net(x, hs, t, ctx, y, control_types=types),
                 # a stack of k units of the same file shares one model, so each unit re-encodes its hint every step
-                "stack": lambda: combine([net(x, h, t, ctx, y, control_types=[ty]) for h, ty in zip(hs, types)]),
+                "stack": lambda hs=hs, types=types: combine([net(x, h, t, ctx, y, control_types=[ty]) for h, ty in zip(hs, types)]),
                 # the best k separate units could do: k forwards with their hints cached
-                "single": lambda: net(x, hs[0], t, ctx, y, control_types=types[:1]),
+                "single": lambda hs=hs, types=types: net(x, hs[0], t, ctx, y, control_types=types[:1]),
             }, args.reps, sync)
         ideal = k * times["single"]
         print(f"{k} conditions per step: fused {times['fused'] * 1e3:.0f} ms; a stack of {k} units {times['stack'] * 1e3:.0f} ms "

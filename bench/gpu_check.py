@@ -26,9 +26,9 @@ def main() -> None:
     import_comfy(cpu=not torch.cuda.is_available())
     import comfy.controlnet
     import diffusers
+    from factories import SD15, SD15_320, comfy_control_outputs, inputs, random_controlnet, rel_err, save
 
     from controlnet_core import load_control, save_diffusers
-    from factories import SD15, SD15_320, comfy_control_outputs, inputs, random_controlnet, rel_err, save
 
     cfg, latent = (SD15_320, 8) if args.smoke else (SD15, 64)
 

@@ -21,8 +21,8 @@ from .errors import (
 )
 from .export import save_diffusers, save_ldm, save_native
 from .formats import FORMATS, detect_format
-from .loader import LoadedControl, load_control
 from .hint import ResizeMode, check_hint_size, mask_residuals, prepare_hint
+from .loader import LoadedControl, load_control
 from .model import ControlNet
 from .modes import ControlMode, mode_block_scales
 from .residuals import RESIDUALS_API_VERSION, ControlResiduals, add, all_finite, cfg_resolution_weights, combine, scale, soft_weights

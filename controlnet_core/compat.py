@@ -6,10 +6,10 @@ from typing import Optional, Union
 
 from .config import ControlNetConfig
 from .errors import IncompatibleModelError
+from .flux.config import FluxControlNetConfig
 from .formats import patches
 from .loader import StateDictLike, as_source
 from .mmdit import SD3ControlNetConfig
-from .flux.config import FluxControlNetConfig
 from .mmdit.sd35_stability import SD35ControlNetConfig
 from .qwen.config import QwenControlNetConfig
 from .t2i_adapter import T2IAdapterConfig

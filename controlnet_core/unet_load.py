@@ -13,10 +13,9 @@ import torch
 from .checkpoint import TensorSource
 from .config import ControlNetConfig, config_from_unet_like_state_dict
 from .errors import BaseModelRequiredError, CheckpointError, ControlNetError
-from .formats import FORMATS
+from .formats import FORMATS, patches
 from .formats import diffusers as diffusers_fmt
 from .formats import ldm as ldm_fmt
-from .formats import patches
 from .formats import t2i as t2i_fmt
 from .loading import LoadedControl, LoadOptions, as_source, first_float_dtype, meta_shapes, read_float, strict_fill
 from .model import ControlNet

@@ -12,6 +12,7 @@ from __future__ import annotations
 import argparse
 import time
 from pathlib import Path
+from typing import Optional
 
 import common  # noqa: F401  (puts the repository on sys.path)
 import numpy as np
@@ -54,9 +55,10 @@ def grid(hints: torch.Tensor, plain: torch.Tensor, controlled: torch.Tensor, pro
 
 
 def run_demo(n: int = 8, steps: int = 20, out: Path = DEMO / "out" / "toy_demo.png", base: Path = BASE_FILE,
-             controlnet: Path = CONTROLNET_FILE, s: Settings = Settings()) -> dict:
+             controlnet: Path = CONTROLNET_FILE, s: Optional[Settings] = None) -> dict:
     import cv2
 
+    s = s if s is not None else Settings()
     t0 = time.perf_counter()
     unet = load_toy_base(base)
     cn = load_toy_controlnet(controlnet)

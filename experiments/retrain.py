@@ -20,13 +20,13 @@ from pathlib import Path
 import common  # noqa: F401  (puts the repository on sys.path)
 import torch
 from common import BASE_FILE, CONTROLNET_FILE, PLOTS, QUICK, RESULTS, WORK, Settings, set_threads, write_json
-from demo import run_demo
 from plots import draw_all
 from step0_identity import step0
 from train_base import train_base
 from train_controlnet import evaluate, train_controlnet
 
 from controlnet_core.train.toy_sample import load_toy_base
+from demo import run_demo
 
 
 def start(work: Path, fresh: bool) -> None:

@@ -18,7 +18,7 @@ from pathlib import Path
 
 import common  # noqa: F401  (puts the repository on sys.path)
 import torch
-from common import BASE_FILE, CONTROLNET_FILE, QUICK, RESULTS, WORK, Settings, eval_set, set_threads, write_json
+from common import BASE_FILE, QUICK, RESULTS, WORK, Settings, eval_set, set_threads, write_json
 from train_base import ensure_data, progress
 
 from controlnet_core import create_from_unet, save_ldm

@@ -45,8 +45,8 @@ def child(model: str, mode: str, steps: int, quick: bool) -> dict:
     """One measurement, in this (fresh) process."""
     import psutil
     import torch
-
     from common import set_threads
+
     from controlnet_core import create_from_unet
     from controlnet_core.config import ControlNetConfig
     from controlnet_core.train import ControlDataset, TrainConfig, Trainer
@@ -116,7 +116,7 @@ def measure(quick: bool, repeats: int, steps: int) -> dict:
     threads = set_threads()
     runs: dict = {}
     models = QUICK_MODELS if quick else MODELS
-    for r in range(repeats):  # interleaved, so a busy minute on the shared machine hits every mode alike
+    for _ in range(repeats):  # interleaved, so a busy minute on the shared machine hits every mode alike
         for model in models:
             for mode in MODES:
                 cmd = [sys.executable, __file__, "--child", model, mode, "--steps", str(steps)] + (["--quick"] if quick else [])

@@ -1,6 +1,6 @@
 """ComfyUI node classes. Thin: every node calls `controlnet_core` through `comfy_adapter`."""
-from .apply import ControlNetSuiteApply, ControlNetSuiteApplyStack, ControlNetSuiteStack
 from .annotator_nodes import node_mappings
+from .apply import ControlNetSuiteApply, ControlNetSuiteApplyStack, ControlNetSuiteStack
 from .loader import ControlNetSuiteLoader
 from .model_patch import ControlNetSuiteApplyPatch
 from .train_node import ControlNetSuiteTrain

@@ -13,16 +13,25 @@ import os
 import weakref
 from typing import Optional
 
-import torch
-
 import comfy.model_management
 import comfy.model_patcher
 import comfy.utils
 import folder_paths
+import torch
 
 from ..annotators import registry
-from ..annotators.base import (AnnotatorError, NetworkAnnotator, as_rgb, bounded_chunk_size, check_detect_size, chunks, default_chunk_size,
-                               detect_size, resize_to, sanitized)
+from ..annotators.base import (
+    AnnotatorError,
+    NetworkAnnotator,
+    as_rgb,
+    bounded_chunk_size,
+    check_detect_size,
+    chunks,
+    default_chunk_size,
+    detect_size,
+    resize_to,
+    sanitized,
+)
 
 log = logging.getLogger(__name__)
 

@@ -13,23 +13,35 @@ import logging
 from dataclasses import dataclass
 from typing import Optional, Union
 
-import torch
-
 import comfy.controlnet
 import comfy.model_management
 import comfy.model_patcher
 import comfy.utils
+import torch
 
 from ..controlnet_core import (
-    BaseModelInfo, ControlMode, ControlNetError, ControlResiduals, IncompatibleModelError, LoadedControl, NonFiniteResidualsError,
-    ResizeMode, TransformerModelInfo, all_finite, check_compatible, check_hint_size, mask_residuals, mode_block_scales, prepare_hint,
+    BaseModelInfo,
+    ControlMode,
+    ControlNetError,
+    ControlResiduals,
+    IncompatibleModelError,
+    LoadedControl,
+    NonFiniteResidualsError,
+    ResizeMode,
+    TransformerModelInfo,
+    all_finite,
+    check_compatible,
+    check_hint_size,
+    flux,
+    mask_residuals,
+    mode_block_scales,
+    prepare_hint,
+    qwen,
     scale,
 )
 from ..controlnet_core.hint import match_batch
+from ..controlnet_core.mmdit import SD3ControlNet, append_keep_mask, hint_latent_from_vae, sd35_stability
 from ..controlnet_core.precision import compute_dtype_of
-from ..controlnet_core import flux, qwen
-from ..controlnet_core.mmdit import SD3ControlNet, append_keep_mask, hint_latent_from_vae
-from ..controlnet_core.mmdit import sd35_stability
 
 DIT_KINDS = ("sd3_controlnet", "sd35_controlnet", "flux_controlnet", "qwen_controlnet")
 from ..controlnet_core.t2i_adapter import T2IAdapterConfig

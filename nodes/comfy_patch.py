@@ -16,16 +16,15 @@ import copy
 import logging
 from typing import Optional
 
+import comfy.model_management
+import comfy.utils
 import torch
 import torch.nn.functional as F
 
-import comfy.model_management
-import comfy.utils
-
 from ..controlnet_core import ControlMode, ControlNetError, IncompatibleModelError, LoadedControl, ResizeMode, check_hint_size, prepare_hint
 from ..controlnet_core.hint import match_batch
-from ..controlnet_core.precision import compute_dtype_of
 from ..controlnet_core.modes import SOFT_SPAN
+from ..controlnet_core.precision import compute_dtype_of
 from ..controlnet_core.qwen import hint_latent_from_vae
 
 log = logging.getLogger(__name__)

@@ -4,10 +4,9 @@ from __future__ import annotations
 import logging
 from pathlib import Path
 
-import torch
-
 import comfy.model_management
 import folder_paths
+import torch
 
 from ..controlnet_core import ControlNetError, load_control
 from ..controlnet_core.checkpoint import DictSource

@@ -20,18 +20,17 @@ import re
 from pathlib import Path
 from typing import Callable, Optional, Union
 
-import torch
-
 import comfy.model_management
 import comfy.utils
 import folder_paths
+import torch
 
+from ..annotators.training import annotator_condition, annotator_names, annotator_params
 from ..controlnet_core import ControlNetError, LimitExceededError, create_from_unet, load_control
 from ..controlnet_core.base_models.conditioning import SIZE_EMBED_DIM, sdxl_size_embedding
+from ..controlnet_core.identity import encoder_identity
 from ..controlnet_core.train import ControlDataset, DatasetError, TrainConfig, Trainer
 from ..controlnet_core.train.buckets import Buckets
-from ..controlnet_core.identity import encoder_identity
-from ..annotators.training import annotator_condition, annotator_names, annotator_params
 from ..controlnet_core.train.dataset_check import BATCH_LIMIT, IMAGE_LIMIT
 from ..controlnet_core.train.report import TrainingReport
 from ..controlnet_core.train.run_files import CHECKPOINT, check_can_start, resumable
@@ -396,7 +395,7 @@ class ControlNetSuiteTrain:
         trainer.save_controlnet(out, overwrite=True)  # check_may_write above decided
         record_output(run_dir, out)
         log.info("%s: %d steps, saved %s%s", NODE, trainer.step, out, " (replacing the earlier file of that name)" if replaced else "")
-        del trainer, unet, controlnet
+        trainer = unet = controlnet = None  # freed before the result is loaded for sampling
         comfy.model_management.soft_empty_cache()
         loaded = load_control(out, dtype=_loader_dtype(), device=comfy.model_management.unet_offload_device())
         return (SuiteControl(loaded, make_patcher(loaded.model), name=out.name),)

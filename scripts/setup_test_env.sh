@@ -23,6 +23,8 @@ $PIP install -q -r requirements.txt
 # Test-only: pytest, the diffusers and transformers oracles, selenium for the browser tests. transformers >= 5: its
 # CLIPTokenizer is the tokenizers-backed one that the CLIP tokenizer oracle needs (4.x's slow one, without ftfy, splits CJK apart).
 $PIP install -q pytest diffusers "transformers>=5" psutil "controlnet-aux==0.0.10" timm scikit-image matplotlib selenium hypothesis
+# The linter the test command runs first (pyproject.toml [tool.ruff]); pinned, so a new release cannot fail a clean tree.
+$PIP install -q ruff==0.17.6
 
 # A host's own requirements, less torch/torchvision (the pinned pair above) and torchaudio (left out: ComfyUI's two
 # audio node modules then fail to import, harmlessly).

@@ -6,4 +6,9 @@ cd "$(dirname "$0")/.."
 VENV=${VENV:-.venv}
 export VENV
 bash scripts/setup_test_env.sh
+# The linter first (pyproject.toml [tool.ruff]: pyflakes, import order, bugbear, the Comfy Registry's security rules):
+# a finding fails the run before any test. CNS_NO_LINT=1 skips it while iterating on one test.
+if [ "${CNS_NO_LINT:-0}" != 1 ]; then
+  "$VENV/bin/ruff" check . || { echo "ruff found problems (above); fix them, or run 'ruff check --fix .' for the fixable ones" >&2; exit 1; }
+fi
 exec "$VENV/bin/python" -m pytest "$@"

@@ -16,9 +16,9 @@ from pathlib import Path
 from typing import Optional
 
 import torch
-
 from comfy_host import comfy_root
 from factories import comfy_unet, randomize_, save
+
 from controlnet_core import ControlNetConfig
 
 TOKENIZER_DIR = comfy_root() / "comfy" / "sd1_tokenizer"

@@ -9,9 +9,8 @@ from __future__ import annotations
 import contextlib
 
 import torch
-from safetensors.torch import load_file
-
 from factories import randomize_, save
+from safetensors.torch import load_file
 
 NAME = "tiny_sd15_with_clip.safetensors"
 

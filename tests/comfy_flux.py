@@ -12,7 +12,6 @@ from __future__ import annotations
 from pathlib import Path
 
 import torch
-
 from factories import randomize_, save
 
 WIDTH, HEADS, AXES, CONTEXT, POOLED = 128, 2, [8, 28, 28], 96, 80

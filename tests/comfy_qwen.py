@@ -12,7 +12,6 @@ from __future__ import annotations
 from pathlib import Path
 
 import torch
-
 from factories import randomize_, save
 
 WIDTH, HEADS, HEAD_DIM, AXES, CONTEXT = 128, 2, 64, (8, 28, 28), 32

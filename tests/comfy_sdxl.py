@@ -16,7 +16,6 @@ from dataclasses import replace
 from pathlib import Path
 
 import torch
-
 from base_factories import clip_config, hf_state, sdxl_checkpoint
 from factories import comfy_unet_kwargs, randomize_
 
@@ -79,7 +78,6 @@ def refiner_model():
     import comfy.model_management as mm
     import comfy.model_patcher
     import comfy.supported_models
-
     from base_factories import UNET_SDXL
 
     cfg = replace(UNET_SDXL, context_dim=64, adm_in_channels=64 + 5 * 256)

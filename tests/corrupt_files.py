@@ -13,11 +13,11 @@ from pathlib import Path
 from typing import Callable, Optional
 
 import torch
+from factories import random_controlnet
 from safetensors.torch import save_file
 
 from controlnet_core import ControlNetConfig, save_diffusers
 from controlnet_core.loader import METADATA_CONFIG, METADATA_GAP
-from factories import random_controlnet
 
 # Smaller than SD15_TINY: one level, no attention, so a fuzz example loads in milliseconds
 MINI = ControlNetConfig(model_channels=32, channel_mult=(1,), num_res_blocks=(1,), transformer_depth=(0,), transformer_depth_middle=-1,

@@ -6,13 +6,11 @@ from __future__ import annotations
 
 import asyncio
 import itertools
-import os
 import sys
 import uuid
 from pathlib import Path
 
 import torch
-
 from comfy_host import import_comfy, is_new_comfy
 from factories import ControlNetConfig, comfy_unet, randomize_, save
 
@@ -131,8 +129,9 @@ class Host:
         folder_paths.folder_names_and_paths["custom_nodes"] = ([str(self.dirs["custom_nodes"])], set())
         folder_paths.set_output_directory(str(self.dirs["output"]))
         folder_paths.set_input_directory(str(self.dirs["input"]))
-        import nodes
         import execution
+
+        import nodes
 
         self.nodes, self.execution = nodes, execution
         if hasattr(nodes, "init_extra_nodes"):

@@ -25,7 +25,6 @@ from pathlib import Path
 from typing import Callable, Optional
 
 import psutil
-
 from comfy_server import ComfyServer
 from host import Graph
 

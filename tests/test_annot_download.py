@@ -188,8 +188,9 @@ def test_an_annotator_node_auto_download_that_stalls_fails_in_time_with_the_way_
     """ComfyUI's annotator node with CNS_AUTO_DOWNLOAD=1, its weight file's URL pointed at the stalling server."""
     import sys
 
-    from annotators import registry
     from host import Graph, PromptFailed
+
+    from annotators import registry
 
     info = registry.load_all()["depth_anything_v2"]
     name = info.weights[0]

@@ -7,13 +7,13 @@ from __future__ import annotations
 
 import numpy as np
 import pytest
-import torch
-
 import test_annot_hed as hed_t
 import test_annot_pidinet as pidi_t
-from annotators import hed, lineart, openpose, pidinet
+import torch
 from factories import randomize_
 from host import Graph
+
+from annotators import hed, lineart, openpose, pidinet
 
 
 def images() -> torch.Tensor:

@@ -1,7 +1,6 @@
 """Annotator nodes inside the real ComfyUI: generated per annotator, batched, pixel-perfect, clear weight errors."""
 import pytest
 import torch
-
 from host import Graph, PromptFailed
 
 
@@ -87,8 +86,9 @@ def test_a_neural_annotator_node_runs_with_weights_from_the_annotators_folder(ho
 
     Random weights are not the published file: by default the node refuses them by their SHA-256, naming the
     file and the way out; with CNS_SKIP_HASH_CHECK=1 (a user's own re-saved weights) it runs them."""
-    from annotators.hed import ControlNetHED
     from factories import randomize_
+
+    from annotators.hed import ControlNetHED
 
     torch.save(randomize_(ControlNetHED(), 0).state_dict(), host.dirs["annotators"] / "ControlNetHED.pth")
     g, img = image_graph(w=80, h=64, batch=3)
@@ -152,7 +152,7 @@ def test_the_node_hands_every_openpose_network_to_the_memory_manager(host, monke
 
     from annotators import openpose as op
 
-    for kind, cls, name in (("body", op.BodyPoseNet, op.BODY_FILE), ("hand", op.HandPoseNet, op.HAND_FILE), ("face", op.FaceNet, op.FACE_FILE)):
+    for _kind, cls, name in (("body", op.BodyPoseNet, op.BODY_FILE), ("hand", op.HandPoseNet, op.HAND_FILE), ("face", op.FaceNet, op.FACE_FILE)):
         torch.manual_seed(0)
         torch.save(cls().state_dict(), host.dirs["annotators"] / name)  # random weights, module-form keys
     monkeypatch.setenv("CNS_SKIP_HASH_CHECK", "1")  # not the published files

@@ -14,14 +14,25 @@ import types
 
 import pytest
 import torch
+from base_factories import (
+    SIZE_EMBED,
+    TOKENIZER_DIR,
+    UNET_SD15_DETECTABLE,
+    clip_config,
+    copy_tokenizer,
+    hf_clip,
+    hf_state,
+    hf_to_openclip,
+    sd1_checkpoint,
+    sd2_checkpoint,
+    sdxl_checkpoint,
+    unit_inputs,
+)
+from factories import rel_err, save
 from safetensors.torch import load_file
 
-from base_factories import (SIZE_EMBED, TOKENIZER_DIR, UNET_SD15_DETECTABLE, clip_config, copy_tokenizer, hf_clip, hf_state, hf_to_openclip,
-                            sd1_checkpoint, sd2_checkpoint, sdxl_checkpoint, unit_inputs)
-from factories import rel_err, save
 from controlnet_core import CheckpointError
-from controlnet_core.base_models import (CLIPTokenizer, IncompleteModelError, TokenizerError, UnsupportedModelError, load_base_model,
-                                         load_unet)
+from controlnet_core.base_models import CLIPTokenizer, IncompleteModelError, TokenizerError, UnsupportedModelError, load_base_model, load_unet
 
 PROMPTS = [
     "",
@@ -273,7 +284,6 @@ def test_sdxl_unet_from_whole_checkpoint_matches_comfy(comfy, tmp_path):
 def diffusers_folder(root, xl: bool):
     """A diffusers pipeline folder saved by diffusers/transformers themselves (tiny), with the real tokenizer files."""
     from diffusers import AutoencoderKL, UNet2DConditionModel
-
     from factories import randomize_
 
     if xl:

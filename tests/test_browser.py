@@ -25,12 +25,11 @@ from pathlib import Path
 
 import numpy as np
 import pytest
-from PIL import Image
-
 from browser import Page, artifacts_dir, require_chromium
 from comfy_host import is_oldest_host
 from comfy_server import ComfyServer
 from host import TINY_UNION_FILE, tiny_union_file
+from PIL import Image
 
 ROOT = Path(__file__).resolve().parents[1]
 WORKFLOWS = sorted((ROOT / "workflows").glob("*.json"))
@@ -73,6 +72,7 @@ def server(chromium, host, tmp_path_factory):
     """`make run` with the tiny models (and the CLIP-carrying one the training workflow needs), its LoadImage files
     and the training workflow's dataset in the input folder."""
     from clip_checkpoint import tiny_checkpoint_with_clip
+
     from controlnet_core.train.toy import make_fill50k
 
     run = tmp_path_factory.mktemp("browser_run")

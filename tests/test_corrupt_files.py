@@ -9,15 +9,22 @@ from pathlib import Path
 
 import pytest
 import torch
+from corrupt_files import CORPUS, MINI, TWO_LEVELS, _diffusers_folder, good_file, mutate, our_export, state_dict
+from factories import random_controlnet
 
 from controlnet_core import (
-    CheckpointError, ControlNetError, NonFiniteWeightsError, NotACheckpointError, OutputPathError, UnsafeCheckpointError, load_control,
-    save_diffusers, save_ldm,
+    CheckpointError,
+    ControlNetError,
+    NonFiniteWeightsError,
+    NotACheckpointError,
+    OutputPathError,
+    UnsafeCheckpointError,
+    load_control,
+    save_diffusers,
+    save_ldm,
 )
 from controlnet_core.__main__ import main
 from controlnet_core.checkpoint import SafetensorsSource, save_safetensors
-from corrupt_files import CORPUS, MINI, TWO_LEVELS, _diffusers_folder, good_file, our_export, state_dict, mutate
-from factories import random_controlnet
 
 ROOT = Path(__file__).resolve().parents[1]
 
@@ -117,9 +124,8 @@ def test_a_diffusers_folder_loads_as_its_file(tmp_path):
 
 def test_without_a_config_a_removed_block_is_a_smaller_model(tmp_path):
     """What the shapes alone cannot tell: the config or metadata is what makes the removed block an error."""
-    from safetensors.torch import save_file
-
     from corrupt_files import LAST_BLOCK
+    from safetensors.torch import save_file
 
     path = tmp_path / "smaller.safetensors"
     save_file({k: v for k, v in state_dict(TWO_LEVELS).items() if not k.startswith(LAST_BLOCK)}, str(path))

@@ -1,10 +1,10 @@
 """The loader node shows the library's own message, class and file name for a malformed file (issue 12, item 4)."""
 import pytest
-
-from controlnet_core import ControlNetError, load_control
 from corrupt_files import CORPUS
 from host import PromptFailed
 from test_nodes import run_one
+
+from controlnet_core import ControlNetError, load_control
 
 
 @pytest.mark.parametrize("case", ["negative offsets", "non-finite weights", "config zero heads"])

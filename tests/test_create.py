@@ -1,9 +1,9 @@
 """The paper's "trainable copy": a ControlNet created from a base UNet changes nothing until trained."""
 import pytest
 import torch
+from factories import SD15_TINY, SDXL_TINY, comfy_control_dict, comfy_unet, inputs, save
 
 from controlnet_core import create_from_unet, load_control, save_ldm
-from factories import SD15_TINY, SDXL_TINY, comfy_control_dict, comfy_unet, inputs, save
 
 
 @pytest.mark.parametrize("cfg", [SD15_TINY, SDXL_TINY], ids=["sd15-shaped", "sdxl-shaped"])

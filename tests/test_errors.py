@@ -1,15 +1,19 @@
 """Every bad-input error is provoked with a real bad file on disk, and its message says what to do."""
-import pickle
-import zipfile
 
 import pytest
 import torch
+from factories import SD15_320, SD15_TINY, SDXL_TINY, comfy_unet, random_controlnet, save
 
 from controlnet_core import (
-    BaseModelInfo, ControlNetError, IncompatibleModelError, NotACheckpointError, UnknownLayoutError,
-    UnsafeCheckpointError, check_compatible, load_control,
+    BaseModelInfo,
+    ControlNetError,
+    IncompatibleModelError,
+    NotACheckpointError,
+    UnknownLayoutError,
+    UnsafeCheckpointError,
+    check_compatible,
+    load_control,
 )
-from factories import SD15_320, SD15_TINY, SDXL_TINY, comfy_unet, random_controlnet, save
 
 
 @pytest.fixture

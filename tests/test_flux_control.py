@@ -9,16 +9,35 @@ import math
 
 import pytest
 import torch
+from factories import SD15_TINY, random_controlnet, randomize_, rel_err, save
 
 from controlnet_core.checkpoint import open_checkpoint
 from controlnet_core.errors import CheckpointError, ControlNetError
-from controlnet_core.flux import (COMFY_DOUBLE_SLOTS, COMFY_SINGLE_SLOTS, FluxControlNetConfig, FluxControlOutput, FluxInstantXControlNet,
-                                  FluxXLabsControlNet, append_keep_mask, build_flux_controlnet, diffusers_block_sources,
-                                  flux_base_sources, hint_latent_from_vae, host_sources)
+from controlnet_core.flux import (
+    COMFY_DOUBLE_SLOTS,
+    COMFY_SINGLE_SLOTS,
+    FluxControlNetConfig,
+    FluxControlOutput,
+    FluxInstantXControlNet,
+    FluxXLabsControlNet,
+    append_keep_mask,
+    build_flux_controlnet,
+    diffusers_block_sources,
+    flux_base_sources,
+    hint_latent_from_vae,
+    host_sources,
+)
 from controlnet_core.flux.layers import pack, position_ids
-from controlnet_core.formats.flux_keys import (SIGNATURE_INSTANTX, SIGNATURE_MISTOLINE, SIGNATURE_XLABS, config_from_shapes,
-                                               flux_layout, is_flux_instantx, is_flux_mistoline, is_flux_xlabs)
-from factories import SD15_TINY, randomize_, random_controlnet, rel_err, save
+from controlnet_core.formats.flux_keys import (
+    SIGNATURE_INSTANTX,
+    SIGNATURE_MISTOLINE,
+    SIGNATURE_XLABS,
+    config_from_shapes,
+    flux_layout,
+    is_flux_instantx,
+    is_flux_mistoline,
+    is_flux_xlabs,
+)
 
 diffusers = pytest.importorskip("diffusers")
 pytestmark = pytest.mark.filterwarnings("ignore:.*FluxPosEmbed.*:FutureWarning")  # raised inside diffusers' own Flux classes

@@ -19,11 +19,11 @@ import logging
 
 import pytest
 import torch
+from factories import rel_err
+from fullsize_flux import convert_file, full_width_config, write_random_file
 
 from controlnet_core import load_control
 from controlnet_core.flux import COMFY_DOUBLE_SLOTS, COMFY_SINGLE_SLOTS
-from factories import rel_err
-from fullsize_flux import convert_file, full_width_config, write_random_file
 
 TOL = 1e-5
 LATENT, TEXT_TOKENS = 16, 8  # a 16 x 16 latent: 8 x 8 = 64 tokens

@@ -3,14 +3,14 @@ nodes in the real host, against ComfyUI's own Flux ControlNet objects and apply 
 Flux base (built in-process: see comfy_flux.py): final latents, token masks, modes, strength 0, wrong families."""
 import pytest
 import torch
-from safetensors.torch import load_file
-
 from comfy_flux import CONTEXT, POOLED, host_control, instantx_file, tiny_flux, xlabs_file
 from factories import save
+from host import Graph, PromptFailed, finish
+from safetensors.torch import load_file
+from test_nodes import image, spy_calls
+
 from controlnet_core import load_control
 from controlnet_core.modes import SOFT_SPAN
-from host import Graph, PromptFailed, finish
-from test_nodes import image, spy_calls
 
 FILES = {"plain": "flux_instantx_tiny.safetensors", "union": "flux_union_tiny.safetensors", "inpaint": "flux_inpaint_tiny.safetensors",
          "xlabs": "flux_xlabs_tiny.safetensors", "plain-fp8": "flux_instantx_tiny_fp8.safetensors", "xlabs-fp8": "flux_xlabs_tiny_fp8.safetensors"}
@@ -80,7 +80,7 @@ def test_our_nodes_match_the_builtin_control_and_interoperate(flux, name):
     results = {}
     for combo in ("builtin+builtin", "ours+ours", "ours+builtin", "builtin+ours"):
         load_kind, apply_kind = combo.split("+")
-        results[combo] = run(flux, lambda g, pos, neg, vae: apply(apply_kind, g, pos, neg, control(g, load_kind, name),
+        results[combo] = run(flux, lambda g, pos, neg, vae, apply_kind=apply_kind, load_kind=load_kind: apply(apply_kind, g, pos, neg, control(g, load_kind, name),
                                                                    image(g, SIZE, SIZE, seed=3), vae, 0.8))
     ref = results["builtin+builtin"]
     assert ref.shape == (1, 16, 8, 8) and (ref - run(flux)).abs().max() > 1e-3
@@ -102,7 +102,7 @@ def test_fp8_files_stay_fp8_in_memory_and_match_the_builtins_fp8_path(flux, name
     results = {}
     for combo in ("builtin+builtin", "ours+ours", "ours+builtin"):
         load_kind, apply_kind = combo.split("+")
-        results[combo] = run(flux, lambda g, pos, neg, vae: apply(apply_kind, g, pos, neg, control(g, load_kind, name),
+        results[combo] = run(flux, lambda g, pos, neg, vae, apply_kind=apply_kind, load_kind=load_kind: apply(apply_kind, g, pos, neg, control(g, load_kind, name),
                                                                    image(g, SIZE, SIZE, seed=3), vae, 0.8))
     ref = results["builtin+builtin"]
     assert (ref - run(flux)).abs().max() > 1e-3

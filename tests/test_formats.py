@@ -1,13 +1,16 @@
 """Every supported layout is detected, loads to the same weights, and survives a round trip."""
 import pytest
 import torch
+from factories import SD15_TINY, SDXL_TINY, comfy_unet, inputs, random_controlnet, randomize_, save
 
 from controlnet_core import (
-    BaseModelRequiredError, ControlNet, load_control, save_diffusers, save_ldm,
+    BaseModelRequiredError,
+    load_control,
+    save_diffusers,
+    save_ldm,
 )
 from controlnet_core.formats import t2i as t2i_fmt
 from controlnet_core.t2i_adapter import T2IAdapter, T2IAdapterConfig
-from factories import SD15_TINY, SDXL_TINY, comfy_unet, inputs, random_controlnet, randomize_, save
 
 
 def same_weights(a: torch.nn.Module, b: torch.nn.Module, *dtypes):

@@ -14,13 +14,13 @@ from pathlib import Path
 
 import pytest
 import torch
+from corrupt_files import MINI, TWO_LEVELS, _diffusers_folder, our_export, read_raw, state_dict, write_raw
 from hypothesis import HealthCheck, given, settings
 from hypothesis import strategies as st
 from safetensors.torch import save_file
 
 from controlnet_core import ControlNetConfig, ControlNetError, load_control
 from controlnet_core.loader import METADATA_CONFIG, METADATA_GAP
-from corrupt_files import MINI, TWO_LEVELS, _diffusers_folder, our_export, read_raw, state_dict, write_raw
 
 # The same examples on every run (a CI failure can be replayed, and main does not turn red by chance);
 # CNS_FUZZ_EXPLORE=1 draws new ones.

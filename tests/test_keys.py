@@ -3,11 +3,11 @@ from pathlib import Path
 
 import pytest
 import torch
+from factories import SD15, SD21, SDXL
 
 from controlnet_core import ControlNet, T2IAdapter, T2IAdapterConfig, config_from_unet_like_state_dict
 from controlnet_core.formats import diffusers as dfmt
 from controlnet_core.formats import t2i as t2i_fmt
-from factories import SD15, SD21, SDXL
 
 KEYS = Path(__file__).parent / "data" / "keys"
 

@@ -6,12 +6,11 @@ import time
 
 import pytest
 import torch
-
-from controlnet_core import ControlResiduals, LimitExceededError, all_finite, check_hint_size, prepare_hint
 from factories import random_controlnet, save
 from host import TINY_UNET, PromptFailed, base_graph, finish
 from test_nodes import apply, image, loader
 
+from controlnet_core import ControlResiduals, LimitExceededError, all_finite, check_hint_size, prepare_hint
 
 # -- the hint bound, library --
 
@@ -113,6 +112,7 @@ def test_in_a_stack_the_overflowing_unit_is_the_one_named(host, overflowing):
 
 def _reference_mask(mask, t, batched_number):
     import torch.nn.functional as F
+
     from controlnet_core.hint import match_batch
     r = F.interpolate(mask[:, None].float(), size=t.shape[-2:], mode="bilinear", align_corners=False, antialias=True)
     return match_batch(r, t.shape[0], "mask", batched_number)

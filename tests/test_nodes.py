@@ -1,7 +1,6 @@
 """The suite's nodes inside a real ComfyUI: loader, apply, stack; KSampler end to end through PromptExecutor."""
 import pytest
 import torch
-
 from host import PromptFailed, PromptInvalid, base_graph, finish
 
 MODES = ["balanced", "prompt is more important", "ControlNet is more important", "CFG resolution weighting"]
@@ -221,9 +220,8 @@ def test_node_metadata_tooltips_and_descriptions(host):
 
 
 def test_diff_controlnet_through_the_loader_needs_and_uses_the_model(host):
-    from safetensors.torch import load_file
-
     from factories import save
+    from safetensors.torch import load_file
 
     base = {k[len("model.diffusion_model."):]: v for k, v in load_file(host.dirs["checkpoints"] / host.checkpoint).items()
             if k.startswith("model.diffusion_model.")}

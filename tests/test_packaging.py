@@ -9,7 +9,6 @@ import textwrap
 from pathlib import Path
 
 import pytest
-
 from comfy_host import comfy_root
 
 ROOT = Path(__file__).resolve().parents[1]
@@ -135,8 +134,8 @@ def test_readme_pictures_are_shipped_and_the_demo_one_is_what_make_demo_draws(tm
     r = subprocess.run([sys.executable, str(ROOT / "experiments" / "demo.py"), "--out", str(tmp_path / "toy_demo.png")],
                        capture_output=True, text=True, timeout=600, cwd=ROOT)
     assert r.returncode == 0, r.stderr[-3000:]
-    from PIL import Image
     import numpy as np
+    from PIL import Image
 
     fresh = np.asarray(Image.open(tmp_path / "toy_demo.png").convert("RGB"))
     shipped = np.asarray(Image.open(ROOT / "docs" / "images" / "toy_demo.png").convert("RGB"))

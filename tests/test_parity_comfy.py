@@ -1,9 +1,9 @@
 """Parity with ComfyUI's built-in ControlNet (`comfy.cldm`) on the same random weights, fp32, rel. err <= 1e-5."""
 import pytest
 import torch
+from factories import SD15, SD15_320, SD15_TINY, SD21_TINY, SDXL_TINY, comfy_cldm, comfy_control_outputs, inputs, random_controlnet, rel_err, save
 
 from controlnet_core import load_control
-from factories import SD15, SD15_320, SD15_TINY, SD21_TINY, SDXL_TINY, comfy_cldm, comfy_control_outputs, inputs, random_controlnet, rel_err, save
 
 TOL = 1e-5
 pytestmark = pytest.mark.compat  # every host, the oldest included, gives the same numbers

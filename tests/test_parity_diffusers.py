@@ -3,10 +3,10 @@ import json
 
 import pytest
 import torch
+from factories import randomize_, rel_err, save
 
 from controlnet_core import load_control, save_diffusers
 from controlnet_core.layers import timestep_embedding
-from factories import randomize_, rel_err, save
 
 diffusers = pytest.importorskip("diffusers")
 TOL = 1e-5

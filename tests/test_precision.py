@@ -3,15 +3,15 @@ float8_e4m3fn in memory and cast where used, the outputs equal those of the same
 layout survives export, non-finite fp8 values are refused, and a dtype chooser sees the family's record."""
 import pytest
 import torch
+from factories import save
 from safetensors.torch import load_file
+from test_flux_control import diffusers_flux, flux_inputs
+from test_qwen_control import diffusers_qwen, qwen_inputs
 
 from controlnet_core import load_control, save_native
 from controlnet_core.errors import NonFiniteWeightsError
 from controlnet_core.loading import count_non_finite
 from controlnet_core.precision import FP8, CastOnUseLinear
-from factories import save
-from test_flux_control import diffusers_flux, flux_inputs
-from test_qwen_control import diffusers_qwen, qwen_inputs
 
 FP8_DTYPE = torch.float8_e4m3fn
 

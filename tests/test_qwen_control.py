@@ -11,6 +11,7 @@ import math
 
 import pytest
 import torch
+from factories import SD15_TINY, random_controlnet, randomize_, rel_err, save
 
 from controlnet_core.checkpoint import open_checkpoint
 from controlnet_core.errors import CheckpointError, ControlNetError
@@ -21,11 +22,19 @@ from controlnet_core.formats.qwen_keys import FORMAT, SIGNATURE, config_from_sha
 from controlnet_core.formats.sd3_keys import is_sd3_diffusers
 from controlnet_core.formats.sd35_keys import is_sd35_stability
 from controlnet_core.loading import LoadOptions
-from controlnet_core.qwen import (COMFY_SLOTS, QwenControlNetConfig, QwenControlOutput, QwenInstantXControlNet,
-                                  append_keep_mask, base_block_sources, build_qwen_controlnet, diffusers_block_sources,
-                                  hint_latent_from_vae, host_sources)
+from controlnet_core.qwen import (
+    COMFY_SLOTS,
+    QwenControlNetConfig,
+    QwenControlOutput,
+    QwenInstantXControlNet,
+    append_keep_mask,
+    base_block_sources,
+    build_qwen_controlnet,
+    diffusers_block_sources,
+    hint_latent_from_vae,
+    host_sources,
+)
 from controlnet_core.qwen.blocks import position_ids
-from factories import SD15_TINY, randomize_, random_controlnet, rel_err, save
 
 diffusers = pytest.importorskip("diffusers")
 if not hasattr(diffusers, "QwenImageControlNetModel"):

@@ -3,12 +3,12 @@ real host, against ComfyUI's own Qwen-Image ControlNet objects on the same weigh
 in-process (see comfy_qwen.py): final latents, token masks, modes, strength 0, wrong families."""
 import pytest
 import torch
-
 from comfy_qwen import CONTEXT, host_control, instantx_file, tiny_qwen
-from controlnet_core import load_control
-from controlnet_core.modes import SOFT_SPAN
 from host import Graph, PromptFailed, finish
 from test_nodes import image, spy_calls
+
+from controlnet_core import load_control
+from controlnet_core.modes import SOFT_SPAN
 
 FILES = {"plain": "qwen_instantx_tiny.safetensors", "inpaint": "qwen_inpaint_tiny.safetensors"}
 SIZE = 64
@@ -71,7 +71,7 @@ def test_our_nodes_match_the_builtin_control_and_interoperate(qwen):
     results = {}
     for combo in ("builtin+builtin", "ours+ours", "ours+builtin", "builtin+ours"):
         load_kind, apply_kind = combo.split("+")
-        results[combo] = run(qwen, lambda g, pos, neg, vae: apply(apply_kind, g, pos, neg, control(g, load_kind, "plain"),
+        results[combo] = run(qwen, lambda g, pos, neg, vae, apply_kind=apply_kind, load_kind=load_kind: apply(apply_kind, g, pos, neg, control(g, load_kind, "plain"),
                                                                    image(g, SIZE, SIZE, seed=3), vae, 0.8))
     ref = results["builtin+builtin"]
     assert (ref - run(qwen)).abs().max() > 1e-3

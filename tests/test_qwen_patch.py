@@ -3,12 +3,12 @@ own QwenImageDiffsynthControlnet node on the same weights, on the tiny in-proces
 final latents (host patch object and our loader's file), inpainting, strength 0, start/end, region mask, modes, errors."""
 import pytest
 import torch
-
 from comfy_qwen import CONTEXT, WIDTH, tiny_qwen
-from controlnet_core import load_control
 from factories import randomize_, save
 from host import Graph, PromptFailed, finish
 from test_nodes import image
+
+from controlnet_core import load_control
 
 SIZE = 64
 FILE = "qwen_diffsynth_tiny.safetensors"

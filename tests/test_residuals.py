@@ -1,9 +1,9 @@
 """Strength, per-block scales and composition are core functions with exact, documented maths."""
 import pytest
 import torch
+from factories import SD15_TINY, inputs, random_controlnet
 
 from controlnet_core import ControlResiduals, add, cfg_resolution_weights, combine, scale, soft_weights
-from factories import SD15_TINY, inputs, random_controlnet
 
 
 def res(seed, n=4, shape=(2, 8, 4, 4)):

@@ -2,13 +2,13 @@
 key and every value); read-only layouts and existing outputs are refused with a clear message."""
 import pytest
 import torch
+from comfy_flux import instantx_file
+from factories import random_controlnet, save
+from host import tiny_sd3_controlnet, tiny_sd35_controlnet
 from safetensors.torch import load_file
 
 from controlnet_core import ControlNetConfig, ControlNetError, OutputPathError, load_control, save_diffusers, save_native
 from controlnet_core.formats import REGISTRY
-from factories import random_controlnet, save
-from comfy_flux import instantx_file
-from host import tiny_sd35_controlnet, tiny_sd3_controlnet
 
 TINY = ControlNetConfig(model_channels=32, channel_mult=(1, 2), num_res_blocks=(1, 1), transformer_depth=(0, 1), context_dim=64)
 

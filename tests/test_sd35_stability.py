@@ -3,12 +3,12 @@ adopted from the base model, and parity with ComfyUI's own `ControlNetEmbedder` 
 real .safetensors files (fp32, rel. err <= 1e-5), including the output repeat rule and odd latent sizes."""
 import pytest
 import torch
+from factories import randomize_, rel_err, save
 
 from controlnet_core import load_control
 from controlnet_core.errors import CheckpointError, ControlNetError
 from controlnet_core.formats import detect_format
-from controlnet_core.mmdit.sd35_stability import SD35ControlNet, SD35ControlNetConfig, host_output_list, hint_latent_from_vae, prepare_pixels
-from factories import randomize_, rel_err, save
+from controlnet_core.mmdit.sd35_stability import SD35ControlNet, SD35ControlNetConfig, hint_latent_from_vae, host_output_list, prepare_pixels
 
 TOL = 1e-5
 WIDTH, BLOCKS = 256, 2  # ComfyUI reads the base depth as width / 64 = 4: each output serves 2 base blocks

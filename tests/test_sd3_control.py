@@ -4,12 +4,12 @@ same random weights read from real .safetensors files (fp32, rel. err <= 1e-5), 
 block receives which control output."""
 import pytest
 import torch
+from factories import randomize_, rel_err, save
 
 from controlnet_core.checkpoint import open_checkpoint
 from controlnet_core.errors import CheckpointError, ControlNetError
 from controlnet_core.formats.sd3_keys import SIGNATURE, config_from_shapes, is_sd3_diffusers
 from controlnet_core.mmdit import SD3ControlNet, SD3ControlNetConfig, append_keep_mask, base_block_sources, host_output_list
-from factories import randomize_, rel_err, save
 
 diffusers = pytest.importorskip("diffusers")
 TOL = 1e-5

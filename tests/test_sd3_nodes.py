@@ -3,11 +3,11 @@ ComfyUI's own loader and apply nodes on the same random weights: final latents, 
 stacks, the inpainting variant, and the errors that must come before sampling."""
 import pytest
 import torch
+from host import SD3_TINY, TINY_SD3_CHECKPOINT, Graph, PromptFailed, finish, make_tiny_sd3_checkpoint, tiny_sd3_controlnet, tiny_sd35_controlnet
+from test_nodes import image, spy_calls
 
 from controlnet_core import load_control
 from controlnet_core.modes import SOFT_SPAN
-from host import SD3_TINY, TINY_SD3_CHECKPOINT, Graph, PromptFailed, finish, make_tiny_sd3_checkpoint, tiny_sd35_controlnet, tiny_sd3_controlnet
-from test_nodes import image, spy_calls
 
 PLAIN, INPAINT, NARROW = "sd3_tiny.safetensors", "sd3_inpaint_tiny.safetensors", "sd3_narrow_tiny.safetensors"
 FLUX = "flux_on_sd3_tiny.safetensors"
@@ -90,7 +90,7 @@ def test_our_loader_and_apply_match_the_builtin_pair_and_interoperate(sd3, stren
     results = {}
     for combo in ("builtin+builtin", "ours+ours", "ours+builtin", "builtin+ours"):
         load_kind, apply_kind = combo.split("+")
-        results[combo] = run(sd3, lambda g, pos, neg, vae: applies(apply_kind, g, pos, neg, loaders(load_kind, PLAIN)(g),
+        results[combo] = run(sd3, lambda g, pos, neg, vae, apply_kind=apply_kind, load_kind=load_kind: applies(apply_kind, g, pos, neg, loaders(load_kind, PLAIN)(g),
                                                                      image(g, SIZE, SIZE, seed=3), vae, strength))
     ref = results["builtin+builtin"]
     assert ref.shape == (1, 16, 8, 8) and torch.isfinite(ref).all()
@@ -107,7 +107,7 @@ def test_stability_sd35_controlnets_match_the_builtin_pair(sd3, control_type):
     results = {}
     for combo in combos:
         load_kind, apply_kind = combo.split("+")
-        results[combo] = run(sd3, lambda g, pos, neg, vae: applies(apply_kind, g, pos, neg, loaders(load_kind, name)(g),
+        results[combo] = run(sd3, lambda g, pos, neg, vae, apply_kind=apply_kind, load_kind=load_kind: applies(apply_kind, g, pos, neg, loaders(load_kind, name)(g),
                                                                      image(g, SIZE, SIZE, seed=6), vae, 0.8))
     ref = results["builtin+builtin"]
     assert (ref - run(sd3, None)).abs().max() > 1e-3

@@ -6,7 +6,6 @@ import time
 from pathlib import Path
 
 import pytest
-
 from comfy_host import comfy_root, host_name, is_oldest_host
 from comfy_server import ComfyServer, sampling_prompt
 

@@ -4,7 +4,6 @@ errors that name the problem, the server keeps answering, and its resident memor
 from collections import Counter
 
 import pytest
-
 from comfy_host import is_oldest_host
 from comfy_server import ComfyServer
 from server_load import PATTERN, Models, invalid_jobs, run_load

@@ -1,7 +1,6 @@
 """The toy world: controllability metric, base-training mode, step-0 identity through the sampler, the shipped
 demo models (our loader and ComfyUI's), and the demo script end to end."""
 import math
-import random
 import subprocess
 import sys
 from pathlib import Path
@@ -13,8 +12,16 @@ from controlnet_core import create_from_unet, load_control
 from controlnet_core.train import ControlDataset, TrainConfig, Trainer
 from controlnet_core.train.toy_metrics import condition_shape_mask, controllability, generated_shape_mask, iou
 from controlnet_core.train.toy_sample import load_toy_base, sample
-from controlnet_core.train.toy_world import (IMAGE_SIZE, TOY_BASE_UNET, ToyPromptEncoder, decode_latent, draw_pair, encode_image,
-                                             make_toy_world, prompt_for)
+from controlnet_core.train.toy_world import (
+    IMAGE_SIZE,
+    TOY_BASE_UNET,
+    ToyPromptEncoder,
+    decode_latent,
+    draw_pair,
+    encode_image,
+    make_toy_world,
+    prompt_for,
+)
 from controlnet_core.unet import UNetModel
 
 ROOT = Path(__file__).resolve().parents[1]

@@ -5,19 +5,20 @@ import cv2
 import numpy as np
 import pytest
 import torch
+from factories import randomize_
 
 from controlnet_core import create_from_unet, load_control, save_ldm
 from controlnet_core.train import ControlDataset, DatasetError, TrainConfig, Trainer, drop_prompts
 from controlnet_core.train.toy import TOY_UNET, ToyTextEncoder, make_fill50k, toy_encode_image
 from controlnet_core.unet import UNetModel
-from factories import randomize_
 
 CFG = TOY_UNET.encoder
 ToyText = ToyTextEncoder
 toy_vae = toy_encode_image
 
 
-def build(tmp_path, config=TrainConfig(lr=1e-3, batch_size=4), seed=0):
+def build(tmp_path, config=None, seed=0):
+    config = config or TrainConfig(lr=1e-3, batch_size=4)
     unet = randomize_(UNetModel(TOY_UNET), seed).eval()
     cn = create_from_unet(unet.state_dict(), seed=seed)
     ds = ControlDataset(tmp_path / "fill") if (tmp_path / "fill").exists() else ControlDataset(make_fill50k(tmp_path / "fill"))

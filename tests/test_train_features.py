@@ -10,22 +10,21 @@ import cv2
 import numpy as np
 import pytest
 import torch
+from factories import randomize_
 from PIL import Image
 from safetensors.torch import load_file
 
+from annotators.training import annotator_condition
 from controlnet_core import create_from_unet, load_control
 from controlnet_core.errors import ControlNetError
-from controlnet_core.train import ControlDataset, DatasetError, TrainConfig, Trainer
-from controlnet_core.train import checkpointing
+from controlnet_core.train import ControlDataset, DatasetError, TrainConfig, Trainer, checkpointing
 from controlnet_core.train.buckets import Buckets, epoch_order, fit
 from controlnet_core.train.cache import TextCache, encoder_identity
-from annotators.training import annotator_condition
 from controlnet_core.train.report import TrainingReport
 from controlnet_core.train.sampling import ddim_sample, make_sample_fn
 from controlnet_core.train.toy import TOY_UNET, ToyTextEncoder, make_fill50k, toy_decode_latent, toy_encode_image
 from controlnet_core.train.trainer import sd_alphas_cumprod
 from controlnet_core.unet import UNetModel
-from factories import randomize_
 
 
 def fill(tmp_path, n=8):
@@ -33,7 +32,8 @@ def fill(tmp_path, n=8):
     return root if root.exists() else make_fill50k(root, n=n)
 
 
-def build(tmp_path, config=TrainConfig(lr=1e-3, batch_size=4), dataset=None, text=None, vae=None, seed=0):
+def build(tmp_path, config=None, dataset=None, text=None, vae=None, seed=0):
+    config = config or TrainConfig(lr=1e-3, batch_size=4)
     unet = randomize_(UNetModel(TOY_UNET), seed).eval()
     cn = create_from_unet(unet.state_dict(), seed=seed)
     ds = dataset if dataset is not None else ControlDataset(fill(tmp_path))
@@ -109,7 +109,7 @@ def test_gradient_checkpointing_holds_far_less_activation_memory(tmp_path):
         batch = tr.next_batch()
         saved = []
 
-        def pack(t):
+        def pack(t, saved=saved):
             saved.append(t.untyped_storage().nbytes() if t.device.type == "cpu" else 0)
             return t
 
@@ -285,6 +285,7 @@ def sdxl_trainer(tmp_path, config):
     """An SDXL-shaped base (tiny, random, the published key names; made with the ComfyUI host's classes) loaded as the
     CLI loads it, and a fresh ControlNet."""
     from base_factories import TOKENIZER_DIR, sdxl_checkpoint
+
     from controlnet_core.base_models import load_base_model
 
     ckpt = tmp_path / "xl.safetensors"

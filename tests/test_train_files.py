@@ -8,12 +8,12 @@ import sys
 
 import pytest
 import torch
-
-from controlnet_core import ControlNetError
-from controlnet_core.train.run_files import (DamagedCheckpointError, load_checkpoint, read_checkpoint, save_checkpoint)
-from controlnet_core.train.toy import make_fill50k
 from clip_checkpoint import fp32_text_encoder, tiny_checkpoint_with_clip
 from host import Graph, PromptFailed
+
+from controlnet_core import ControlNetError
+from controlnet_core.train.run_files import DamagedCheckpointError, load_checkpoint, read_checkpoint, save_checkpoint
+from controlnet_core.train.toy import make_fill50k
 
 ENV = dict(os.environ, OMP_NUM_THREADS="1", MKL_NUM_THREADS="1")
 COMMON = ("--steps", 3, "--batch", 2, "--lr", 1e-3, "--save-every", 1)

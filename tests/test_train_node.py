@@ -7,10 +7,9 @@ import json
 
 import pytest
 import torch
-from safetensors.torch import load_file
-
 from clip_checkpoint import fp32_text_encoder, tiny_checkpoint_with_clip
 from host import Graph, PromptFailed
+from safetensors.torch import load_file
 
 STEPS = 3  # training steps; KSampler uses 2, so their progress-bar totals differ
 
@@ -167,7 +166,7 @@ def test_sdxl_trains_applies_samples_and_the_file_loads_in_comfys_own_loader(hos
     calls, _ = progress_hook
     g = Graph()
     base = g.add("SuiteTestProvided", key="xl")
-    model, clip = (base, 0), (base, 1)
+    clip = (base, 1)
     train = g.add("ControlNetSuiteTrain", **train_inputs(base, dataset, output_name="trained_xl"))
     pos = (g.add("CLIPTextEncode", text="red circle with blue background", clip=clip), 0)
     neg = (g.add("CLIPTextEncode", text="", clip=clip), 0)
@@ -331,9 +330,7 @@ def test_unsupported_model_types_are_refused_with_their_name(host):
     """Real ComfyUI model objects of other families: SDXL-type with another label input and the SDXL refiner (tiny
     configs) in every host, Flux in hosts that have it (0.3.75 and later)."""
     import comfy.supported_models
-
     from comfy_sdxl import refiner_model
-
     from factories import SDXL_TINY, comfy_unet_kwargs
 
     node = host.nodes.NODE_CLASS_MAPPINGS["ControlNetSuiteTrain"]()

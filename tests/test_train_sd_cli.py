@@ -7,10 +7,10 @@ import sys
 
 import pytest
 import torch
-from safetensors.torch import load_file
-
 from base_factories import TOKENIZER_DIR, sd1_checkpoint, sd2_checkpoint, sdxl_checkpoint
 from factories import rel_err, save
+from safetensors.torch import load_file
+
 from controlnet_core import create_from_unet, load_control
 from controlnet_core.base_models import load_base_model
 from controlnet_core.train import ControlDataset, TrainConfig, Trainer

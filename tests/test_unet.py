@@ -1,10 +1,10 @@
 """Our ldm UNet (used for training) equals ComfyUI's UNetModel on the same weights, with and without control."""
 import pytest
 import torch
+from factories import SD15_TINY, SDXL_TINY, comfy_control_dict, comfy_unet, inputs, random_controlnet, rel_err
 
 from controlnet_core import ControlResiduals, create_from_unet
 from controlnet_core.unet import unet_from_state_dict
-from factories import SD15_TINY, SDXL_TINY, comfy_control_dict, comfy_unet, inputs, random_controlnet, rel_err
 
 
 @pytest.mark.parametrize("cfg", [SD15_TINY, SDXL_TINY], ids=["sd15-shaped", "sdxl-shaped"])

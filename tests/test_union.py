@@ -4,12 +4,11 @@ from pathlib import Path
 
 import pytest
 import torch
+from factories import comfy_cldm, inputs, random_controlnet, randomize_, rel_err, save
 
-from controlnet_core import ControlNetError, load_control
+from controlnet_core import ControlNetConfig, ControlNetError, load_control
 from controlnet_core.layers import timestep_embedding
 from controlnet_core.union import UNION_TYPES
-from controlnet_core import ControlNetConfig
-from factories import comfy_cldm, inputs, random_controlnet, randomize_, rel_err, save
 
 diffusers = pytest.importorskip("diffusers")
 TOL = 1e-5
@@ -153,8 +152,9 @@ def test_full_size_promax_matches_comfyui_builtin_loader_once(comfy):
 
     The state dict is handed over in memory, in the published diffusers layout (no 5 GB file written)."""
     import comfy.controlnet
-    from controlnet_core.formats import diffusers as diffusers_fmt
     from factories import SDXL, comfy_control_outputs
+
+    from controlnet_core.formats import diffusers as diffusers_fmt
 
     cfg = ControlNetConfig(**{**SDXL.__dict__, "union_types": 8})
     ours_model = random_controlnet(cfg, seed=21)

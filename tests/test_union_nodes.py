@@ -1,11 +1,11 @@
 """ControlNet Union (Suite) in the real host: types, several conditions in one pass, interop with SetUnionControlNetType."""
 import pytest
 import torch
-
-from controlnet_core import ControlNetConfig, load_control
 from factories import random_controlnet, save
 from host import TINY_UNION, PromptFailed, base_graph, finish, tiny_union_file
 from test_nodes import apply, image, loader, run_plain, spy_calls
+
+from controlnet_core import ControlNetConfig, load_control
 
 
 @pytest.fixture(scope="module")

@@ -7,10 +7,7 @@ from pathlib import Path
 
 import numpy as np
 import pytest
-from PIL import Image
-
 from clip_checkpoint import fp32_text_encoder, tiny_checkpoint_with_clip
-from controlnet_core.train.toy import make_fill50k
 from comfy_flux import CONTEXT as FLUX_CONTEXT
 from comfy_flux import POOLED as FLUX_POOLED
 from comfy_flux import instantx_file, tiny_flux
@@ -18,7 +15,10 @@ from comfy_qwen import CONTEXT as QWEN_CONTEXT
 from comfy_qwen import instantx_file as qwen_instantx_file
 from comfy_qwen import tiny_qwen
 from host import SD3_TINY, TINY_SD3_CHECKPOINT, Host, make_tiny_sd3_checkpoint, tiny_sd35_controlnet, tiny_union_file
+from PIL import Image
 from ui_workflow import ui_to_api
+
+from controlnet_core.train.toy import make_fill50k
 
 WORKFLOWS = sorted((Path(__file__).resolve().parents[1] / "workflows").glob("*.json"))
 REQUIRED = {"canny", "scribble", "pose", "depth", "segmentation", "multi_control_pose_canny", "regional_two_masked_units",
@@ -153,7 +153,7 @@ def substitute(prompt: dict, host: Host) -> dict:
         for n in prompt.values():  # SuiteTestProvided gives (MODEL, CLIP, VAE): the VAE is its third output
             n["inputs"] = {k: ([v[0], 2] if isinstance(v, list) and v[0] in vaes else v) for k, v in n["inputs"].items()}
     k = 0
-    for nid, node in prompt.items():
+    for node in prompt.values():
         ct, inp = node["class_type"], node["inputs"]
         if ct == "CheckpointLoaderSimple" and sd3:  # the tiny SD3 base (SD3.5 is the same MMDiT family)
             inp["ckpt_name"] = make_tiny_sd3_checkpoint(host.dirs["checkpoints"] / TINY_SD3_CHECKPOINT).name

@@ -17,6 +17,7 @@ import logging
 
 import pytest
 import torch
+from factories import randomize_, rel_err, save
 
 from controlnet_core.checkpoint import open_checkpoint
 from controlnet_core.errors import CheckpointError, ControlNetError
@@ -24,9 +25,7 @@ from controlnet_core.formats import REGISTRY, find_format
 from controlnet_core.formats.zimage_keys import FORMAT, SIGNATURE, ZERO_REFINER, config_from_shapes, is_zimage_fun
 from controlnet_core.loading import LoadOptions
 from controlnet_core.qwen.blockwise import QwenBlockwiseConfig, QwenBlockwiseControlNet
-from controlnet_core.zimage import (REFINER_FROM_CONTROL_LAYERS, REFINER_OWN, ZImageFunConfig, ZImageFunControlNet,
-                                    patchify, rope_cos_sin)
-from factories import randomize_, rel_err, save
+from controlnet_core.zimage import REFINER_FROM_CONTROL_LAYERS, REFINER_OWN, ZImageFunConfig, ZImageFunControlNet, patchify, rope_cos_sin
 
 diffusers = pytest.importorskip("diffusers")
 if not hasattr(diffusers, "ZImageControlNetModel"):

@@ -15,7 +15,6 @@ ViT-H 16, bigG 20), so that is the convention; a transformers `config.json` over
 from __future__ import annotations
 
 import abc
-
 import re
 from collections import OrderedDict
 from dataclasses import dataclass

@@ -22,7 +22,6 @@ from ..layers import timestep_embedding
 from .clip_text import TextTransformer
 from .tokenizer import CLIPTokenizer
 
-
 SIZE_EMBED_DIM = 256  # SDXL's width per size value (fixed by the format: 2816 = 1280 + 6 * 256)
 
 

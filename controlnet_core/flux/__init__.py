@@ -13,8 +13,15 @@ import torch
 
 from ..mmdit import append_keep_mask  # the same 17-channel hint (latent + keep mask) as SD3 inpainting
 from .config import BASE_DOUBLE_BLOCKS, BASE_SINGLE_BLOCKS, LAYOUTS, FluxControlNetConfig
-from .injection import (COMFY_DOUBLE_SLOTS, COMFY_SINGLE_SLOTS, FluxControlOutput, base_block_sources,
-                        diffusers_block_sources, flux_base_sources, host_sources)
+from .injection import (
+    COMFY_DOUBLE_SLOTS,
+    COMFY_SINGLE_SLOTS,
+    FluxControlOutput,
+    base_block_sources,
+    diffusers_block_sources,
+    flux_base_sources,
+    host_sources,
+)
 from .instantx import FluxInstantXControlNet
 from .xlabs import FluxXLabsControlNet
 

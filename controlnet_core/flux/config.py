@@ -12,6 +12,7 @@ file builds the same way as a published one. Two things the weights cannot show:
 from __future__ import annotations
 
 from dataclasses import dataclass
+
 from ..errors import ControlNetError
 
 PATCH = 2  # latent pixels per token side: Flux packs 2x2 pixels of its 16-channel latent into one 64-wide token

@@ -20,11 +20,11 @@ import torch
 
 from ..checkpoint import TensorSource
 from ..errors import CheckpointError, ControlNetError
+from ..flux.config import HINT_ENCODER_CHANNELS, PATCH, TIME_FREQ_DIM, FluxControlNetConfig, scaled_axes_dims
+from ..flux.layers import MISTOLINE_HINT_CONVS, XLABS_HINT_CONVS
 from ..loading import LoadedControl, LoadOptions, finish_load, float_reader, strict_fill
 from .record import Format
 from .shapes import compute_dtype, count_blocks, expect, save_state_dict, shape_of
-from ..flux.config import HINT_ENCODER_CHANNELS, PATCH, TIME_FREQ_DIM, FluxControlNetConfig, scaled_axes_dims
-from ..flux.layers import MISTOLINE_HINT_CONVS, XLABS_HINT_CONVS
 
 # The diffusers names of a Flux transformer (its own `x_embedder` and two-stream attention) with the ControlNet's
 # hint projection and output layers. SD3 ControlNets have `pos_embed` instead of `x_embedder`, Qwen-Image ones `img_in`.

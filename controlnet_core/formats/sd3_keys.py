@@ -10,12 +10,10 @@ Not this layout: Stability's own SD3.5 ControlNets (`transformer_blocks.N.adaLN_
 """
 from __future__ import annotations
 
-import math
-from typing import Iterable, Mapping, Sequence
-
 import logging
+import math
 from pathlib import Path
-from typing import Optional
+from typing import Iterable, Mapping, Optional, Sequence
 
 import torch
 

@@ -19,7 +19,6 @@ from ..errors import ControlNetError
 from .config import SD3ControlNetConfig
 from .layers import JointTransformerBlock, PatchEmbed, TimeTextEmbedding
 
-
 # The SD3 VAE's latent scale. ControlNet hints take the VAE latent times this, *without* subtracting the VAE's shift
 # (0.0609): how InstantX trained them, and what ComfyUI and diffusers' ControlNet pipeline do.
 HINT_LATENT_SCALE = 1.5305

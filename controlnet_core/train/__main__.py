@@ -16,9 +16,9 @@ import torch
 from .. import ControlNetError, create_from_unet, save_ldm
 from ..checkpoint import open_checkpoint
 from ..unet import UNetModel, unet_from_state_dict
+from . import sd_cli
 from .data import ControlDataset
 from .run_files import CHECKPOINT, check_can_start, resumable
-from . import sd_cli
 from .toy import TOY_UNET, ToyTextEncoder, make_fill50k, toy_encode_image
 from .trainer import TrainConfig, Trainer
 

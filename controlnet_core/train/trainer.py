@@ -60,7 +60,8 @@ class Trainer:
     world's base model is made, and the full fine-tuning that ControlNet training is compared with)."""
 
     def __init__(self, unet: UNetModel, controlnet: Optional[ControlNet], encode_text: Callable[[list[str]], torch.Tensor],
-                 encode_image: Callable[[torch.Tensor], torch.Tensor], dataset, config: TrainConfig = TrainConfig()):
+                 encode_image: Callable[[torch.Tensor], torch.Tensor], dataset, config: Optional[TrainConfig] = None):
+        config = config if config is not None else TrainConfig()
         if config.prediction not in ("eps", "v"):
             raise ControlNetError(f"prediction must be 'eps' or 'v', not {config.prediction!r}.")
         if config.mixed_precision not in ("no", "fp16", "bf16"):

@@ -8,8 +8,7 @@ embedding, rotary table, tokens (and, for diffusers' variant, refined caption fe
 from __future__ import annotations
 
 from .blocks import rope_cos_sin
-from .config import (BASE_BLOCKS, BASE_REFINER_BLOCKS, LATENT_CHANNELS, REFINER_FROM_CONTROL_LAYERS, REFINER_OWN,
-                     ZImageFunConfig)
+from .config import BASE_BLOCKS, BASE_REFINER_BLOCKS, LATENT_CHANNELS, REFINER_FROM_CONTROL_LAYERS, REFINER_OWN, ZImageFunConfig
 from .model import ZImageControlSteps, ZImageFunControlNet, patchify
 
 __all__ = ["BASE_BLOCKS", "BASE_REFINER_BLOCKS", "LATENT_CHANNELS", "REFINER_FROM_CONTROL_LAYERS", "REFINER_OWN",
