@@ -9,7 +9,6 @@ from __future__ import annotations
 import abc
 import contextlib
 import logging
-import math
 import os
 from typing import Callable, Iterator, Optional
 
@@ -280,7 +279,3 @@ def fold_batch_norms(module: torch.nn.Module) -> torch.nn.Module:
 def network_input(x: torch.Tensor, device: torch.device, dtype: torch.dtype) -> torch.Tensor:
     """The network's input on its device and dtype, channels-last to match `inference_network`."""
     return x.to(device=device, dtype=dtype).contiguous(memory_format=torch.channels_last)
-
-
-def gaussian_kernel(sigma: float) -> int:
-    return max(3, int(math.ceil(sigma * 3)) * 2 + 1)

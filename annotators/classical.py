@@ -5,6 +5,7 @@ resolution (OpenCV works on single images), and returns maps at the input's size
 """
 from __future__ import annotations
 
+import abc
 import json
 import math
 from pathlib import Path
@@ -92,8 +93,9 @@ class PerImage(Annotator):
         out = from_uint8(maps, images)
         return out if (dh, dw) == (h, w) else resize_to(out, h, w).clamp(0, 1)
 
+    @abc.abstractmethod
     def one(self, rgb: np.ndarray, **params) -> np.ndarray:
-        raise AnnotatorError(f"{type(self).__name__} does not implement one()")
+        """One uint8 RGB image (H, W, 3) at the detect size -> its uint8 map (H, W) or (H, W, 3)."""
 
 
 class Canny(PerImage):

@@ -87,17 +87,8 @@ def default_dirs() -> list[Path]:
     return out
 
 
-_EXTRA_DIRS: list[Path] = []
-
-
-def add_search_dir(path: os.PathLike) -> None:
-    p = Path(path)
-    if p not in _EXTRA_DIRS:
-        _EXTRA_DIRS.append(p)
-
-
 def search_dirs() -> list[Path]:
-    return _EXTRA_DIRS + default_dirs()
+    return default_dirs()
 
 
 def sha256_of(path: Path, chunk: int = 1 << 20) -> str:

@@ -15,19 +15,16 @@ from __future__ import annotations
 
 import abc
 import functools
-import logging
 import os
 import pickle
 import re
 import zipfile
 from pathlib import Path
-from typing import Callable, Iterator, Mapping, Optional, Union
+from typing import Callable, Mapping, Optional, Union
 
 import torch
 
 from .errors import NotACheckpointError, OutputPathError, UnsafeCheckpointError
-
-log = logging.getLogger(__name__)
 
 PathLike = Union[str, os.PathLike]
 
@@ -331,7 +328,3 @@ def save_safetensors(tensors: Mapping[str, torch.Tensor], path: PathLike, metada
     check_output_file(path, overwrite)
     sd = {k: v.detach().contiguous() for k, v in tensors.items()}
     write_atomically(path, lambda tmp: save_file(sd, str(tmp), metadata=dict(metadata or {})))
-
-
-def iter_prefixed(source: TensorSource, prefix: str) -> Iterator[str]:
-    return (k for k in source.keys() if k.startswith(prefix))

@@ -73,29 +73,6 @@ class ControlNetConfig:
     def level_channels(self) -> tuple[int, ...]:
         return tuple(self.model_channels * m for m in self.channel_mult)
 
-    @property
-    def num_input_blocks(self) -> int:
-        return 1 + sum(self.num_res_blocks) + len(self.channel_mult) - 1
-
-    def input_block_channels(self) -> list[int]:
-        """Output width of every input block: the width of the zero conv at that index."""
-        chans = [self.model_channels]
-        for level, ch in enumerate(self.level_channels):
-            chans += [ch] * self.num_res_blocks[level]
-            if level != len(self.channel_mult) - 1:
-                chans.append(ch)
-        return chans
-
-    def input_block_downsampling(self) -> list[int]:
-        """Downsampling factor (relative to the latent) after every input block."""
-        out, f = [1], 1
-        for level in range(len(self.channel_mult)):
-            out += [f] * self.num_res_blocks[level]
-            if level != len(self.channel_mult) - 1:
-                f *= 2
-                out.append(f)
-        return out
-
     def family(self) -> str:
         """A human name for messages; never used to decide behaviour."""
         if self.union_types:

@@ -6,7 +6,6 @@ The layout is found by asking each `formats.REGISTRY` record in turn; the record
 from __future__ import annotations
 
 import contextlib
-import logging
 import os
 from pathlib import Path
 from typing import Optional, Union
@@ -18,8 +17,6 @@ from .checkpoint import TensorSource
 from .errors import ControlNetError, NotACheckpointError, UnknownLayoutError
 from .loading import LoadedControl, LoadOptions, StateDictLike, as_source
 from .unet_load import METADATA_CONFIG, METADATA_GAP
-
-log = logging.getLogger(__name__)
 
 __all__ = ["load_control", "LoadedControl", "LoadOptions", "StateDictLike", "as_source", "METADATA_CONFIG", "METADATA_GAP"]
 

@@ -7,7 +7,6 @@ to the locked UNet's skip connections and middle block.
 """
 from __future__ import annotations
 
-import logging
 from typing import Optional, Sequence, Union
 
 import torch
@@ -18,8 +17,6 @@ from .errors import ControlNetError
 from .layers import Downsample, ResBlock, SpatialTransformer, TimestepEmbedSequential, timestep_embedding
 from .residuals import ControlResiduals
 from .union import add_union_modules, check_types, fuse_conditions
-
-log = logging.getLogger(__name__)
 
 HINT_DOWNSCALE = 8  # three stride-2 convs in input_hint_block
 

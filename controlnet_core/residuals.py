@@ -65,11 +65,6 @@ class ControlResiduals:
     def to(self, *args, **kwargs) -> "ControlResiduals":
         return self.map(lambda t: t.to(*args, **kwargs))
 
-    @property
-    def num_sites(self) -> int:
-        """Number of scaled sites: the down residuals plus the middle one (13 for SD1.5)."""
-        return len(self.down) + 1
-
 
 def all_finite(res: ControlResiduals) -> bool:
     """True when no residual holds NaN or inf.

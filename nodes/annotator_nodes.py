@@ -7,7 +7,6 @@ ComfyUI's model manager, which loads and offloads them.
 """
 from __future__ import annotations
 
-import logging
 import math
 import os
 import weakref
@@ -32,8 +31,6 @@ from ..annotators.base import (
     resize_to,
     sanitized,
 )
-
-log = logging.getLogger(__name__)
 
 CATEGORY = "image/preprocessors/ControlNet Suite"
 MAX_RES = 16384

@@ -9,7 +9,6 @@ Works with ComfyUI a28a9dc (4-argument `get_control`) and 0.8.0 (5 arguments).
 """
 from __future__ import annotations
 
-import logging
 from dataclasses import dataclass
 from typing import Optional, Union
 
@@ -45,8 +44,6 @@ from ..controlnet_core.precision import compute_dtype_of
 
 DIT_KINDS = ("sd3_controlnet", "sd35_controlnet", "flux_controlnet", "qwen_controlnet")
 from ..controlnet_core.t2i_adapter import T2IAdapterConfig
-
-log = logging.getLogger(__name__)
 
 ControlBase = comfy.controlnet.ControlBase
 
@@ -421,7 +418,6 @@ class SuiteControl(ControlBase):
 def _token_grid(x_noisy: torch.Tensor, patch: int) -> tuple[int, int]:
     """Rows and columns of image tokens a DiT makes of this latent (the host pads odd sizes up to whole patches)."""
     return -(-x_noisy.shape[-2] // patch), -(-x_noisy.shape[-1] // patch)
-
 
 
 def _currently_loaded() -> list:

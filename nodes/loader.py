@@ -1,7 +1,6 @@
 """Load ControlNet (Suite): any supported ControlNet / T2I-Adapter file from the `controlnet` model folders."""
 from __future__ import annotations
 
-import logging
 from pathlib import Path
 
 import comfy.model_management
@@ -12,8 +11,6 @@ from ..controlnet_core import ControlNetError, load_control
 from ..controlnet_core.checkpoint import DictSource
 from ..controlnet_core.formats.record import Format
 from .comfy_adapter import SuiteControl, make_patcher
-
-log = logging.getLogger(__name__)
 
 GAP_CHOICES = ["auto", "on", "off"]
 

@@ -63,12 +63,6 @@ class TextConditioner(nn.Module):
     def context_dim(self) -> int:
         return sum(e.config.width for e in self.encoders)
 
-    @property
-    def y_dim(self) -> Optional[int]:
-        if self.pooled_from is None:
-            return None
-        return self.encoders[self.pooled_from].config.projection_dim + 6 * self.size_embed_dim
-
     def size_embedding(self, batch: int, device=None) -> torch.Tensor:
         """SDXL's micro-conditioning for images trained at `image_size`, uncropped: (B, 6 * size_embed_dim)."""
         return sdxl_size_embedding(self.image_size, batch, self.size_embed_dim, device)

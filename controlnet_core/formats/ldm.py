@@ -40,11 +40,6 @@ def canonical_map(keys: Iterable[str], prefix: str) -> dict[str, str]:
     return out
 
 
-def to_ldm_keys(canonical: Iterable[str], prefix: str = CONTROL_PREFIX) -> dict[str, str]:
-    """canonical key -> key in a v1.1-layout file."""
-    return {k: prefix + k for k in canonical}
-
-
 def _prefix_is(wanted) -> "callable":
     return lambda keys: prefix_of(keys) == wanted
 

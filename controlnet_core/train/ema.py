@@ -11,15 +11,12 @@ run continues the same average bit for bit.
 """
 from __future__ import annotations
 
-import logging
 from typing import Iterable, Mapping
 
 import torch
 from torch import nn
 
 from ..errors import ControlNetError
-
-log = logging.getLogger(__name__)
 
 
 def _full(t: torch.Tensor) -> torch.Tensor:

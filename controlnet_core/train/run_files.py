@@ -12,7 +12,6 @@ share a name, must survive every path through them:
 from __future__ import annotations
 
 import hashlib
-import logging
 import os
 import re
 import shutil
@@ -23,8 +22,6 @@ import torch
 
 from ..checkpoint import refused_pickle_global
 from ..errors import ControlNetError
-
-log = logging.getLogger(__name__)
 
 CHECKPOINT = "checkpoint.pt"
 PREVIOUS = "checkpoint.prev.pt"

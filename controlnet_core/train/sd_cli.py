@@ -8,7 +8,6 @@ checkpoint (`base_models.load_base_model`), the ControlNet is the base UNet's ze
 from __future__ import annotations
 
 import argparse
-import logging
 import time
 from pathlib import Path
 from typing import Callable
@@ -21,8 +20,6 @@ from ..export import save_ldm
 from .data import ControlDataset
 from .run_files import CHECKPOINT, check_can_start, resumable
 from .trainer import TrainConfig, Trainer
-
-log = logging.getLogger(__name__)
 
 _AMP = {"no": None, "fp16": torch.float16, "bf16": torch.bfloat16}
 _DEFAULT_RESOLUTION = {"sd1": 512, "sd2": 512, "sdxl": 1024}

@@ -7,7 +7,6 @@ the paper's default), and score the result with `toy_metrics.controllability`.
 """
 from __future__ import annotations
 
-import logging
 from pathlib import Path
 from typing import Optional, Sequence, Union
 
@@ -21,8 +20,6 @@ from .sampling import ddim_sample
 from .toy_metrics import controllability
 from .toy_world import ToyPromptEncoder, decode_latent
 from .trainer import sd_alphas_cumprod
-
-log = logging.getLogger(__name__)
 
 PathLike = Union[str, Path]
 
