@@ -12,6 +12,7 @@ from typing import Sequence
 
 import torch
 import torch.nn.functional as F
+from einops import rearrange
 from torch import nn
 
 from ..layers import timestep_embedding
@@ -50,9 +51,7 @@ def pack(latent: torch.Tensor) -> torch.Tensor:
     pad_h, pad_w = (-h) % PATCH, (-w) % PATCH
     if pad_h or pad_w:
         latent = F.pad(latent, (0, pad_w, 0, pad_h), mode="circular")
-    rows, cols = (h + pad_h) // PATCH, (w + pad_w) // PATCH
-    x = latent.reshape(b, c, rows, PATCH, cols, PATCH).permute(0, 2, 4, 1, 3, 5)
-    return x.reshape(b, rows * cols, c * PATCH * PATCH)
+    return rearrange(latent, "b c (h ph) (w pw) -> b (h w) (c ph pw)", ph=PATCH, pw=PATCH)
 
 
 def position_ids(text_tokens: int, rows: int, cols: int, device=None) -> torch.Tensor:
