@@ -1,4 +1,4 @@
-"""ComfyUI node classes. Thin: every node calls `controlnet_core` through `comfy_adapter`."""
+"""ComfyUI node classes. Thin: every node calls `controlnet_core` through an adapter that alone knows the host: `comfy_adapter` (sampling), `comfy_patch` (model patches), `train_adapter` (training)."""
 from .annotator_nodes import node_mappings
 from .apply import ControlNetSuiteApply, ControlNetSuiteApplyStack, ControlNetSuiteStack
 from .loader import ControlNetSuiteLoader

@@ -18,7 +18,6 @@ import logging
 import os
 import re
 from pathlib import Path
-from typing import Callable, Optional, Union
 
 import comfy.model_management
 import comfy.utils
@@ -27,29 +26,19 @@ import torch
 
 from ..annotators.training import annotator_condition, annotator_names, annotator_params
 from ..controlnet_core import ControlNetError, LimitExceededError, create_from_unet, load_control
-from ..controlnet_core.base_models.conditioning import SIZE_EMBED_DIM, sdxl_size_embedding
-from ..controlnet_core.identity import encoder_identity
 from ..controlnet_core.train import ControlDataset, DatasetError, TrainConfig, Trainer
 from ..controlnet_core.train.buckets import Buckets
 from ..controlnet_core.train.dataset_check import BATCH_LIMIT, IMAGE_LIMIT
 from ..controlnet_core.train.report import TrainingReport
 from ..controlnet_core.train.run_files import CHECKPOINT, check_can_start, resumable
-from ..controlnet_core.unet import UNetModel, unet_from_state_dict
 from .comfy_adapter import SuiteControl, make_patcher
+from .loader import host_compute_dtype
+from .train_adapter import NODE, base_unet, check_trainable, image_encoder, label_channels, node_error, text_encoder
 
 log = logging.getLogger(__name__)
 
-NODE = "Train ControlNet (Suite)"
 PRECISIONS = ["auto", "fp32", "bf16", "fp16"]
 SAVE_EVERY = 250  # steps between checkpoints (also saved at the end and on Cancel)
-TOKENS = 77  # one CLIP window: every prompt is encoded to the same length so a batch stacks
-Text = Union[torch.Tensor, tuple[torch.Tensor, torch.Tensor]]  # context, or (context, y) for SDXL
-
-
-class TrainNodeError(ControlNetError):
-    """A Train ControlNet input that cannot be used as it is."""
-
-
 OUTPUT_RECORD = "output.json"  # in the run folder: the model file this run last wrote (path, size, mtime)
 
 
@@ -91,82 +80,23 @@ def check_may_write(run_dir: Path, out: Path, *, resume: bool, overwrite: bool) 
         check_can_start(run_dir, resume=resume, overwrite=overwrite, outputs=(), resume_hint="resume on",
                         overwrite_hint="overwrite on", other_hint="another output_name")
     except ControlNetError as e:
-        raise _error(str(e)) from None
+        raise node_error(str(e)) from None
     if out.exists() and not overwrite and not written_by_run(run_dir, out):
-        raise _error(f"{out} already exists and was not written by this training run; it is never replaced unless you ask. "
+        raise node_error(f"{out} already exists and was not written by this training run; it is never replaced unless you ask. "
                      "Choose another output_name, or turn overwrite on to replace it.")
-
-
-def _error(msg: str) -> TrainNodeError:
-    return TrainNodeError(f"{NODE}: {msg}")
-
-
-def _loader_dtype():
-    try:
-        return comfy.model_management.unet_dtype()
-    except Exception:  # very old hosts: keep the stored dtype
-        return None
-
-
-def check_trainable(model) -> str:
-    """'eps' or 'v' for an SD1.x/SD2.x/SDXL-base UNet model; a clear error for anything the trainer cannot train."""
-    base = getattr(model, "model", None)
-    dm = getattr(base, "diffusion_model", None)
-    family = type(getattr(base, "model_config", base)).__name__
-    arch = type(dm).__name__
-    if dm is None or not all(hasattr(dm, a) for a in ("input_blocks", "middle_block", "output_blocks")):
-        raise _error(f"the connected model is {family} ({arch}); ControlNet training supports SD1.x/SD2.x/SDXL UNet models "
-                     "(the paper's architecture). SD3, Flux and other transformer models need their own ControlNet type. "
-                     "Connect an SD1.x, SD2.x or SDXL base checkpoint.")
-    adm = label_channels(model)
-    if adm and not _is_sdxl_base(base, adm):
-        label = f"a {adm}-channel label input" if adm > 0 else "class labels"
-        raise _error(f"the connected model is {family} ({type(base).__name__}), a UNet with {label} that is not SDXL base's "
-                     "pooled-text/size vector; the trainer feeds only that one (the SDXL refiner's aesthetic score, SVD's motion "
-                     "inputs and the like are not trained). Connect an SD1.x, SD2.x or SDXL base checkpoint.")
-    if getattr(dm, "in_channels", 4) != 4:
-        raise _error(f"the connected model is {family} with {dm.in_channels} input channels (an inpainting or other "
-                     "special model); train on a plain text-to-image SD1.x/SD2.x/SDXL checkpoint.")
-    model_type = getattr(getattr(base, "model_type", None), "name", "EPS")
-    if model_type not in ("EPS", "V_PREDICTION"):
-        raise _error(f"the connected model {family} uses {model_type} sampling; only epsilon and v prediction are trained.")
-    return "v" if model_type == "V_PREDICTION" else "eps"
-
-
-def label_channels(model) -> int:
-    """Width of the UNet's label input `y` (SDXL base: 2816), 0 when it has none (SD1.x/SD2.x), -1 for class labels."""
-    base = model.model
-    adm = (getattr(getattr(base, "model_config", None), "unet_config", {}) or {}).get("adm_in_channels")
-    if not adm and getattr(base.diffusion_model, "num_classes", None) is not None:
-        first = getattr(base.diffusion_model, "label_emb", None)
-        try:
-            adm = first[0][0].in_features  # "sequential": Linear(adm, ...) first
-        except (TypeError, IndexError, AttributeError):
-            adm = -1  # an nn.Embedding of class labels
-    return int(adm or 0)
-
-
-def _is_sdxl_base(base, adm: int) -> bool:
-    """ComfyUI's SDXL model class (or one that shares its `encode_adm`): y = pooled text + 6 size embeddings.
-    Classes with their own `encode_adm` (refiner: aesthetic score; SVD: fps/motion) build another vector."""
-    import comfy.model_base
-
-    sdxl = getattr(comfy.model_base, "SDXL", None)
-    return (sdxl is not None and isinstance(base, sdxl) and type(base).encode_adm is sdxl.encode_adm
-            and adm > 6 * SIZE_EMBED_DIM)
 
 
 def resolve_folder(text: str) -> Path:
     """An absolute path, or one relative to ComfyUI's input folder."""
     if not text.strip():
-        raise _error("dataset_folder is empty; give the path of a folder with prompt.json (fill50k layout) or "
+        raise node_error("dataset_folder is empty; give the path of a folder with prompt.json (fill50k layout) or "
                      "images/ + conditions/ (+ captions/).")
     p = Path(text.strip()).expanduser()
     candidates = [p] if p.is_absolute() else [Path(folder_paths.get_input_directory()) / p, p]
     for c in candidates:
         if c.is_dir():
             return c
-    raise _error(f"dataset folder '{text}' does not exist (looked in {', '.join(str(c) for c in candidates)}). "
+    raise node_error(f"dataset folder '{text}' does not exist (looked in {', '.join(str(c) for c in candidates)}). "
                  "Give an absolute path or a folder inside ComfyUI's input folder.")
 
 
@@ -175,79 +105,8 @@ def output_stem(name: str) -> str:
     if stem.lower().endswith(".safetensors"):
         stem = stem[: -len(".safetensors")]
     if not stem or not re.fullmatch(r"[\w.\- ]+", stem) or stem.startswith("."):
-        raise _error(f"output_name '{name}' is not a plain file name; use letters, digits, '-', '_', '.' or spaces (no folders).")
+        raise node_error(f"output_name '{name}' is not a plain file name; use letters, digits, '-', '_', '.' or spaces (no folders).")
     return stem
-
-
-def text_encoder(clip, device: torch.device, size: Optional[int] = None, label: int = 0) -> Callable[[list[str]], Text]:
-    """prompts -> (B, 77, width) with ComfyUI's CLIP, as CLIPTextEncode encodes them (clip layer included).
-
-    SDXL (`label` > 0): prompts -> (context, y), y being what ComfyUI's SDXL model builds from CLIPTextEncode's
-    pooled output when it samples a `size` x `size` image (`SDXL.encode_adm`: pooled text, then the embeddings of
-    original size, crop (0, 0) and target size): the trained ControlNet sees the vector it will get at sampling.
-    """
-    memory: dict[str, tuple[torch.Tensor, Optional[torch.Tensor]]] = {}
-    sizes = sdxl_size_embedding((size, size))[0] if label else None
-
-    def encode_one(p: str) -> tuple[torch.Tensor, Optional[torch.Tensor]]:
-        tokens = clip.tokenize(p)
-        if not label:
-            cond, y = clip.encode_from_tokens(tokens), None
-        else:
-            cond, pooled = clip.encode_from_tokens(tokens, return_pooled=True)
-            width = None if pooled is None else pooled.shape[-1] + sizes.shape[-1]
-            if width != label:
-                got = "no pooled output" if pooled is None else f"a {pooled.shape[-1]}-channel pooled output"
-                raise _error(f"the connected CLIP gives {got}, but the SDXL model's label input takes a {label - sizes.shape[-1]}-channel "
-                             f"pooled output plus {sizes.shape[-1]} size channels; connect the CLIP of the same SDXL checkpoint.")
-            y = torch.cat([pooled[0].detach().float().cpu(), sizes])
-        if cond.shape[1] > TOKENS:
-            log.warning("%s: prompt longer than %d tokens, truncated for training: %.60s...", NODE, TOKENS, p)
-        # clone: out of inference mode
-        return cond[0, :TOKENS].detach().float().cpu().clone(), None if y is None else y.clone()
-
-    def encode(prompts: list[str]) -> Text:
-        for p in prompts:
-            if p not in memory:
-                memory[p] = encode_one(p)
-        context = torch.stack([memory[p][0] for p in prompts]).to(device)
-        if not label:
-            return context
-        return context, torch.stack([memory[p][1] for p in prompts]).to(device)
-
-    layer = getattr(clip, "layer_idx", None)
-    encode.cache_identity = f"comfy-clip:{encoder_identity(clip.cond_stage_model)}:layer{layer}" + (f":sdxl-y{size}" if label else "")
-    return encode
-
-
-def image_encoder(vae, model, device: torch.device) -> Callable[[torch.Tensor], torch.Tensor]:
-    """(B, 3, H, W) in [-1, 1] -> the latents the UNet sees (VAE encode, then the model's latent scaling)."""
-    base = model.model
-
-    def encode(images: torch.Tensor) -> torch.Tensor:
-        pixels = ((images.detach().float().cpu() + 1) / 2).clamp(0, 1).movedim(1, -1)  # IMAGE: BHWC in [0, 1]
-        latents = base.process_latent_in(vae.encode(pixels).float())
-        return latents.detach().float().clone().to(device)
-
-    encode.cache_identity = f"comfy-vae:{encoder_identity(vae.first_stage_model)}:{type(base.latent_format).__name__}"
-    return encode
-
-
-def base_unet(model, device: torch.device) -> tuple[UNetModel, dict]:
-    """Our UNet with the model's current weights (patches such as LoRAs applied), in float32, on `device`."""
-    comfy.model_management.load_models_gpu([model])
-    dm = model.model.diffusion_model
-    sd = {k: v.detach().to(device=device, dtype=torch.float32).clone() for k, v in dm.state_dict().items()}
-    cfg = getattr(model.model.model_config, "unet_config", {}) or {}
-    heads = {k: cfg[k] for k in ("num_heads", "num_head_channels") if isinstance(cfg.get(k), int) and cfg[k] > 0}
-    try:
-        unet = unet_from_state_dict(sd, **heads).to(device)
-    except ControlNetError as e:
-        raise _error(f"could not rebuild the connected model's UNet for training: {e}") from None
-    # ComfyUI's copy is no longer needed while training (our copy has the weights): free its memory. CLIP and the
-    # VAE load themselves again when they encode; the next sampler loads the model again.
-    comfy.model_management.unload_all_models()
-    return unet, heads
 
 
 class ControlNetSuiteTrain:
@@ -326,9 +185,9 @@ class ControlNetSuiteTrain:
                output_name, resume, annotator, precision, gradient_checkpointing, overwrite=False):
         prediction = check_trainable(model)
         if clip is None:
-            raise _error("no CLIP connected (this checkpoint has no text encoder); connect the base model's CLIP, e.g. from a CLIPLoader.")
+            raise node_error("no CLIP connected (this checkpoint has no text encoder); connect the base model's CLIP, e.g. from a CLIPLoader.")
         if vae is None:
-            raise _error("no VAE connected; connect the base model's VAE.")
+            raise node_error("no VAE connected; connect the base model's VAE.")
         stem = output_stem(output_name)
         folder = resolve_folder(dataset_folder)
         device = comfy.model_management.get_torch_device()
@@ -341,10 +200,10 @@ class ControlNetSuiteTrain:
         try:  # every file, and the memory of a batch of resolution x batch_size, before anything is loaded
             dataset = ControlDataset(folder, buckets=Buckets(resolution=resolution), condition_fn=condition_fn)
             if len(dataset) < batch_size:
-                raise _error(f"{folder} has {len(dataset)} training pairs, fewer than one batch of {batch_size}; add data or lower batch_size.")
+                raise node_error(f"{folder} has {len(dataset)} training pairs, fewer than one batch of {batch_size}; add data or lower batch_size.")
             dataset.check_batches(batch_size)
         except (DatasetError, LimitExceededError) as e:
-            raise _error(str(e)) from None
+            raise node_error(str(e)) from None
 
         run_dir = Path(folder_paths.get_output_directory()) / "controlnet_training" / stem
         ckpt = run_dir / CHECKPOINT
@@ -364,7 +223,7 @@ class ControlNetSuiteTrain:
             try:
                 trainer.load_checkpoint(ckpt, fresh_hint="start fresh: turn overwrite on (resume off), or choose another output_name")
             except ControlNetError as e:
-                raise _error(f"cannot resume: {e}") from None
+                raise node_error(f"cannot resume: {e}") from None
             log.info("%s: resumed '%s' at step %d of %d", NODE, stem, trainer.step, steps)
         report = TrainingReport(run_dir, every=max(1, min(100, steps // 20)), keep_history=bool(resume))
         pbar = comfy.utils.ProgressBar(steps)
@@ -397,5 +256,5 @@ class ControlNetSuiteTrain:
         log.info("%s: %d steps, saved %s%s", NODE, trainer.step, out, " (replacing the earlier file of that name)" if replaced else "")
         trainer = unet = controlnet = None  # freed before the result is loaded for sampling
         comfy.model_management.soft_empty_cache()
-        loaded = load_control(out, dtype=_loader_dtype(), device=comfy.model_management.unet_offload_device())
+        loaded = load_control(out, dtype=host_compute_dtype, device=comfy.model_management.unet_offload_device())
         return (SuiteControl(loaded, make_patcher(loaded.model), name=out.name),)
