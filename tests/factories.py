@@ -117,3 +117,19 @@ def rel_err(a: torch.Tensor, b: torch.Tensor) -> float:
 def comfy_control_dict(res):
     """ControlResiduals -> the dict ComfyUI's UNet pops from (fresh lists; 'input' reversed)."""
     return {"input": list(reversed(res.input)), "middle": [res.mid], "output": list(res.down)}
+
+
+def photo(seed: int, h: int, w: int):
+    """Smooth random uint8 RGB image (H, W, 3) as a numpy array: structure at several scales, like a photo (the
+    annotator tests' input)."""
+    import cv2
+    import numpy as np
+
+    rng = np.random.default_rng(seed)
+    small = (rng.random((h // 8, w // 8, 3)) * 255).astype(np.uint8)
+    return cv2.resize(small, (w, h), interpolation=cv2.INTER_CUBIC)
+
+
+def to_tensor(imgs) -> torch.Tensor:
+    """uint8 (H, W, 3) arrays -> a (B, 3, H, W) float batch in [0, 1]."""
+    return torch.stack([torch.from_numpy(i).permute(2, 0, 1) for i in imgs]).float() / 255.0

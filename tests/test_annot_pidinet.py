@@ -7,6 +7,7 @@ from pathlib import Path
 import numpy as np
 import pytest
 import torch
+from factories import photo, to_tensor
 
 from annotators import pidinet, registry, weights
 
@@ -43,17 +44,6 @@ def random_state_dict(seed: int = 0) -> dict[str, torch.Tensor]:
     return sd
 
 
-def photo(seed: int, h: int, w: int) -> np.ndarray:
-    """Smooth random uint8 RGB image (H, W, 3)."""
-    import cv2
-
-    rng = np.random.default_rng(seed)
-    small = (rng.random((h // 8, w // 8, 3)) * 255).astype(np.uint8)
-    return cv2.resize(small, (w, h), interpolation=cv2.INTER_CUBIC)
-
-
-def to_tensor(imgs: list[np.ndarray]) -> torch.Tensor:
-    return torch.stack([torch.from_numpy(i).permute(2, 0, 1) for i in imgs]).float() / 255.0
 
 
 @pytest.fixture(scope="module")
