@@ -206,7 +206,7 @@ class HEDDetector(SingleNetworkAnnotator):
 weights.register(
     weights.WeightFile(
         filename=FILENAME,
-        url=f"https://huggingface.co/lllyasviel/Annotators/resolve/main/{FILENAME}",
+        url=weights.ANNOTATORS_REPO + FILENAME,
         # lllyasviel/Annotators' published file, as pinned by several independent manifests (Haidra-Org's
         # horde_model_reference annotator catalog among them)
         sha256="5ca93762ffd68a29fee1af9d495bf6aab80ae86f08905fb35472a083a4c7a8fa",

@@ -134,7 +134,7 @@ class CoarseLineartDetector(LineartDetector):
 weights.register(
     weights.WeightFile(
         filename=FINE_FILE,
-        url=f"https://huggingface.co/lllyasviel/Annotators/resolve/main/{FINE_FILE}",
+        url=weights.ANNOTATORS_REPO + FINE_FILE,
         sha256="c686ced2a666b4850b4bb6ccf0748031c3eda9f822de73a34b8979970d90f0c6",
         size=17_173_511,
         licence=LICENCE,
@@ -142,7 +142,7 @@ weights.register(
     ),
     weights.WeightFile(
         filename=COARSE_FILE,
-        url=f"https://huggingface.co/lllyasviel/Annotators/resolve/main/{COARSE_FILE}",
+        url=weights.ANNOTATORS_REPO + COARSE_FILE,
         sha256="30a534781061f34e83bb9406b4335da4ff2616c95d22a585c1245aa8363e74e0",
         size=17_173_511,
         licence=LICENCE,

@@ -316,7 +316,7 @@ class TinyMLSDDetector(MLSDDetector):
 weights.register(
     weights.WeightFile(
         filename=LARGE_FILE,
-        url=f"https://huggingface.co/lllyasviel/Annotators/resolve/main/{LARGE_FILE}",
+        url=weights.ANNOTATORS_REPO + LARGE_FILE,
         sha256="5696f168eb2c30d4374bbfd45436f7415bb4d88da29bea97eea0101520fba082",
         size=6_341_481,
         licence=LICENCE,

@@ -51,7 +51,6 @@ BODY_FILE = "body_pose_model.pth"
 HAND_FILE = "hand_pose_model.pth"
 FACE_FILE = "facenet.pth"
 LICENCE = "CMU OpenPose licence: non-commercial research use only (commercial use needs a licence from CMU)"
-_URL = "https://huggingface.co/lllyasviel/Annotators/resolve/main/"
 
 PathLike = Union[str, os.PathLike]
 
@@ -827,7 +826,7 @@ class OpenPoseDetector(NetworkAnnotator):
 weights.register(
     # SHA-256 and sizes as published for lllyasviel/Annotators @982e7ed (the Hugging Face LFS objects)
     *(
-        weights.WeightFile(name, _URL + name, sha, size, LICENCE, "openpose")
+        weights.WeightFile(name, weights.ANNOTATORS_REPO + name, sha, size, LICENCE, "openpose")
         for name, sha, size in (
             (BODY_FILE, "25a948c16078b0f08e236bda51a385d855ef4c153598947c28c0d47ed94bb746", 209_267_595),
             (HAND_FILE, "b76b00d1750901abd07b9f9d8c98cc3385b8fe834a26d4b4f0aad439e75fc600", 147_341_049),

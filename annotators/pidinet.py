@@ -199,7 +199,7 @@ class PiDiNetDetector(SingleNetworkAnnotator):
 weights.register(
     weights.WeightFile(
         filename=FILENAME,
-        url=f"https://huggingface.co/lllyasviel/Annotators/resolve/main/{FILENAME}",
+        url=weights.ANNOTATORS_REPO + FILENAME,
         # the same file as hellozhuo/pidinet trained_models/table5_pidinet.pth, as pinned by several independent
         # manifests (Haidra-Org's horde_model_reference annotator catalog among them)
         sha256="80860ac267258b5f27486e0ef152a211d0b08120f62aeb185a050acc30da486c",

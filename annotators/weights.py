@@ -72,6 +72,9 @@ class WeightFile:
 
 MANIFEST: dict[str, WeightFile] = {}
 
+# Where lllyasviel's ControlNet 1.1 annotator weights are published (every network here but Depth Anything's)
+ANNOTATORS_REPO = "https://huggingface.co/lllyasviel/Annotators/resolve/main/"
+
 
 def register(*files: WeightFile) -> None:
     for f in files:
