@@ -23,7 +23,7 @@ from __future__ import annotations
 from enum import Enum
 from typing import Optional
 
-from .residuals import ControlResiduals, soft_weights
+from .residuals import ControlResiduals, cfg_resolution_weights, soft_weights
 
 
 class ControlMode(str, Enum):
@@ -58,10 +58,7 @@ def mode_block_scales(mode: "str | ControlMode", res: ControlResiduals) -> Optio
         return soft_weights(n + 1)
     # CFG resolution weighting needs each site's height; T2I features sit at input-block sites
     sites = res.down or res.input
-    heights = [t.shape[-2] for t in sites if t is not None]
-    top = heights[0] if heights else res.mid.shape[-2]
-    w = [top / t.shape[-2] if t is not None else 1.0 for t in sites]
-    return w + [top / res.mid.shape[-2] if res.mid is not None else 1.0]
+    return cfg_resolution_weights([None if t is None else t.shape for t in sites], None if res.mid is None else res.mid.shape)
 
 
 SOFT_SPAN = 12  # SD1.5's 13 sites: the first is weighted 0.825 ** 12 relative to the last

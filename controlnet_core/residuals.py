@@ -121,15 +121,17 @@ def soft_weights(num_sites: int, base: float = 0.825) -> list[float]:
     return [base ** (num_sites - 1 - i) for i in range(num_sites)]
 
 
-def cfg_resolution_weights(down_shapes: Sequence[Sequence[int]], mid_shape: Sequence[int]) -> list[float]:
+def cfg_resolution_weights(down_shapes: Sequence[Optional[Sequence[int]]], mid_shape: Optional[Sequence[int]]) -> list[float]:
     """The paper's CFG resolution weighting (section 3.4): w_i = 64 / h_i, h_i the height of site i.
 
     The paper states it for 512 px images (latent height 64, so the top sites get 1 and the
     8-high middle block 8). It is applied here as H / h_i, with H the latent height (the height of the
-    first site), which is the same at 512 px and keeps the per-level weights at other resolutions.
+    first site), which is the same at 512 px and keeps the per-level weights at other resolutions. A site without a
+    residual (None: a T2I-Adapter leaves most sites empty) gets 1.
     """
-    top = down_shapes[0][-2] if down_shapes else mid_shape[-2]
-    return [top / s[-2] for s in down_shapes] + [top / mid_shape[-2]]
+    heights = [s[-2] for s in down_shapes if s is not None]
+    top = heights[0] if heights else mid_shape[-2]
+    return [top / s[-2] if s is not None else 1.0 for s in down_shapes] + [top / mid_shape[-2] if mid_shape is not None else 1.0]
 
 
 def _add(a: Optional[Tensor], b: Optional[Tensor]) -> Optional[Tensor]:
