@@ -64,10 +64,13 @@ class ControlUnit:
     mask: Optional[torch.Tensor] = None
 
 
+MODEL_PATCH_KINDS = ("qwen_patch", "zimage_patch")  # run inside the model's blocks: Apply ControlNet Patch (Suite)
+
+
 def _check_unit(u: ControlUnit, node: str) -> None:
     if not isinstance(u.control_net, ControlBase):
         raise ControlNetError(f"{node}: 'control_net' is a {type(u.control_net).__name__}, not a ControlNet; connect a ControlNet loader.")
-    if isinstance(u.control_net, SuiteControl) and not u.control_net.is_foreign and u.control_net.backend.kind == "qwen_patch":
+    if isinstance(u.control_net, SuiteControl) and not u.control_net.is_foreign and u.control_net.backend.kind in MODEL_PATCH_KINDS:
         raise ControlNetError(f"{node}: '{u.control_net.name}' is a model-patch ControlNet: it steers the model block by block, "
                               "so it goes through 'Apply ControlNet Patch (Suite)' (MODEL in, MODEL out), not the conditioning.")
     if u.image.ndim != 4 or u.image.shape[0] == 0:

@@ -246,6 +246,14 @@ def test_errors_name_the_remedy(zimage):
         g = Graph()
         base, ckpt = g.add("SuiteTestProvided", key="zimage"), g.add("CheckpointLoaderSimple", ckpt_name=zimage.checkpoint)
         zimage.run(sample(g, apply_on(g, (base, 0), (ckpt, 2), FILES["1"]), CONTEXT, "EmptySD3LatentImage"))
+    with pytest.raises(PromptFailed, match=r"Apply ControlNet \(Suite\).*model-patch ControlNet.*Apply ControlNet Patch \(Suite\)"):
+        g = Graph()
+        base = g.add("SuiteTestProvided", key="zimage")
+        pos = (g.add("SuiteTestConditioning", seed=1, width=CONTEXT), 0)
+        n = g.add("ControlNetSuiteApply", positive=pos, negative=pos, control_net=(g.add("ControlNetSuiteLoader", control_net_name=FILES["2.1"]), 0),
+                  image=image(g), strength=1.0, start_percent=0.0, end_percent=1.0, control_mode="balanced", resize_mode="crop and resize",
+                  vae=(base, 2))
+        zimage.run(finish(g, (base, 0), (n, 0), (n, 1), (g.add("EmptySD3LatentImage", width=64, height=64, batch_size=1), 0)))
 
 
 @pytest.mark.parametrize("version", ["1", "2.1", "2.0"])
