@@ -74,6 +74,11 @@ QWEN_UNET, QWEN_CLIP, QWEN_VAE = "qwen_image_fp8_e4m3fn.safetensors", "qwen_2.5_
 CN_QWEN_UNION = "Qwen-Image-InstantX-ControlNet-Union.safetensors"
 PATCH_QWEN_CANNY = "qwen_image_canny_diffsynth_controlnet.safetensors"
 _QWEN = "https://huggingface.co/Comfy-Org/Qwen-Image_ComfyUI/resolve/main/split_files/"
+# Z-Image Turbo and alibaba-pai's Fun ControlNet union under the names and downloads of ComfyUI's own Z-Image template
+# (its VAE is the Flux one, `ae.safetensors`, above)
+ZIMAGE_UNET, ZIMAGE_CLIP = "z_image_turbo_bf16.safetensors", "qwen_3_4b.safetensors"
+CN_ZIMAGE = "Z-Image-Turbo-Fun-Controlnet-Union.safetensors"
+_ZIMAGE = "https://huggingface.co/Comfy-Org/z_image_turbo/resolve/main/split_files/"
 MODEL_URLS = {CKPT: "https://huggingface.co/Comfy-Org/stable-diffusion-v1-5-archive/resolve/main/" + CKPT,
               **{cn: HF_CONTROLNET + cn for cn in (CN_CANNY, CN_SCRIBBLE, CN_POSE, CN_DEPTH, CN_SEG)},
               CKPT_XL: "https://huggingface.co/stabilityai/stable-diffusion-xl-base-1.0/resolve/main/" + CKPT_XL,
@@ -89,7 +94,9 @@ MODEL_URLS = {CKPT: "https://huggingface.co/Comfy-Org/stable-diffusion-v1-5-arch
               QWEN_UNET: _QWEN + "diffusion_models/" + QWEN_UNET, QWEN_CLIP: _QWEN + "text_encoders/" + QWEN_CLIP, QWEN_VAE: _QWEN + "vae/" + QWEN_VAE,
               CN_QWEN_UNION: "https://huggingface.co/Comfy-Org/Qwen-Image-InstantX-ControlNets/resolve/main/split_files/controlnet/" + CN_QWEN_UNION,
               PATCH_QWEN_CANNY: "https://huggingface.co/Comfy-Org/Qwen-Image-DiffSynth-ControlNets/resolve/main/split_files/model_patches/"
-                                + PATCH_QWEN_CANNY}
+                                + PATCH_QWEN_CANNY,
+              ZIMAGE_UNET: _ZIMAGE + "diffusion_models/" + ZIMAGE_UNET, ZIMAGE_CLIP: _ZIMAGE + "text_encoders/" + ZIMAGE_CLIP,
+              CN_ZIMAGE: "https://huggingface.co/alibaba-pai/Z-Image-Turbo-Fun-Controlnet-Union/resolve/main/" + CN_ZIMAGE}
 
 
 def published_models(type_: str, widgets: list) -> list[dict]:
@@ -349,6 +356,30 @@ def qwen_diffsynth():
     w.save("qwen_image_diffsynth_canny_patch")
 
 
+def zimage_fun():
+    """Z-Image Turbo with alibaba-pai's Fun ControlNet union (canny edges), a model patch: through Load ControlNet
+    (Suite), which reads the file on every host (ComfyUI's own ModelPatchLoader knows it only from 0.8.0 on), and
+    Apply ControlNet Patch (Suite). Turbo samples in 9 steps at cfg 1, so the negative is the prompt zeroed out."""
+    w = Workflow("Z-Image Turbo + Fun ControlNet union (canny) with the suite's patch node")
+    unet = w.node("UNETLoader", [ZIMAGE_UNET, "default"], (0, -260))
+    clip = w.node("CLIPLoader", [ZIMAGE_CLIP, "lumina2", "default"], (0, -80))
+    vae = w.node("VAELoader", [FLUX_VAE], (0, 125))
+    pos = w.node("CLIPTextEncode", ["a wooden cabin by a mountain lake at sunrise, photo, detailed"], (360, -260), title="Prompt", clip=(clip, 0))
+    neg = w.node("ConditioningZeroOut", [], (360, -40), title="Empty negative", conditioning=(pos, 0))
+    photo = w.node("LoadImage", ["canny_example.png", "image"], (0, 270), title="Photo")
+    edges = w.node("Canny", [0.1, 0.32], (360, 300), image=(photo, 0))
+    cn = w.node("ControlNetSuiteLoader", [CN_ZIMAGE, "auto"], (360, 500), title="Z-Image Fun ControlNet union (in models/controlnet)")
+    patched = w.node("ControlNetSuiteApplyPatch", [0.75, 0.0, 1.0, "balanced", "crop and resize"], (760, 0), model=(unet, 0), vae=(vae, 0),
+                     image=(edges, 0), control_net=(cn, 0))
+    latent = w.node("EmptySD3LatentImage", [1024, 1024, 1], (760, 410))
+    shifted = w.node("ModelSamplingAuraFlow", [3.0], (760, 620), model=(patched, 0))
+    ks = w.node("KSampler", [42, "fixed", 9, 1.0, "res_multistep", "simple", 1.0], (1110, 0), model=(shifted, 0), positive=(pos, 0),
+                negative=(neg, 0), latent_image=(latent, 0))
+    dec = w.node("VAEDecode", [], (1470, 0), samples=(ks, 0), vae=(vae, 0))
+    w.node("SaveImage", ["controlnet_zimage_fun"], (1470, 160), images=(dec, 0))
+    w.save("zimage_fun_canny_patch")
+
+
 def train():
     """Train a ControlNet on a folder, then try it at once: the trained CONTROL_NET feeds the apply node directly."""
     w = Workflow("Train a ControlNet on a dataset folder, then sample with it")
@@ -384,6 +415,7 @@ def main() -> None:
     flux_union()
     qwen_instantx()
     qwen_diffsynth()
+    zimage_fun()
     train()
 
 

@@ -46,10 +46,11 @@ def ids(paths):
 
 # The DiT workflows need host nodes and widgets that the oldest host predates (EmptySD3LatentImage, UNETLoader's
 # weight_dtype, CLIPLoader's newer types), so the compatibility subset leaves them out. Their bases (SD3.5, Flux,
-# Qwen-Image) exist here only as tiny models the tests build in-process, because the host's loaders detect these
+# Qwen-Image, Z-Image) exist here only as tiny models the tests build in-process, because the host's loaders detect these
 # families only at full width; the page's server is another process, with nothing built. tests/test_workflows.py runs
 # each of them through the host's own executor with those tiny models instead.
-IN_PROCESS_BASES = {"sd35_large_canny", "flux_union_depth_region", "qwen_image_instantx_canny", "qwen_image_diffsynth_canny_patch"}
+IN_PROCESS_BASES = {"sd35_large_canny", "flux_union_depth_region", "qwen_image_instantx_canny", "qwen_image_diffsynth_canny_patch",
+                    "zimage_fun_canny_patch"}
 
 
 def compat_where(path: Path):

@@ -14,6 +14,8 @@ from comfy_flux import instantx_file, tiny_flux
 from comfy_qwen import CONTEXT as QWEN_CONTEXT
 from comfy_qwen import instantx_file as qwen_instantx_file
 from comfy_qwen import tiny_qwen
+from comfy_zimage import CONTEXT as ZIMAGE_CONTEXT
+from comfy_zimage import tiny_zimage, zimage_fun_file
 from host import SD3_TINY, TINY_SD3_CHECKPOINT, Host, make_tiny_sd3_checkpoint, tiny_sd35_controlnet, tiny_union_file
 from PIL import Image
 from ui_workflow import ui_to_api
@@ -24,7 +26,7 @@ WORKFLOWS = sorted((Path(__file__).resolve().parents[1] / "workflows").glob("*.j
 REQUIRED = {"canny", "scribble", "pose", "depth", "segmentation", "multi_control_pose_canny", "regional_two_masked_units",
             "mode_balanced", "mode_prompt_more_important", "mode_controlnet_more_important", "mode_cfg_resolution_weighting",
             "train_controlnet", "sdxl_union_pose_depth", "sd35_large_canny", "flux_union_depth_region", "qwen_image_instantx_canny",
-            "qwen_image_diffsynth_canny_patch"}
+            "qwen_image_diffsynth_canny_patch", "zimage_fun_canny_patch"}
 
 
 def test_all_required_workflows_are_shipped():
@@ -134,6 +136,12 @@ def _provide_qwen(host: Host) -> None:
     host.test_nodes.PROVIDED_CONTROL.setdefault("workflow-patch", host_patch(False, 52))
 
 
+def _provide_zimage(host: Host) -> None:
+    if "zimage" not in host.test_nodes.PROVIDED:
+        parts = tiny_zimage()
+        host.test_nodes.PROVIDED["zimage"] = (parts["model"], None, parts["vae"])
+
+
 def substitute(prompt: dict, host: Host) -> dict:
     """Tiny models and sizes in place of the real ones; CLIP text encoding (no CLIP in the tiny model) -> test conditioning.
     A training workflow gets the tiny checkpoint with a CLIP (the Train node encodes captions), a 2-pair dataset and 1 step."""
@@ -142,14 +150,15 @@ def substitute(prompt: dict, host: Host) -> dict:
     sd3 = any(n["class_type"] == "CheckpointLoaderSimple" and "sd3" in n["inputs"]["ckpt_name"] for n in prompt.values())
     flux = any(n["class_type"] == "UNETLoader" and "flux" in n["inputs"]["unet_name"] for n in prompt.values())
     qwen = any(n["class_type"] == "UNETLoader" and "qwen" in n["inputs"]["unet_name"] for n in prompt.values())
-    if flux or qwen:  # tiny DiT bases are built in-process (ComfyUI detects them only at full width): comfy_flux.py, comfy_qwen.py
-        key = "flux" if flux else "qwen"
-        _provide_flux(host) if flux else _provide_qwen(host)
+    zimage = any(n["class_type"] == "UNETLoader" and "z_image" in n["inputs"]["unet_name"] for n in prompt.values())
+    if flux or qwen or zimage:  # tiny DiT bases built in-process (ComfyUI detects them only at full width): comfy_flux/qwen/zimage.py
+        base_key = "flux" if flux else "qwen" if qwen else "zimage"
+        {"flux": _provide_flux, "qwen": _provide_qwen, "zimage": _provide_zimage}[base_key](host)
         for nid in [nid for nid, n in prompt.items() if n["class_type"] in ("DualCLIPLoader", "CLIPLoader")]:
             del prompt[nid]  # its only consumers, the text encoders, become test conditioning below
         vaes = {nid for nid, n in prompt.items() if n["class_type"] == "VAELoader"}
         for nid in vaes:
-            prompt[nid] = {"class_type": "SuiteTestProvided", "inputs": {"key": key}}
+            prompt[nid] = {"class_type": "SuiteTestProvided", "inputs": {"key": base_key}}
         for n in prompt.values():  # SuiteTestProvided gives (MODEL, CLIP, VAE): the VAE is its third output
             n["inputs"] = {k: ([v[0], 2] if isinstance(v, list) and v[0] in vaes else v) for k, v in n["inputs"].items()}
     k = 0
@@ -166,12 +175,14 @@ def substitute(prompt: dict, host: Host) -> dict:
             inp.update(steps=1, batch_size=2, resolution=64, resume=False)
         elif ct == "ControlNetSuiteLoader" and flux:  # an InstantX-layout (latent hint) Flux ControlNet of the tiny width
             inp["control_net_name"] = instantx_file(host.dirs["controlnet"] / "flux_workflow_tiny.safetensors", seed=35).name
+        elif ct == "ControlNetSuiteLoader" and zimage:  # alibaba-pai's 2.1 layout at the tiny width
+            inp["control_net_name"] = zimage_fun_file(host.dirs["controlnet"] / "zimage_workflow_tiny.safetensors", "2.1", seed=66).name
         elif ct == "ControlNetSuiteLoader" and qwen:
             inp["control_net_name"] = qwen_instantx_file(host.dirs["controlnet"] / "qwen_workflow_tiny.safetensors", seed=45).name
         elif ct == "ControlNetSuiteLoader" and "union" in inp["control_net_name"].lower() + str(node.get("_meta", "")).lower():
             inp["control_net_name"] = tiny_union_file(host.dirs["controlnet"]).name
-        elif ct == "UNETLoader" and (flux or qwen):
-            node.update(class_type="SuiteTestProvided", inputs={"key": "flux" if flux else "qwen"})
+        elif ct == "UNETLoader" and (flux or qwen or zimage):
+            node.update(class_type="SuiteTestProvided", inputs={"key": base_key})
         elif ct == "ModelPatchLoader":  # ComfyUI's own DiffSynth class at the tiny width (see test_qwen_patch.py)
             node.update(class_type="SuiteTestProvidedPatch", inputs={"key": "workflow-patch"})
         elif ct == "ControlNetSuiteLoader" and "sd3.5" in inp["control_net_name"]:  # Stability's release layout, canny type
@@ -188,6 +199,8 @@ def substitute(prompt: dict, host: Host) -> dict:
                 node["inputs"].update(width=FLUX_CONTEXT, pooled=FLUX_POOLED)
             elif qwen:
                 node["inputs"].update(width=QWEN_CONTEXT)
+            elif zimage:
+                node["inputs"].update(width=ZIMAGE_CONTEXT)
         elif ct in ("EmptyLatentImage", "EmptySD3LatentImage"):
             inp.update(width=64, height=64)
         elif ct in ("SolidMask", "MaskComposite"):
