@@ -28,6 +28,12 @@ blocks, SD3.5 DiT blocks) cost the same per token they process (12 w^2 multiply-
 - Qwen-Image InstantX, n blocks on a base of D, all over image + text tokens: (D + n) / D;
 - Qwen-Image DiffSynth, one small block per base block (two w x w projections, 2 w^2 per image token, against the base
   block's 12 w^2 per image and text token): 1 + N_img / (6 (N_img + N_txt));
+- Z-Image Fun (2.1), n control layers plus r refiner-control layers, each a transformer block over the image tokens,
+  on a base of D main blocks over image + caption tokens and 2 noise-refiner + 2 context-refiner blocks over their
+  own tokens: 1 + (n + r) N_img / (D (N_img + N_txt) + 2 N_img + 2 N_txt).
+Z-Image Fun's built-in is ComfyUI's `ZImageFunControlnet` node, which only hosts from 0.8.0 have
+(`VENV=.venv-new COMFYUI_PATH=... .venv-new/bin/python bench/bench_dit_step.py --families zimage-fun`); its base and
+files are the tests' tiny in-process ones (tests/comfy_zimage.py: width 256, 16 blocks, 2 control layers).
 plus the hint embedding (a linear projection of the latent hint; XLabs: a pixel-space conv encoder at 8x the latent's
 size) and the ControlNet's own text / time embedders. Printed for the bench's shapes and the published ones, next to
 the FLOPs `torch.utils.flop_counter` counts in one step of each kind.
@@ -46,7 +52,7 @@ from pathlib import Path
 import torch
 from common import machine
 
-FAMILIES = ("sd3", "sd35", "flux-instantx", "flux-xlabs", "qwen-instantx", "qwen-diffsynth")
+FAMILIES = ("sd3", "sd35", "flux-instantx", "flux-xlabs", "qwen-instantx", "qwen-diffsynth", "zimage-fun")
 SD3_TEXT, FLUX_TEXT = 154, 128  # text tokens: SD3 77 CLIP + 77 T5 (published: 77 + 256); Flux 128 T5 (schnell 256, dev 512)
 QWEN_TEXT, QWEN_CONTEXT = 128, 512  # Qwen2.5-VL tokens of a short prompt after the template; text width (published 3584)
 QWEN_AXES = (16, 56, 56)
@@ -271,6 +277,10 @@ def floor_flux(base_double: int, base_single: int, double: int, single: int) -> 
     return (base_double + base_single + double + single) / (base_double + base_single)
 
 
+def floor_zimage(depth: int, n: int, img: int, txt: int) -> float:
+    return 1 + n * img / (depth * (img + txt) + 2 * img + 2 * txt)
+
+
 def floor_qwen_instantx(depth: int, n: int) -> float:
     return (depth + n) / depth
 
@@ -289,6 +299,8 @@ PUBLISHED = {
     "qwen-instantx": f"published: InstantX Qwen-Image ControlNets, 5 blocks on 60: {floor_qwen_instantx(60, 5):.3f}x",
     "qwen-diffsynth": f"published: DiffSynth blockwise patches on 60 blocks, 1024 px (4096 image + 128 text tokens): "
                       f"{floor_qwen_diffsynth(4096, 128):.3f}x",
+    "zimage-fun": f"published: Z-Image-Turbo Fun union 2.1, 15 + 2 refiner-control layers on 30 blocks, 1024 px (4096 image + "
+                  f"128 caption tokens): {floor_zimage(30, 17, 4096, 128):.3f}x",
 }
 
 
@@ -375,6 +387,34 @@ def build_qwen_family(family: str, host, M, args, base) -> Case:
     return Case(family, model, vae, pos, neg, empty, 2.5, None, None,
                 f"Qwen-Image {D} blocks of {width} + DiffSynth blockwise patch ({D} blocks), {tokens}",
                 floor_qwen_diffsynth(img, QWEN_TEXT), PUBLISHED[family], models={"ours": ours, "built-in": builtin})
+
+
+def build_zimage_family(family: str, host, M, args) -> Case:
+    """The tests' tiny Z-Image base and a 2.1-layout Fun file (tests/comfy_zimage.py); the built-in is the host's own
+    ZImageFunControlnet node on its ZImage_Control holding the same weights (hosts from 0.8.0 only)."""
+    from comfy_zimage import BLOCKS, CONTEXT, CONTROL_LAYERS, WIDTH, has_host_zimage_control, host_patch, tiny_zimage, zimage_fun_file
+
+    if not has_host_zimage_control():
+        raise SystemExit("zimage-fun: this host has no ZImageFunControlnet (it arrived after ComfyUI 0.3.75); run with "
+                         "VENV=.venv-new COMFYUI_PATH=/path/to/ComfyUI-0.8.0 .venv-new/bin/python bench/bench_dit_step.py --families zimage-fun")
+    parts = tiny_zimage()
+    model, vae = parts["model"], parts["vae"]
+    path = zimage_fun_file(host.dirs["controlnet"] / "bench_zimage_fun_2.1.safetensors", "2.1")
+    latent = args.size // 8
+    img, txt = (latent // 2) ** 2, QWEN_TEXT
+    g = torch.Generator().manual_seed(1)
+    pos = [[torch.randn(1, txt, CONTEXT, generator=g), {}]]
+    neg = [[torch.randn(1, txt, CONTEXT, generator=g), {}]]
+    image = _image(args.size, 3)
+    with torch.no_grad():  # as the host's executor runs nodes
+        ours_cn = M["ControlNetSuiteLoader"]().load(path.name)[0]
+        ours = M["ControlNetSuiteApplyPatch"]().apply(model, vae, image, 1.0, 0.0, 1.0, "balanced", "crop and resize", control_net=ours_cn)[0]
+        builtin = M["ZImageFunControlnet"]().diffsynth_controlnet(model, host_patch(path), vae, image, 1.0)[0]
+    n = CONTROL_LAYERS + 2  # control layers + the 2 refiner-control layers of 2.x
+    return Case(family, model, vae, pos, neg, {"samples": torch.zeros(1, 16, latent, latent)}, 2.5, None, None,
+                f"Z-Image {BLOCKS} blocks of {WIDTH} + Fun union 2.1 ({CONTROL_LAYERS} control + 2 refiner-control layers), "
+                f"{args.size} px ({img} image + {txt} caption tokens), batch 2 (cfg 2.5)",
+                floor_zimage(BLOCKS, n, img, txt), PUBLISHED[family], models={"ours": ours, "built-in": builtin})
 
 
 # -- timing through the host's wrappers ----------------------------------------------------------------------------
@@ -545,6 +585,8 @@ def main() -> None:
             if family.startswith("flux"):
                 flux = flux or flux_base(args.flux_width, args.flux_double, args.flux_single)
                 case = build_flux_family(family, host, M, args, flux)
+            elif family == "zimage-fun":
+                case = build_zimage_family(family, host, M, args)
             elif family.startswith("qwen"):
                 qwen = qwen or qwen_base(args.qwen_width, args.qwen_depth)
                 case = build_qwen_family(family, host, M, args, qwen)
