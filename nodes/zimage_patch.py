@@ -40,7 +40,6 @@ from typing import Optional
 
 import comfy.model_management
 import comfy.model_patcher
-import comfy.patcher_extension
 import comfy.utils
 import torch
 
@@ -330,6 +329,8 @@ def add_zimage_unit(model, unit: SuiteZImagePatch):
             refiner.append(group)
             double.append(group)
         return out
+    import comfy.patcher_extension  # here, not at the top: hosts before 2025 have no wrapper API (and no Z-Image either)
+
     wrappers = out.get_wrappers(comfy.patcher_extension.WrappersMP.DIFFUSION_MODEL, KEY)
     group = wrappers[-1].group.with_unit(unit) if wrappers and isinstance(wrappers[-1], ForwardHooks) else SuiteZImageGroup((unit,))
     out.remove_wrappers_with_key(comfy.patcher_extension.WrappersMP.DIFFUSION_MODEL, KEY)
