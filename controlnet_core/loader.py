@@ -6,6 +6,7 @@ The layout is found by asking each `formats.REGISTRY` record in turn; the record
 from __future__ import annotations
 
 import contextlib
+import math
 import os
 from pathlib import Path
 from typing import Optional, Union
@@ -91,16 +92,9 @@ def _main_dtype(source: TensorSource) -> torch.dtype:
     best, size = torch.float32, -1
     for k in source.keys():
         dtype = source.stored_dtype(k)
-        if dtype.is_floating_point and (n := _numel(source.shape(k))) > size:
+        if dtype.is_floating_point and (n := math.prod(source.shape(k))) > size:
             best, size = dtype, n
     return best
-
-
-def _numel(shape) -> int:
-    n = 1
-    for d in shape:
-        n *= int(d)
-    return n
 
 
 def _unknown(source: TensorSource) -> UnknownLayoutError:

@@ -34,8 +34,9 @@ class ControlNetSuiteLoader:
         "'diff' ControlNets, Stability control-LoRAs, T2I-Adapters, SDXL union (ControlNet++ / ProMax), SD3 / SD3.5 "
         "ControlNets (InstantX, alimama inpainting, Stability's SD3.5 Large blur / canny / depth) and Flux ControlNets "
         "(InstantX, Shakker union, Union Pro 2.0, alimama inpainting, XLabs, MistoLine; fp8 files stay fp8 in memory, as in ComfyUI's loader) and Qwen-Image "
-        "ControlNets (InstantX, union, inpainting; DiffSynth's blockwise model patches, which go to Apply ControlNet Patch "
-        "(Suite)). The layout is "
+        "ControlNets (InstantX, union, inpainting; DiffSynth's blockwise model patches) and Z-Image Fun ControlNet unions "
+        "(alibaba-pai 1 / 2.0 / 2.1); the model patches go to Apply ControlNet Patch "
+        "(Suite). The layout is "
         "detected from the file's tensors. Diff ControlNets and control-LoRAs need the base model connected to 'model'; "
         "SD3, SD3.5, Qwen-Image and latent-hint Flux ControlNets need the VAE on the apply node."
     )
