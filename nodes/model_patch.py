@@ -41,7 +41,7 @@ def _from_host_patch(patch):
 class ControlNetSuiteApplyPatch:
     DESCRIPTION = (
         "Applies a model-patch ControlNet (DiffSynth's blockwise Qwen-Image canny / depth / inpaint, or alibaba-pai's Z-Image "
-        "Fun ControlNet union 1 / 2.0 / 2.1, whose 2.x also inpaints) to a MODEL, with the "
+        "Fun ControlNet union 1 / 2.0 / 2.1, whose 2.x also inpaints, with or without a condition image) to a MODEL, with the "
         "suite's strength, start/end, control mode and region mask. These ControlNets compute each block's control from the "
         "model's own hidden state, so they patch the MODEL (MODEL in, MODEL out) instead of travelling in the conditioning "
         "like a CONTROL_NET. Give it ComfyUI's ModelPatchLoader output ('patch'), or a file loaded by Load ControlNet (Suite).")
@@ -58,7 +58,6 @@ class ControlNetSuiteApplyPatch:
             "required": {
                 "model": ("MODEL", {"tooltip": "The Qwen-Image or Z-Image model to steer (the one the patch was made for)."}),
                 "vae": ("VAE", {"tooltip": "The model's VAE (Qwen-Image: its Wan 2.1 VAE; Z-Image: the Flux VAE): the condition image is read as a latent."}),
-                "image": ("IMAGE", {"tooltip": "The condition image (edges, depth ...), resized to the latent's size as resize_mode says."}),
                 "strength": ("FLOAT", {"default": 1.0, "min": 0.0, "max": 10.0, "step": 0.01, "tooltip": "Multiplies every block's control; 0 turns the patch off exactly."}),
                 "start_percent": ("FLOAT", {"default": 0.0, "min": 0.0, "max": 1.0, "step": 0.001, "tooltip": "Fraction of the sampling schedule where the control starts."}),
                 "end_percent": ("FLOAT", {"default": 1.0, "min": 0.0, "max": 1.0, "step": 0.001, "tooltip": "Fraction of the sampling schedule where the control ends."}),
@@ -69,6 +68,10 @@ class ControlNetSuiteApplyPatch:
                 "resize_mode": (RESIZE_MODES, {"default": ResizeMode.CROP.value, "tooltip": "How an image of another aspect ratio fits the latent."}),
             },
             "optional": {
+                "image": ("IMAGE", {"tooltip": (
+                    "The condition image (edges, depth ...), resized to the latent's size as resize_mode says. Needed by every "
+                    "patch except a Z-Image Fun 2.x inpainting run, which may give only 'inpaint_image' (and 'inpaint_mask'): "
+                    "its control input is then a grey image, as in ComfyUI's ZImageFunControlnet.")}),
                 "patch": ("MODEL_PATCH", {"tooltip": "From ComfyUI's ModelPatchLoader (models/model_patches)."}),
                 "control_net": ("CONTROL_NET", {"tooltip": "Or a model-patch file loaded by Load ControlNet (Suite)."}),
                 "mask": ("MASK", {"tooltip": "Optional region mask: the control is multiplied by it per image token. None = everywhere."}),
@@ -80,14 +83,14 @@ class ControlNetSuiteApplyPatch:
             },
         }
 
-    def apply(self, model, vae, image, strength, start_percent, end_percent, control_mode, resize_mode, patch=None, control_net=None,
-              mask=None, inpaint_mask=None, inpaint_image=None):
+    def apply(self, model, vae, strength, start_percent, end_percent, control_mode, resize_mode, image=None, patch=None,
+              control_net=None, mask=None, inpaint_mask=None, inpaint_image=None):
         for name, value in (("strength", strength), ("start_percent", start_percent), ("end_percent", end_percent)):
             if not math.isfinite(value):
                 raise ControlNetError(f"{NODE}: {name} is {value}; it must be a finite number.")
         if start_percent > end_percent:
             raise ControlNetError(f"{NODE}: start_percent {start_percent} is after end_percent {end_percent}; the patch would never run.")
-        if image.ndim != 4 or not bool(torch.isfinite(image).all()):
+        if image is not None and (image.ndim != 4 or not bool(torch.isfinite(image).all())):
             raise ControlNetError(f"{NODE}: 'image' must be a finite IMAGE batch; got shape {tuple(image.shape)}.")
         for name, m in (("mask", mask), ("inpaint_mask", inpaint_mask)):
             if m is not None and (m.ndim not in (2, 3) or not bool(torch.isfinite(m).all())):
@@ -117,12 +120,17 @@ class ControlNetSuiteApplyPatch:
         elif inpaint_image is not None:
             raise ControlNetError(f"{NODE}: 'inpaint_image' is read by Z-Image Fun 2.x patches only; {name} is a Qwen-Image patch, whose "
                                   "inpaint model reads 'image' (with 'inpaint_mask'). Disconnect 'inpaint_image'.")
+        if image is None and not (zimage and loaded.model.config.inpainting and inpaint_image is not None):
+            raise ControlNetError(f"{NODE}: no 'image' is connected. {name} needs a condition image" + (
+                "; only a Z-Image Fun 2.x patch can run without one, and only as an inpainting run with 'inpaint_image' connected."
+                if not (zimage and loaded.model.config.inpainting) else
+                ", or, to inpaint without control, an 'inpaint_image' (with 'inpaint_mask' for the region to repaint)."))
         if mask is not None and mask.ndim == 2:
             mask = mask[None]
         keep = None if inpaint_mask is None else 1.0 - (inpaint_mask[None] if inpaint_mask.ndim == 2 else inpaint_mask)
         sampling = model.get_model_object("model_sampling")
         sigma_range = (float(sampling.percent_to_sigma(start_percent)), float(sampling.percent_to_sigma(end_percent)))
-        settings = dict(vae=vae, image=image[..., :3].movedim(-1, 1), strength=strength, sigma_range=sigma_range, mode=control_mode,
+        settings = dict(vae=vae, image=None if image is None else image[..., :3].movedim(-1, 1), strength=strength, sigma_range=sigma_range, mode=control_mode,
                         resize_mode=resize_mode, mask=mask, keep=keep, name=name)
         if not zimage:
             return (add_unit(model, SuiteBlockPatch(loaded, patcher, **settings)),)

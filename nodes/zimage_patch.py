@@ -104,9 +104,10 @@ class SuiteZImagePatch(SuiteBlockPatch):
     """One Z-Image Fun ControlNet unit on one MODEL: settings, its hint latent (encoded once per latent size) and, per
     base forward, a `_Run` driving the library's `ZImageControlSteps`."""
 
-    def __init__(self, loaded: LoadedControl, patcher, *, vae, image: torch.Tensor, strength: float, sigma_range: tuple[float, float],
-                 mode=ControlMode.BALANCED, resize_mode=ResizeMode.CROP, mask: Optional[torch.Tensor] = None,
-                 keep: Optional[torch.Tensor] = None, inpaint_image: Optional[torch.Tensor] = None, name: str = "Z-Image ControlNet"):
+    def __init__(self, loaded: LoadedControl, patcher, *, vae, image: Optional[torch.Tensor], strength: float,
+                 sigma_range: tuple[float, float], mode=ControlMode.BALANCED, resize_mode=ResizeMode.CROP,
+                 mask: Optional[torch.Tensor] = None, keep: Optional[torch.Tensor] = None,
+                 inpaint_image: Optional[torch.Tensor] = None, name: str = "Z-Image ControlNet"):
         super().__init__(loaded, patcher, vae=vae, image=image, strength=strength, sigma_range=sigma_range, mode=mode,
                          resize_mode=resize_mode, mask=mask, keep=keep, name=name)
         self.inpaint_image = inpaint_image  # (B, C, H, W), 0..1, or None (a grey image, as ComfyUI)
@@ -145,13 +146,19 @@ class SuiteZImagePatch(SuiteBlockPatch):
 
     def _hint_latent(self, h: int, w: int) -> torch.Tensor:
         """v1: the control latent (16). 2.x: control latent, keep mask (nearest), latent of the inpaint image with the
-        repaint region grey (33), as ComfyUI's `ZImageControlPatch` builds them; no mask: mask 0, as there."""
+        repaint region grey (33), as ComfyUI's `ZImageControlPatch` builds them; no mask: mask 0, as there; no control
+        image (inpainting only): the latent of a grey image, as there."""
         size = (h * 8, w * 8)
-        control = prepare_hint(self.image, *size, 3, self.image.shape[0], self.resize_mode)
+        if self.image is None:  # inpainting only: a grey control image, as ComfyUI's node encodes one
+            inpaint = prepare_hint(self.inpaint_image, *size, 3, self.inpaint_image.shape[0], self.resize_mode)
+            control = torch.full_like(inpaint, 0.5)
+        else:
+            control = prepare_hint(self.image, *size, 3, self.image.shape[0], self.resize_mode)
+            inpaint = None if self.inpaint_image is None else prepare_hint(self.inpaint_image, *size, 3, self.inpaint_image.shape[0], self.resize_mode)
         parts = [self._encode(control, h, w)]
         if self.net.config.inpainting:
-            inpaint = (torch.full_like(control, 0.5) if self.inpaint_image is None
-                       else prepare_hint(self.inpaint_image, *size, 3, self.inpaint_image.shape[0], self.resize_mode))
+            if inpaint is None:
+                inpaint = torch.full_like(control, 0.5)
             if self.keep is None:
                 keep = torch.zeros(1, 1, h, w)
             else:

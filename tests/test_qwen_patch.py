@@ -140,7 +140,7 @@ def test_a_cloned_model_shares_the_patch_network(qwen):
 
     node = qwen.nodes.NODE_CLASS_MAPPINGS["ControlNetSuiteApplyPatch"]()
     model, _, vae = qwen.test_nodes.PROVIDED["qwen"]
-    patched = node.apply(model, vae, torch.rand(1, SIZE, SIZE, 3), 1.0, 0.0, 1.0, "balanced", "crop and resize",
+    patched = node.apply(model, vae, 1.0, 0.0, 1.0, "balanced", "crop and resize", image=torch.rand(1, SIZE, SIZE, 3),
                          patch=qwen.test_nodes.PROVIDED_CONTROL["patch-plain"])[0]
     group = patched.model_options["transformer_options"]["patches"]["double_block"][-1]
     clone = copy.deepcopy(group)

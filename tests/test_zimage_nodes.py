@@ -57,23 +57,26 @@ def run(host, build=None, key=None):
     return out
 
 
+def condition(g):
+    return image(g, SIZE, SIZE, seed=3)
+
+
 def ours(version="2.1", strength=1.0, start=0.0, end=1.0, mode="balanced", mask=None, inpaint_mask=None, inpaint_image=None,
-         from_file=True):
+         from_file=True, control=condition):
     def b(g, model, base_vae):
         source = ({"control_net": (g.add("ControlNetSuiteLoader", control_net_name=FILES[version]), 0)} if from_file
                   else {"patch": (g.add("SuiteTestProvidedPatch", key=f"zpatch-{version}"), 0)})
-        kw = {k: v(g) for k, v in (("mask", mask), ("inpaint_mask", inpaint_mask), ("inpaint_image", inpaint_image)) if v}
-        return (g.add("ControlNetSuiteApplyPatch", model=model, vae=base_vae, image=image(g, SIZE, SIZE, seed=3),
-                      strength=strength, start_percent=start, end_percent=end, control_mode=mode, resize_mode="crop and resize",
-                      **source, **kw), 0)
+        kw = {k: v(g) for k, v in (("mask", mask), ("inpaint_mask", inpaint_mask), ("inpaint_image", inpaint_image), ("image", control)) if v}
+        return (g.add("ControlNetSuiteApplyPatch", model=model, vae=base_vae, strength=strength, start_percent=start, end_percent=end,
+                      control_mode=mode, resize_mode="crop and resize", **source, **kw), 0)
     return b
 
 
-def theirs(version="2.1", strength=1.0, mask=None, inpaint_image=None):
+def theirs(version="2.1", strength=1.0, mask=None, inpaint_image=None, control=condition):
     def b(g, model, vae):
-        kw = {k: v(g) for k, v in (("mask", mask), ("inpaint_image", inpaint_image)) if v}
+        kw = {k: v(g) for k, v in (("mask", mask), ("inpaint_image", inpaint_image), ("image", control)) if v}
         return (g.add("ZImageFunControlnet", model=model, model_patch=(g.add("SuiteTestProvidedPatch", key=f"zpatch-{version}"), 0), vae=vae,
-                      image=image(g, SIZE, SIZE, seed=3), strength=strength, **kw), 0)
+                      strength=strength, **kw), 0)
     return b
 
 
@@ -90,6 +93,11 @@ def right_half(g):
 
 def paint_image(g):
     return image(g, SIZE, SIZE, seed=9)
+
+
+def grey_image(g):
+    """An image of exactly 0.5 in every channel (what ComfyUI encodes as the control input when there is none)."""
+    return (g.add("MaskToImage", mask=solid(0.5)(g)), 0)
 
 
 def needs_host_node(host):
@@ -117,8 +125,8 @@ def test_the_hook_mechanism(zimage):
     loader = zimage.nodes.NODE_CLASS_MAPPINGS["ControlNetSuiteLoader"]()
     model, _, vae = zimage.test_nodes.PROVIDED["zimage"]
     cn = loader.load(FILES["2.1"])[0]
-    one = node.apply(model, vae, torch.rand(1, SIZE, SIZE, 3), 0.5, 0.0, 1.0, "balanced", "crop and resize", control_net=cn)[0]
-    two = node.apply(one, vae, torch.rand(1, SIZE, SIZE, 3), 0.5, 0.0, 1.0, "balanced", "crop and resize", control_net=cn)[0]
+    one = node.apply(model, vae, 0.5, 0.0, 1.0, "balanced", "crop and resize", image=torch.rand(1, SIZE, SIZE, 3), control_net=cn)[0]
+    two = node.apply(one, vae, 0.5, 0.0, 1.0, "balanced", "crop and resize", image=torch.rand(1, SIZE, SIZE, 3), control_net=cn)[0]
     assert zp.host_has_patch_points() == ("ZImageFunControlnet" in zimage.nodes.NODE_CLASS_MAPPINGS)  # 0.8.0: patch points
     if zp.host_has_patch_points():
         patches = two.model_options["transformer_options"]["patches"]
@@ -153,7 +161,7 @@ def test_start_end_per_model_call(zimage):
     cn = zimage.nodes.NODE_CLASS_MAPPINGS["ControlNetSuiteLoader"]().load(FILES["2.1"])[0]
     latent = {"samples": torch.zeros(1, 16, SIZE // 8, SIZE // 8)}
     for start, end in ((0.0, 0.5), (0.5, 1.0)):
-        patched = node.apply(model, vae, img, 1.0, start, end, "balanced", "crop and resize", control_net=cn)[0].clone()
+        patched = node.apply(model, vae, 1.0, start, end, "balanced", "crop and resize", image=img, control_net=cn)[0].clone()
         calls = []
 
         def wrapper(apply_model, args, calls=calls):
@@ -224,6 +232,19 @@ def test_soft_modes_and_inpainting_inputs(zimage):
     assert (masked - full).abs().max() > 1e-4 and (painted - masked).abs().max() > 1e-4
 
 
+def test_inpainting_without_a_condition_image(zimage):
+    """2.x inpainting with only inpaint_image (+ mask) connected: the control input is a grey image, so the run equals
+    one with an all-0.5 condition image; it differs from no patch; v1 and Qwen patches ask for the image."""
+    inpaint = dict(inpaint_mask=right_half, inpaint_image=paint_image)
+    alone = run(zimage, ours("2.1", control=None, **inpaint))
+    torch.testing.assert_close(alone, run(zimage, ours("2.1", control=grey_image, **inpaint)), rtol=0, atol=0)
+    assert (alone - run(zimage, key="plain")).abs().max() > 1e-3
+    with pytest.raises(PromptFailed, match=r"Apply ControlNet Patch \(Suite\): no 'image' is connected.*only a Z-Image Fun 2.x"):
+        run(zimage, ours("1", control=None, **inpaint))
+    with pytest.raises(PromptFailed, match=r"no 'image' is connected.*or, to inpaint without control, an 'inpaint_image'"):
+        run(zimage, ours("2.1", control=None, inpaint_mask=right_half))
+
+
 def test_errors_name_the_remedy(zimage):
     def apply_on(g, model, vae, control_name):
         return g.add("ControlNetSuiteApplyPatch", model=model, vae=vae, image=image(g), strength=1.0, start_percent=0.0, end_percent=1.0,
@@ -273,3 +294,6 @@ def test_inpainting_matches_comfys_node(zimage):
     ref = run(zimage, theirs("2.1", mask=right_half, inpaint_image=paint_image))
     torch.testing.assert_close(run(zimage, ours("2.1", inpaint_mask=right_half, inpaint_image=paint_image)), ref, rtol=1e-4, atol=1e-4)
     assert (ref - run(zimage, theirs("2.1"))).abs().max() > 1e-4
+    ref = run(zimage, theirs("2.1", mask=right_half, inpaint_image=paint_image, control=None))
+    torch.testing.assert_close(run(zimage, ours("2.1", inpaint_mask=right_half, inpaint_image=paint_image, control=None)), ref,
+                               rtol=1e-4, atol=1e-4)
