@@ -66,8 +66,13 @@ class QwenImageBlock(nn.Module):
         self.img_mlp = FeedForward(hidden_size, mlp_hidden_dim, **kw)
         self.txt_mlp = FeedForward(hidden_size, mlp_hidden_dim, **kw)
 
-    def forward(self, img: torch.Tensor, txt: torch.Tensor, emb: torch.Tensor, rope: Rope) -> tuple[torch.Tensor, torch.Tensor]:
-        """img (B, T, C), txt (B, L, C), emb (B, C) -> (img, txt)."""
+    def forward(self, img: torch.Tensor, txt: torch.Tensor, emb: torch.Tensor, rope: Rope,
+                text_out: bool = True) -> tuple[torch.Tensor, torch.Tensor]:
+        """img (B, T, C), txt (B, L, C), emb (B, C) -> (img, txt).
+
+        text_out=False skips the text stream after attention (its output projection and MLP) and returns the text
+        unchanged: a ControlNet's last block feeds only its image tokens onwards, so that work would be thrown away
+        (the image result is the same bit for bit)."""
         shift, scale, gate, shift2, scale2, gate2 = self.img_mod(emb)
         t_shift, t_scale, t_gate, t_shift2, t_scale2, t_gate2 = self.txt_mod(emb)
         q, k, v = self.attn.qkv(modulate(layer_norm(img), shift, scale))
@@ -77,6 +82,8 @@ class QwenImageBlock(nn.Module):
 
         img = img + gate[:, None] * self.attn.to_out[0](img_out)
         img = img + gate2[:, None] * self.img_mlp(modulate(layer_norm(img), shift2, scale2))
+        if not text_out:
+            return img, txt
         txt = txt + t_gate[:, None] * self.attn.to_add_out(txt_out)
         txt = txt + t_gate2[:, None] * self.txt_mlp(modulate(layer_norm(txt), t_shift2, t_scale2))
         return img, txt

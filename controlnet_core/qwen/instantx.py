@@ -126,9 +126,9 @@ class QwenInstantXControlNet(nn.Module):
         # 2. sigma -> modulation vector; rotary tables for [text, image]
         emb = self.time_text_embed(timesteps, img.dtype)
         rope = self.rope(txt.shape[1], rows, cols, x.device, diffusers_centre)
-        # 3. the blocks, one output each from the image tokens
-        outputs = []
-        for block, out in zip(self.transformer_blocks, self.controlnet_blocks):
-            img, txt = block(img, txt, emb, rope)
+        # 3. the blocks, one output each from the image tokens (the last block's text stream is never read)
+        outputs, last = [], len(self.transformer_blocks) - 1
+        for i, (block, out) in enumerate(zip(self.transformer_blocks, self.controlnet_blocks)):
+            img, txt = block(img, txt, emb, rope, text_out=i < last)
             outputs.append(out(img))
         return QwenControlOutput(tuple(outputs))
