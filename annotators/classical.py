@@ -16,9 +16,9 @@ import numpy as np
 import torch
 
 from .base import Annotator, AnnotatorError, as_rgb, detect_size, resize_to, sanitized
-from .registry import AnnotatorInfo, Param, register
+from .registry import AnnotatorInfo, Param, register, resolution_param
 
-RES = Param("resolution", "INT", 512, 64, 4096, 64, tooltip="Detect resolution: the short side the image is processed at.")
+RES = resolution_param(tooltip="Detect resolution: the short side the image is processed at.")
 
 
 

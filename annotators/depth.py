@@ -21,9 +21,8 @@ import torch
 import torch.nn.functional as F
 from torch import nn
 
-from . import weights
 from .base import AnnotatorError, SingleNetworkAnnotator
-from .registry import AnnotatorInfo, Param, register
+from .registry import AnnotatorInfo, Published, register, resolution_param
 
 FILENAME = "depth_anything_v2_vits.pth"
 PATCH = 14
@@ -325,17 +324,6 @@ class DepthAnythingV2Detector(SingleNetworkAnnotator):
 # Registration
 # ---------------------------------------------------------------------------------------------
 
-weights.register(weights.WeightFile(
-    filename=FILENAME,
-    url="https://huggingface.co/depth-anything/Depth-Anything-V2-Small/resolve/main/depth_anything_v2_vits.pth",
-    # Git-LFS oid of the file on the Hub (revision 03876f86...), as recorded by several independent projects.
-    sha256="715fade13be8f229f8a70cc02066f656f2423a59effd0579197bbf57860e1378",
-    size=99_218_434,
-    licence="Apache-2.0",
-    model="depth_anything_v2",
-))
-
-
 def _build(paths: dict, device: torch.device, dtype: torch.dtype) -> DepthAnythingV2Detector:
     return DepthAnythingV2Detector.from_file(paths[FILENAME], device=device, dtype=dtype)
 
@@ -345,12 +333,17 @@ register(AnnotatorInfo(
     title="Depth (Depth-Anything V2 Small)",
     build=_build,
     params=[
-        Param("resolution", "INT", 518, PATCH, 4088, PATCH,
-              tooltip="Short side the network sees, rounded to a multiple of 14 (518 = what the model was trained at). "
+        resolution_param(518, min=PATCH, step=PATCH, tooltip="Short side the network sees, rounded to a multiple of 14 (518 = what the model was trained at). "
                       "Higher gives finer detail but costs time and memory; the map is returned at the input size."),
     ],
     weights=[FILENAME],
     description="Relative depth (near = bright) from Depth-Anything V2 Small, for depth ControlNets. "
                 "Sharper and more robust than MiDaS; the Small model is the Apache-2.0 one.",
     licence="Apache-2.0",
+), Published(
+    FILENAME,
+    # Git-LFS oid of the file on the Hub (revision 03876f86...), as recorded by several independent projects.
+    sha256="715fade13be8f229f8a70cc02066f656f2423a59effd0579197bbf57860e1378",
+    size=99_218_434,
+    url="https://huggingface.co/depth-anything/Depth-Anything-V2-Small/resolve/main/depth_anything_v2_vits.pth",
 ))

@@ -15,9 +15,8 @@ import torch
 import torch.nn as nn
 import torch.nn.functional as F
 
-from . import weights
 from .base import SingleNetworkAnnotator, detect_size, network_input, resize_to
-from .registry import AnnotatorInfo, Param, register
+from .registry import AnnotatorInfo, Param, Published, register, resolution_param
 
 FILENAME = "ControlNetHED.pth"
 LICENCE = "Apache-2.0"
@@ -203,20 +202,7 @@ class HEDDetector(SingleNetworkAnnotator):
             return out.float().repeat(1, 3, 1, 1).to(images.device)
 
 
-weights.register(
-    weights.WeightFile(
-        filename=FILENAME,
-        url=weights.ANNOTATORS_REPO + FILENAME,
-        # lllyasviel/Annotators' published file, as pinned by several independent manifests (Haidra-Org's
-        # horde_model_reference annotator catalog among them)
-        sha256="5ca93762ffd68a29fee1af9d495bf6aab80ae86f08905fb35472a083a4c7a8fa",
-        size=29_444_406,
-        licence=LICENCE,
-        model="hed",
-    )
-)
-
-RESOLUTION = Param("resolution", "INT", 512, min=64, max=4096, step=64, tooltip="Short side the network sees (rounded to a multiple of 64); the output keeps the input size.")
+RESOLUTION = resolution_param(tooltip="Short side the network sees (rounded to a multiple of 64); the output keeps the input size.")
 SAFE = Param("safe", "BOOLEAN", False, tooltip="Quantise the edges to a few levels (ControlNet 1.1 'safe' mode), hiding faint texture the ControlNet would copy.")
 
 register(
@@ -232,5 +218,8 @@ register(
         weights=[FILENAME],
         description="Soft, multi-scale edges from the ControlNet 1.1 HED network (softedge and scribble ControlNets).",
         licence=LICENCE,
-    )
+    ),
+    # lllyasviel/Annotators' published file, as pinned by several independent manifests (Haidra-Org's
+    # horde_model_reference annotator catalog among them)
+    Published(FILENAME, sha256="5ca93762ffd68a29fee1af9d495bf6aab80ae86f08905fb35472a083a4c7a8fa", size=29_444_406),
 )

@@ -17,10 +17,9 @@ from __future__ import annotations
 import torch
 from torch import nn
 
-from . import weights
 from .base import AnnotatorError, SingleNetworkAnnotator, detect_size, network_input, resize_to
 from .cpu_kernels import FewOutputConv2d
-from .registry import AnnotatorInfo, Param, register
+from .registry import AnnotatorInfo, Published, register, resolution_param
 
 FINE_FILE = "sk_model.pth"
 COARSE_FILE = "sk_model2.pth"
@@ -131,28 +130,7 @@ class CoarseLineartDetector(LineartDetector):
 
 # ---------------------------------------------------------------- registration
 
-weights.register(
-    weights.WeightFile(
-        filename=FINE_FILE,
-        url=weights.ANNOTATORS_REPO + FINE_FILE,
-        sha256="c686ced2a666b4850b4bb6ccf0748031c3eda9f822de73a34b8979970d90f0c6",
-        size=17_173_511,
-        licence=LICENCE,
-        model="lineart",
-    ),
-    weights.WeightFile(
-        filename=COARSE_FILE,
-        url=weights.ANNOTATORS_REPO + COARSE_FILE,
-        sha256="30a534781061f34e83bb9406b4335da4ff2616c95d22a585c1245aa8363e74e0",
-        size=17_173_511,
-        licence=LICENCE,
-        model="lineart_coarse",
-    ),
-)
-
-_PARAMS = (
-    Param("resolution", "INT", 512, min=64, max=2048, step=64, tooltip="Short side the image is resized to before detection (rounded to a multiple of 64)."),
-)
+_PARAMS = (resolution_param(tooltip="Short side the image is resized to before detection (rounded to a multiple of 64)."),)
 
 register(
     AnnotatorInfo(
@@ -163,7 +141,8 @@ register(
         weights=[FINE_FILE],
         description="Fine line drawing of a photo, white lines on black: for the lineart ControlNets.",
         licence=LICENCE,
-    )
+    ),
+    Published(FINE_FILE, sha256="c686ced2a666b4850b4bb6ccf0748031c3eda9f822de73a34b8979970d90f0c6", size=17_173_511),
 )
 register(
     AnnotatorInfo(
@@ -174,5 +153,6 @@ register(
         weights=[COARSE_FILE],
         description="Coarser, bolder line drawing of a photo, white lines on black: for the lineart ControlNets.",
         licence=LICENCE,
-    )
+    ),
+    Published(COARSE_FILE, sha256="30a534781061f34e83bb9406b4335da4ff2616c95d22a585c1245aa8363e74e0", size=17_173_511),
 )

@@ -29,9 +29,8 @@ import torch
 import torch.nn.functional as F
 from torch import nn
 
-from . import weights
 from .base import AnnotatorError, SingleNetworkAnnotator, detect_size, fold_batch_norms, network_input, resize_to
-from .registry import AnnotatorInfo, Param, register
+from .registry import AnnotatorInfo, Param, Published, register, resolution_param
 
 log = logging.getLogger(__name__)
 
@@ -313,29 +312,8 @@ class TinyMLSDDetector(MLSDDetector):
 
 # ---------------------------------------------------------------- registration
 
-weights.register(
-    weights.WeightFile(
-        filename=LARGE_FILE,
-        url=weights.ANNOTATORS_REPO + LARGE_FILE,
-        sha256="5696f168eb2c30d4374bbfd45436f7415bb4d88da29bea97eea0101520fba082",
-        size=6_341_481,
-        licence=LICENCE,
-        model="mlsd",
-    ),
-    # Not in lllyasviel/Annotators (and never used by ControlNet itself); this is the PyTorch port's
-    # own file, which lllyasviel/ControlNet also mirrors as annotator/ckpts/mlsd_tiny_512_fp32.pth.
-    weights.WeightFile(
-        filename=TINY_FILE,
-        url=f"https://raw.githubusercontent.com/lhwcv/mlsd_pytorch/main/models/{TINY_FILE}",
-        sha256="3f2323cfb9faec5a0ef2454c4f68998da21a9f1b7918ce89b85886628b750b94",
-        size=2_613_835,
-        licence=LICENCE,
-        model="mlsd_tiny",
-    ),
-)
-
 _PARAMS = (
-    Param("resolution", "INT", 512, min=64, max=2048, step=64, tooltip="Short side the image is resized to before detection (rounded to a multiple of 64)."),
+    resolution_param(tooltip="Short side the image is resized to before detection (rounded to a multiple of 64)."),
     # ranges and defaults as the ControlNet demo sliders (gradio_hough2image.py, sd-webui-controlnet)
     Param("value_threshold", "FLOAT", 0.1, min=0.01, max=2.0, step=0.01,
           tooltip="Minimum line-centre score (0-1): higher keeps only confident lines; above 1 keeps none."),
@@ -352,7 +330,8 @@ register(
         weights=[LARGE_FILE],
         description="Straight line segments (M-LSD large), white 1-px lines on black: for the MLSD ControlNets (architecture, interiors).",
         licence=LICENCE,
-    )
+    ),
+    Published(LARGE_FILE, sha256="5696f168eb2c30d4374bbfd45436f7415bb4d88da29bea97eea0101520fba082", size=6_341_481),
 )
 register(
     AnnotatorInfo(
@@ -363,5 +342,9 @@ register(
         weights=[TINY_FILE],
         description="Straight line segments with the small M-LSD model (2.6 MB): faster, fewer lines than 'mlsd'.",
         licence=LICENCE,
-    )
+    ),
+    # Not in lllyasviel/Annotators (and never used by ControlNet itself); this is the PyTorch port's
+    # own file, which lllyasviel/ControlNet also mirrors as annotator/ckpts/mlsd_tiny_512_fp32.pth.
+    Published(TINY_FILE, sha256="3f2323cfb9faec5a0ef2454c4f68998da21a9f1b7918ce89b85886628b750b94", size=2_613_835,
+              url=f"https://raw.githubusercontent.com/lhwcv/mlsd_pytorch/main/models/{TINY_FILE}"),
 )

@@ -43,7 +43,7 @@ import torch.nn.functional as F
 from . import weights
 from ._core import ControlNetError
 from .base import AnnotatorError, NetworkAnnotator, as_rgb, chunks, default_chunk_size, detect_size, inference_network, network_input, resize_to
-from .registry import AnnotatorInfo, Param, register
+from .registry import AnnotatorInfo, Param, Published, register, resolution_param
 
 log = logging.getLogger(__name__)
 
@@ -823,18 +823,6 @@ class OpenPoseDetector(NetworkAnnotator):
 
 # --- registration -----------------------------------------------------------------------------------------
 
-weights.register(
-    # SHA-256 and sizes as published for lllyasviel/Annotators @982e7ed (the Hugging Face LFS objects)
-    *(
-        weights.WeightFile(name, weights.ANNOTATORS_REPO + name, sha, size, LICENCE, "openpose")
-        for name, sha, size in (
-            (BODY_FILE, "25a948c16078b0f08e236bda51a385d855ef4c153598947c28c0d47ed94bb746", 209_267_595),
-            (HAND_FILE, "b76b00d1750901abd07b9f9d8c98cc3385b8fe834a26d4b4f0aad439e75fc600", 147_341_049),
-            (FACE_FILE, "8beb52e548624ffcc4aed12af7aee7dcbfaeea420c75609fee999fe7add79d43", 153_718_792),
-        )
-    )
-)
-
 register(
     AnnotatorInfo(
         key="openpose",
@@ -846,10 +834,7 @@ register(
             Param("include_body", "BOOLEAN", True, tooltip="Draw the 18-point body skeleton."),
             Param("include_hand", "BOOLEAN", False, tooltip="Detect and draw hands (21 points each; uses hand_pose_model.pth, slower)."),
             Param("include_face", "BOOLEAN", False, tooltip="Detect and draw face landmarks (uses facenet.pth)."),
-            Param(
-                "resolution", "INT", 512, min=64, max=2048, step=64,
-                tooltip="Detection size of the short side; the map is returned at the input size.",
-            ),  # fmt: skip
+            resolution_param(tooltip="Detection size of the short side; the map is returned at the input size."),
         ],
         weights=[BODY_FILE, HAND_FILE, FACE_FILE],
         switched_weights={HAND_FILE: "include_hand", FACE_FILE: "include_face"},  # body-only needs neither
@@ -859,5 +844,9 @@ register(
             "detect() also gives the keypoints as OpenPose JSON."
         ),
         licence=LICENCE,
-    )
+    ),
+    # SHA-256 and sizes as published for lllyasviel/Annotators @982e7ed (the Hugging Face LFS objects)
+    Published(BODY_FILE, "25a948c16078b0f08e236bda51a385d855ef4c153598947c28c0d47ed94bb746", 209_267_595),
+    Published(HAND_FILE, "b76b00d1750901abd07b9f9d8c98cc3385b8fe834a26d4b4f0aad439e75fc600", 147_341_049),
+    Published(FACE_FILE, "8beb52e548624ffcc4aed12af7aee7dcbfaeea420c75609fee999fe7add79d43", 153_718_792),
 )

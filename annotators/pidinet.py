@@ -16,10 +16,9 @@ import torch
 import torch.nn as nn
 import torch.nn.functional as F
 
-from . import weights
 from .base import SingleNetworkAnnotator, detect_size, network_input, resize_to
 from .hed import RESOLUTION, SAFE, resize_input, safe_step
-from .registry import AnnotatorInfo, register
+from .registry import AnnotatorInfo, Published, register
 
 FILENAME = "table5_pidinet.pth"
 LICENCE = "MIT; the PiDiNet authors release the models for research purposes (commercial use: contact the authors)"
@@ -196,19 +195,6 @@ class PiDiNetDetector(SingleNetworkAnnotator):
             return out.repeat(1, 3, 1, 1).to(images.device)
 
 
-weights.register(
-    weights.WeightFile(
-        filename=FILENAME,
-        url=weights.ANNOTATORS_REPO + FILENAME,
-        # the same file as hellozhuo/pidinet trained_models/table5_pidinet.pth, as pinned by several independent
-        # manifests (Haidra-Org's horde_model_reference annotator catalog among them)
-        sha256="80860ac267258b5f27486e0ef152a211d0b08120f62aeb185a050acc30da486c",
-        size=None,
-        licence=LICENCE,
-        model="pidinet",
-    )
-)
-
 register(
     AnnotatorInfo(
         key="pidinet",
@@ -218,5 +204,8 @@ register(
         weights=[FILENAME],
         description="Soft edges from PiDiNet (pixel difference network, 0.7 M parameters); the ControlNet 1.1 softedge default.",
         licence=LICENCE,
-    )
+    ),
+    # the same file as hellozhuo/pidinet trained_models/table5_pidinet.pth, as pinned by several independent
+    # manifests (Haidra-Org's horde_model_reference annotator catalog among them)
+    Published(FILENAME, sha256="80860ac267258b5f27486e0ef152a211d0b08120f62aeb185a050acc30da486c", size=None),
 )

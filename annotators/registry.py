@@ -1,8 +1,9 @@
 """The annotator registry: one entry per annotator, from which the ComfyUI nodes are generated.
 
-A module adds its annotators with `register(AnnotatorInfo(...))` at import; `load(key)` builds (and caches)
-the annotator, finding its weight files through `weights.locate` / `weights.find`. The cache is consulted
-before any file is hashed (see `load`).
+A module adds each annotator with one call at import, `register(AnnotatorInfo(...), Published(...), ...)`, which also
+puts the weight files it publishes into `weights.MANIFEST`; `load(key)` builds (and caches) the annotator, finding its
+weight files through `weights.locate` / `weights.find`. The cache is consulted before any file is hashed (see `load`).
+An annotator's `resolution` parameter (`resolution_param`) is the one source of its resolution widget's limits.
 """
 from __future__ import annotations
 
@@ -15,6 +16,7 @@ from typing import Any, Callable, Mapping, Optional, Sequence
 
 import torch
 
+from . import weights
 from .base import Annotator, NetworkAnnotator
 
 
@@ -28,6 +30,29 @@ class Param:
     step: Optional[float] = None
     choices: Sequence[str] = ()
     tooltip: str = ""
+
+
+# The largest `resolution` a widget accepts. Why not lower: memory is bounded per image by megapixels
+# (`base.check_detect_size`, whose limits the user can raise), which an extreme aspect ratio reaches at any resolution;
+# a lower widget bound would only refuse saved workflows that the megapixel limit accepts.
+MAX_RESOLUTION = 16384
+
+
+def resolution_param(default: int = 512, *, min: int = 64, step: int = 64, tooltip: str) -> Param:
+    """An annotator's `resolution` (short side it detects at): its default, lower bound and step, declared once and
+    read by every user of the annotator (the ComfyUI nodes' widgets among them)."""
+    return Param("resolution", "INT", default, min=min, max=MAX_RESOLUTION, step=step, tooltip=tooltip)
+
+
+@dataclass(frozen=True)
+class Published:
+    """Where one of an annotator's weight files is published. The licence and the model named in the manifest entry
+    are the annotator's own (`register`)."""
+
+    filename: str
+    sha256: Optional[str]  # None: not known here; such a file is never auto-downloaded
+    size: Optional[int]
+    url: Optional[str] = None  # None: lllyasviel/Annotators (weights.ANNOTATORS_REPO + filename)
 
 
 @dataclass(frozen=True)
@@ -60,6 +85,11 @@ class AnnotatorInfo:
         return [f for f in self.weights if f not in self.switched_weights
                 or bool(params.get(self.switched_weights[f], defaults[self.switched_weights[f]]))]
 
+    @property
+    def resolution(self) -> Optional[Param]:
+        """The `resolution` parameter (default and limits of the detect resolution), or None for annotators without one."""
+        return next((p for p in self.params if p.name == "resolution"), None)
+
 
 ANNOTATORS: dict[str, AnnotatorInfo] = {}
 MODULES = ("classical", "hed", "pidinet", "mlsd", "lineart", "openpose", "depth", "segmentation")
@@ -68,7 +98,14 @@ log = logging.getLogger(__name__)
 _lock = threading.Lock()
 
 
-def register(info: AnnotatorInfo) -> AnnotatorInfo:
+def register(info: AnnotatorInfo, *files: Published) -> AnnotatorInfo:
+    """Add an annotator to ANNOTATORS, and each weight file it publishes (one of `info.weights`) to weights.MANIFEST,
+    with the annotator's licence and key."""
+    for f in files:
+        if f.filename not in info.weights:
+            raise ValueError(f"annotator '{info.key}': published weight file {f.filename!r} is not one of its weight files {list(info.weights)}.")
+    weights.register(*(weights.WeightFile(f.filename, f.url or weights.ANNOTATORS_REPO + f.filename, f.sha256, f.size, info.licence, info.key)
+                       for f in files))
     ANNOTATORS[info.key] = info
     return info
 
@@ -114,8 +151,6 @@ def load(key: str, *, device: torch.device | str = "cpu", dtype: torch.dtype = t
     looked up (`AnnotatorInfo.weights_for`: a body-only OpenPose call needs neither the hand nor the face file), and a
     switched file first needed later is handed to the cached annotator. None: every file of the annotator.
     """
-    from . import weights
-
     info = load_all()[key]
     needed = info.weights_for(params)
     paths = {f: weights.locate(f, dirs) or weights.find(f, dirs) for f in needed}  # find: the missing-file error, or a download

