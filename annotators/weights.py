@@ -321,18 +321,21 @@ def load_state_dict(path: os.PathLike, *, strip_prefixes: Iterable[str] = (), un
 
 
 def load_into(module: torch.nn.Module, sd: dict[str, torch.Tensor], path: os.PathLike, what: str) -> torch.nn.Module:
-    """Strict load with a message naming the file and the first missing/unexpected keys."""
-    expected = module.state_dict()
-    missing = sorted(set(expected) - set(sd))
-    unexpected = sorted(set(sd) - set(expected))
-    bad = [k for k in expected if k in sd and tuple(sd[k].shape) != tuple(expected[k].shape)]
-    if missing or unexpected or bad:
-        raise AnnotatorWeightsError(
+    """Strict load (`controlnet_core.loading.strict_fill`) with a message naming the file and the first missing,
+    unexpected and wrongly shaped keys; the tensors are copied into the module's own dtype."""
+    try:  # as _core.py reaches controlnet_core
+        from ..controlnet_core.loading import strict_fill
+    except ImportError:
+        from controlnet_core.loading import strict_fill
+
+    def mismatch(missing: list, unexpected: list, bad: list) -> str:
+        return (
             f"{path}: not a {what} weight file. Missing {len(missing)} keys {missing[:5]}, unexpected {len(unexpected)} {unexpected[:5]}, "
             f"wrong shapes {bad[:5]}. Use the official file (see the README's annotator table)."
         )
-    module.load_state_dict(sd, strict=True)
-    return module
+
+    shapes = {k: v.shape for k, v in sd.items()}
+    return strict_fill(module, sd.get, sd.keys(), str(path), mismatch=mismatch, error=AnnotatorWeightsError, shapes=shapes, check_finite=False)
 
 
 def load_network(module: torch.nn.Module, path: os.PathLike, what: str, *, strip_prefixes: Iterable[str] = ("module.",),

@@ -1,5 +1,7 @@
 """What every format's load shares: opening a source, the `LoadedControl` result, and filling a model built on the
-`meta` device from a file, strictly (every key, every shape, floating point, finite).
+`meta` device from a file, strictly (every key, every shape, floating point, finite). `strict_fill` is the library's one
+strict fill: the base model's parts (`unet.unet_from_state_dict`, `base_models.weights.load_module`) and the annotators'
+networks use it too.
 
 The model is built on `meta` and each weight is read once, straight into its final dtype, then adopted by the module
 (`assign=True`): peak memory stays near the size of the weights.
@@ -8,12 +10,12 @@ from __future__ import annotations
 
 import os
 from dataclasses import dataclass
-from typing import Mapping, Optional, Union
+from typing import Callable, Iterable, Mapping, Optional, Sequence, Union
 
 import torch
 
 from .checkpoint import DictSource, TensorSource, open_checkpoint
-from .errors import CheckpointError, NonFiniteWeightsError
+from .errors import CheckpointError, ControlNetError, NonFiniteWeightsError
 from .residuals import ControlResiduals
 
 StateDictLike = Union[str, os.PathLike, Mapping[str, torch.Tensor], TensorSource]
@@ -150,29 +152,72 @@ def refuse_non_finite(source_name: str, counts: Mapping[str, int], total: int) -
         )
 
 
-def strict_fill(model: torch.nn.Module, getter, available: set[str], source_name: str, fmt: str) -> None:
-    """Fill `model` (on meta) from `getter(key) -> Tensor|None`; list missing/unexpected keys like a strict load."""
-    expected = model.state_dict()
-    missing = sorted(set(expected) - available)
-    unexpected = sorted(available - set(expected))
-    if missing or unexpected:
-        raise CheckpointError(
+Mismatch = Callable[[list, list, list], str]  # (missing, unexpected, wrong shapes) -> the error message
+
+
+def _format_mismatch(source_name: str, fmt: str) -> Mismatch:
+    """`load_control`'s wording: the file was detected as `fmt`, and its keys do not fit that architecture."""
+
+    def message(missing: list, unexpected: list, wrong: list) -> str:
+        return (
             f"{source_name}: detected as '{fmt}' ({_describe(fmt)}), but the keys do not fit the architecture derived from its shapes. "
             f"Missing {len(missing)}: {missing[:8]}{' ...' if len(missing) > 8 else ''}; unexpected {len(unexpected)}: {unexpected[:8]}{' ...' if len(unexpected) > 8 else ''}. "
             "The file may be damaged, or a variant this version does not support."
         )
+
+    return message
+
+
+def strict_fill(model: torch.nn.Module, getter: Callable[[str], Optional[torch.Tensor]], available: Iterable[str], source_name: str,
+                fmt: Optional[str] = None, *, mismatch: Optional[Mismatch] = None, error: type[ControlNetError] = CheckpointError,
+                ignore: Iterable[str] = (), shapes: Optional[Mapping[str, Sequence[int]]] = None,
+                fit: Optional[Callable[[str, torch.Tensor, torch.Size], torch.Tensor]] = None, check_finite: bool = True) -> torch.nn.Module:
+    """Fill `model` from `getter(key) -> Tensor|None`, strictly: the one loader of every model of the library (control
+    models, the base model's UNet, VAE and text encoders) and of the annotators' networks.
+
+    available: the keys the file has, in the model's names; every key of `model.state_dict()` must be there, and nothing
+        else but `ignore` (keys a file may hold without them being used, e.g. `position_ids`).
+    source_name: the file, or the file and its part, that messages start with.
+    fmt / mismatch: the message for keys that do not fit: `load_control`'s, naming the detected format `fmt`, or
+        `mismatch(missing, unexpected, wrong_shapes)` of the caller's own.
+    error: the class raised for keys, shapes and dtypes that do not fit (a `ControlNetError`).
+    shapes: the stored shapes, where known before reading (weights already in memory): wrong ones are reported with the
+        missing and unexpected keys. Otherwise each is checked as it is read: `fit(key, tensor, expected_shape)` may
+        return another view of the same numbers, or raise; without it a different shape is refused.
+    check_finite: refuse NaN / inf values (`NonFiniteWeightsError`).
+
+    A model on `meta` adopts the tensors as they are (`assign=True`: read once, in the dtype `getter` gives); a model
+    with real storage has them copied into its own dtype and device. Returns `model`.
+    """
+    # 1. keys (and shapes known before reading)
+    expected = model.state_dict()
+    available = set(available)
+    missing = sorted(set(expected) - available)
+    unexpected = sorted(available - set(expected) - set(ignore))
+    wrong = [k for k in expected if shapes is not None and k in shapes and tuple(shapes[k]) != tuple(expected[k].shape)]
+    if missing or unexpected or wrong:
+        if mismatch is None:
+            if fmt is None:
+                raise TypeError("strict_fill needs the detected format `fmt` or a `mismatch` message")
+            mismatch = _format_mismatch(source_name, fmt)
+        raise error(mismatch(missing, unexpected, wrong))
+    # 2. each tensor: present, of its shape, floating point where the model's is, finite
     loaded = {}
     non_finite: dict[str, int] = {}
     for key, ref in expected.items():
         t = getter(key)
         if t is None:
-            raise CheckpointError(f"{source_name}: no weight for '{key}'.")
-        if tuple(t.shape) != tuple(ref.shape):
-            raise CheckpointError(f"{source_name}: '{key}' has shape {tuple(t.shape)}; the architecture derived from the other weights needs {tuple(ref.shape)}.")
-        if not t.is_floating_point():
-            raise CheckpointError(f"{source_name}: '{key}' is {t.dtype}; model weights are floating point. The file is damaged or holds no model.")
-        if n := count_non_finite(t):
+            raise error(f"{source_name}: no weight for '{key}'.")
+        if fit is not None:
+            t = fit(key, t, ref.shape)
+        elif tuple(t.shape) != tuple(ref.shape):
+            raise error(f"{source_name}: '{key}' has shape {tuple(t.shape)}; the architecture derived from the other weights needs {tuple(ref.shape)}.")
+        if ref.is_floating_point() and not t.is_floating_point():
+            raise error(f"{source_name}: '{key}' is {t.dtype}; model weights are floating point. The file is damaged or holds no model.")
+        if check_finite and (n := count_non_finite(t)):
             non_finite[key] = n
         loaded[key] = t
     refuse_non_finite(source_name, non_finite, len(expected))
-    model.load_state_dict(loaded, strict=True, assign=True)
+    # 3. adopt (meta) or copy
+    model.load_state_dict(loaded, strict=True, assign=any(t.is_meta for t in expected.values()))
+    return model

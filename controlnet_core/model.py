@@ -14,8 +14,9 @@ from torch import nn
 
 from .config import ControlNetConfig
 from .errors import ControlNetError
-from .layers import Downsample, ResBlock, SpatialTransformer, TimestepEmbedSequential, timestep_embedding
+from .layers import TimestepEmbedSequential, timestep_embedding
 from .residuals import ControlResiduals
+from .unet import encoder_blocks, middle_block
 from .union import add_union_modules, check_types, fuse_conditions
 
 HINT_DOWNSCALE = 8  # three stride-2 convs in input_hint_block
@@ -56,31 +57,15 @@ class ControlNet(nn.Module):
         if cfg.adm_in_channels:
             self.label_emb = nn.Sequential(nn.Sequential(nn.Linear(cfg.adm_in_channels, emb, **kw), nn.SiLU(), nn.Linear(emb, emb, **kw)))
 
-        # 2. encoder copy, with a zero conv after every block
+        # 2. encoder copy (the UNet's own builder), with a zero conv after every block
         self.input_hint_block = _hint_encoder(cfg, **kw)
-        self.input_blocks = nn.ModuleList([TimestepEmbedSequential(nn.Conv2d(cfg.in_channels, mc, 3, padding=1, **kw))])
-        self.zero_convs = nn.ModuleList([_zero_conv(mc, **kw)])
-        ch = mc
-        for level, ch_out in enumerate(cfg.level_channels):
-            for _ in range(cfg.num_res_blocks[level]):
-                layers: list[nn.Module] = [ResBlock(ch, emb, ch_out, **kw)]
-                ch = ch_out
-                if cfg.transformer_depth[level] > 0:
-                    heads, dim_head = cfg.heads_for(ch)
-                    layers.append(SpatialTransformer(ch, heads, dim_head, cfg.transformer_depth[level], cfg.context_dim, cfg.use_linear_in_transformer, **kw))
-                self.input_blocks.append(TimestepEmbedSequential(*layers))
-                self.zero_convs.append(_zero_conv(ch, **kw))
-            if level != len(cfg.channel_mult) - 1:
-                self.input_blocks.append(TimestepEmbedSequential(Downsample(ch, **kw)))
-                self.zero_convs.append(_zero_conv(ch, **kw))
+        self.input_blocks, self.zero_convs = nn.ModuleList(), nn.ModuleList()
+        for block, ch in encoder_blocks(cfg, **kw):
+            self.input_blocks.append(block)
+            self.zero_convs.append(_zero_conv(ch, **kw))
 
         # 3. middle block copy and its zero conv
-        mid: list[nn.Module] = [ResBlock(ch, emb, ch, **kw)]
-        if cfg.transformer_depth_middle >= 0:
-            heads, dim_head = cfg.heads_for(ch)
-            mid.append(SpatialTransformer(ch, heads, dim_head, cfg.transformer_depth_middle, cfg.context_dim, cfg.use_linear_in_transformer, **kw))
-            mid.append(ResBlock(ch, emb, ch, **kw))
-        self.middle_block = TimestepEmbedSequential(*mid)
+        self.middle_block = middle_block(cfg, ch, **kw)
         self.middle_block_out = _zero_conv(ch, **kw)
         if cfg.union_types:
             add_union_modules(self, mc, emb, cfg.union_types, cfg.union_layers, cfg.union_type_dim, **kw)

@@ -7,7 +7,7 @@ blocks), without a UI host. Keys map one to one with `model.diffusion_model.*` o
 from __future__ import annotations
 
 from dataclasses import dataclass
-from typing import Mapping, Optional
+from typing import Iterator, Mapping, Optional
 
 import torch
 import torch.nn.functional as F
@@ -16,6 +16,7 @@ from torch import nn
 from .config import ControlNetConfig, config_from_unet_like_state_dict
 from .errors import CheckpointError
 from .layers import Downsample, ResBlock, SpatialTransformer, TimestepEmbedSequential, group_norm, timestep_embedding
+from .loading import strict_fill
 from .residuals import ControlResiduals
 
 
@@ -42,6 +43,41 @@ class UNetConfig:
         return cls(enc, tuple(sd["out.2.weight"].shape)[0])
 
 
+def spatial_transformer(cfg: ControlNetConfig, ch: int, depth: int, **kw) -> SpatialTransformer:
+    """The cross-attention transformer of a level `ch` wide, with the config's heads."""
+    heads, dim_head = cfg.heads_for(ch)
+    return SpatialTransformer(ch, heads, dim_head, depth, cfg.context_dim, cfg.use_linear_in_transformer, **kw)
+
+
+def encoder_blocks(cfg: ControlNetConfig, **kw) -> Iterator[tuple[TimestepEmbedSequential, int]]:
+    """The UNet's `input_blocks`, one at a time, each with the channels it outputs: the input conv, then per level its
+    res blocks (each followed by a transformer where the level has them) and a downsample between levels.
+
+    The one builder of the encoder, for the UNet and for the ControlNet's trainable copy of it (as diffusers'
+    `get_down_block` serves both). Lazy, so a caller that builds something after each block (the ControlNet's zero
+    convs) creates its layers in the order of the published code, and so draws the same random initial weights.
+    """
+    yield TimestepEmbedSequential(nn.Conv2d(cfg.in_channels, cfg.model_channels, 3, padding=1, **kw)), cfg.model_channels
+    ch = cfg.model_channels
+    for level, ch_out in enumerate(cfg.level_channels):
+        for _ in range(cfg.num_res_blocks[level]):
+            layers: list[nn.Module] = [ResBlock(ch, cfg.emb_dim, ch_out, **kw)]
+            ch = ch_out
+            if cfg.transformer_depth[level] > 0:
+                layers.append(spatial_transformer(cfg, ch, cfg.transformer_depth[level], **kw))
+            yield TimestepEmbedSequential(*layers), ch
+        if level != len(cfg.channel_mult) - 1:
+            yield TimestepEmbedSequential(Downsample(ch, **kw)), ch
+
+
+def middle_block(cfg: ControlNetConfig, ch: int, **kw) -> TimestepEmbedSequential:
+    """ResBlock, then (unless `transformer_depth_middle` < 0) a transformer and a second ResBlock, all `ch` wide."""
+    mid: list[nn.Module] = [ResBlock(ch, cfg.emb_dim, ch, **kw)]
+    if cfg.transformer_depth_middle >= 0:
+        mid += [spatial_transformer(cfg, ch, cfg.transformer_depth_middle, **kw), ResBlock(ch, cfg.emb_dim, ch, **kw)]
+    return TimestepEmbedSequential(*mid)
+
+
 class UNetModel(nn.Module):
     def __init__(self, config: UNetConfig, *, dtype: Optional[torch.dtype] = None, device=None):
         super().__init__()
@@ -53,34 +89,19 @@ class UNetModel(nn.Module):
         if cfg.adm_in_channels:
             self.label_emb = nn.Sequential(nn.Sequential(nn.Linear(cfg.adm_in_channels, emb, **kw), nn.SiLU(), nn.Linear(emb, emb, **kw)))
 
-        def transformer(ch: int, depth: int) -> SpatialTransformer:
-            heads, dim_head = cfg.heads_for(ch)
-            return SpatialTransformer(ch, heads, dim_head, depth, cfg.context_dim, cfg.use_linear_in_transformer, **kw)
-
-        self.input_blocks = nn.ModuleList([TimestepEmbedSequential(nn.Conv2d(cfg.in_channels, mc, 3, padding=1, **kw))])
-        chans, ch = [mc], mc
-        for level, ch_out in enumerate(cfg.level_channels):
-            for _ in range(cfg.num_res_blocks[level]):
-                layers: list[nn.Module] = [ResBlock(ch, emb, ch_out, **kw)]
-                ch = ch_out
-                if cfg.transformer_depth[level] > 0:
-                    layers.append(transformer(ch, cfg.transformer_depth[level]))
-                self.input_blocks.append(TimestepEmbedSequential(*layers))
-                chans.append(ch)
-            if level != len(cfg.channel_mult) - 1:
-                self.input_blocks.append(TimestepEmbedSequential(Downsample(ch, **kw)))
-                chans.append(ch)
-        mid: list[nn.Module] = [ResBlock(ch, emb, ch, **kw)]
-        if cfg.transformer_depth_middle >= 0:
-            mid += [transformer(ch, cfg.transformer_depth_middle), ResBlock(ch, emb, ch, **kw)]
-        self.middle_block = TimestepEmbedSequential(*mid)
+        self.input_blocks = nn.ModuleList()
+        chans = []  # the skip connections' widths, popped by the decoder
+        for block, ch in encoder_blocks(cfg, **kw):
+            self.input_blocks.append(block)
+            chans.append(ch)
+        self.middle_block = middle_block(cfg, ch, **kw)
         self.output_blocks = nn.ModuleList()
         for level, ch_out in reversed(list(enumerate(cfg.level_channels))):
             for i in range(cfg.num_res_blocks[level] + 1):
-                layers = [ResBlock(ch + chans.pop(), emb, ch_out, **kw)]
+                layers: list[nn.Module] = [ResBlock(ch + chans.pop(), emb, ch_out, **kw)]
                 ch = ch_out
                 if cfg.transformer_depth[level] > 0:
-                    layers.append(transformer(ch, cfg.transformer_depth[level]))
+                    layers.append(spatial_transformer(cfg, ch, cfg.transformer_depth[level], **kw))
                 if level and i == cfg.num_res_blocks[level]:
                     layers.append(Upsample(ch, **kw))
                 self.output_blocks.append(TimestepEmbedSequential(*layers))
@@ -128,12 +149,12 @@ def unet_from_state_dict(sd: Mapping[str, torch.Tensor], *, dtype: Optional[torc
     cfg = UNetConfig.from_state_dict(meta, **kw)
     with torch.device("meta"):
         model = UNetModel(cfg, dtype=dtype)
-    missing = sorted(set(model.state_dict()) - set(sd))
-    unexpected = sorted(set(sd) - set(model.state_dict()))
-    if missing or unexpected:
-        raise CheckpointError(f"UNet weights do not fit the derived architecture: missing {missing[:5]}, unexpected {unexpected[:5]}.")
-    model.load_state_dict({k: (v.to(dtype) if dtype else v) for k, v in sd.items()}, assign=True)
+
+    def mismatch(missing: list, unexpected: list, _wrong: list) -> str:
+        return f"UNet weights do not fit the derived architecture: missing {missing[:5]}, unexpected {unexpected[:5]}."
+
+    strict_fill(model, lambda k: sd[k].to(dtype) if dtype else sd[k], sd.keys(), "UNet weights", mismatch=mismatch, check_finite=False)
     return model.eval()
 
 
-__all__ = ["UNetConfig", "UNetModel", "Upsample", "unet_from_state_dict"]
+__all__ = ["UNetConfig", "UNetModel", "Upsample", "encoder_blocks", "middle_block", "spatial_transformer", "unet_from_state_dict"]

@@ -1,4 +1,5 @@
-"""Strict loading of a module from (part of) a weight file, one tensor at a time.
+"""Strict loading of a module from (part of) a weight file, one tensor at a time (`loading.strict_fill`, with the
+base model's key mapping, messages and 1x1-convolution views).
 
 Why: a base checkpoint holds four models (UNet, VAE, one or two text encoders); each is built on the
 `meta` device, then every weight is read once, straight into its dtype, and adopted (`assign=True`),
@@ -15,6 +16,7 @@ from torch import nn
 
 from ..checkpoint import TensorSource
 from ..errors import CheckpointError
+from ..loading import strict_fill
 
 log = logging.getLogger(__name__)
 
@@ -35,26 +37,26 @@ def _fit(t: torch.Tensor, shape: torch.Size, key: str, where: str) -> torch.Tens
 
 def load_module(model: nn.Module, source: TensorSource, mapping: Mapping[str, str], *, what: str,
                 dtype: Optional[torch.dtype] = None, device=None, ignore: Iterable[str] = ()) -> nn.Module:
-    """Fill `model` (built on meta) from `source`: `mapping` is {model key: stored key}; keys in `ignore`
-    (e.g. `logit_scale`, `position_ids`) may be present without being used. Strict otherwise."""
-    expected = model.state_dict()
-    ignore = set(ignore)
-    missing = sorted(set(expected) - set(mapping))
-    unexpected = sorted(set(mapping) - set(expected) - ignore)
+    """Fill `model` (built on meta) from `source` with `loading.strict_fill`: `mapping` is {model key: stored key}; keys
+    in `ignore` (e.g. `logit_scale`, `position_ids`) may be present without being used. Floating-point weights are read
+    in `dtype` (default: the model's), other tensors in the model's dtype."""
     where = f"{source.name} ({what})"
-    if missing or unexpected:
-        raise CheckpointError(
+    refs = model.state_dict()
+
+    def mismatch(missing: list, unexpected: list, _wrong: list) -> str:
+        return (
             f"{where}: the weights do not fit the architecture derived from their shapes: "
             f"{len(missing)} missing (e.g. {missing[:4]}), {len(unexpected)} unexpected (e.g. {[mapping[k] for k in unexpected[:4]]}). "
             "The file is damaged or of a variant this loader does not know."
         )
-    tensors = {}
-    for k, ref in expected.items():
-        t = source.get(mapping[k])
-        t = _fit(t, ref.shape, mapping[k], where)
-        tensors[k] = t.to(dtype=dtype if (dtype is not None and t.is_floating_point()) else ref.dtype, device=device)
-    model.load_state_dict(tensors, assign=True)
-    log.debug("%s: %d tensors loaded", where, len(tensors))
+
+    def read(k: str) -> torch.Tensor:
+        t, ref = source.get(mapping[k]), refs[k]
+        return t.to(dtype=dtype if (dtype is not None and t.is_floating_point()) else ref.dtype, device=device)
+
+    strict_fill(model, read, mapping.keys(), where, mismatch=mismatch, ignore=ignore, fit=lambda k, t, shape: _fit(t, shape, mapping[k], where),
+                check_finite=False)
+    log.debug("%s: %d tensors loaded", where, len(refs))
     return model.eval().requires_grad_(False)
 
 
