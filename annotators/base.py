@@ -10,7 +10,7 @@ import abc
 import contextlib
 import logging
 import os
-from typing import Callable, Iterator, Optional
+from typing import Callable, Iterator, Optional, TypeVar
 
 import torch
 import torch.nn.functional as F
@@ -120,6 +120,28 @@ def chunks(images: torch.Tensor, size: int) -> Iterator[torch.Tensor]:
         yield images[i : i + size]
 
 
+T = TypeVar("T")
+
+
+def map_chunks(fn: Callable[[torch.Tensor], T], images: torch.Tensor, chunk_size: int,
+               progress: Optional[Callable[[int], None]] = None) -> list[T]:
+    """The chunk-and-progress loop of every annotator call: `fn` on each run of at most `chunk_size` images of the
+    batch, in order, then `progress(images in that chunk)`; the results as a list. (`Annotator.run` is its one
+    user for maps: `__call__`, OpenPose's `detect` and the ComfyUI nodes all go through it.)"""
+    out = []
+    for part in chunks(images, chunk_size):
+        out.append(fn(part))
+        if progress is not None:
+            progress(part.shape[0])
+    return out
+
+
+def cat_maps(maps: list[torch.Tensor]) -> torch.Tensor:
+    """One batch from per-chunk maps; a single chunk is returned as it is (cat would materialise expanded 3-channel
+    views, and copy); cat keeps a channels-last layout."""
+    return maps[0] if len(maps) == 1 else torch.cat(maps, 0)
+
+
 def default_chunk_size(device: torch.device | str | None) -> int:
     """Images per network call when the caller does not say: 1 on a CPU, 8 on an accelerator.
 
@@ -142,23 +164,44 @@ class Annotator(abc.ABC):
     def annotate(self, images: torch.Tensor, **params) -> torch.Tensor:
         """Clean RGB batch (B, 3, H, W) in [0, 1] -> condition maps (B, C, H, W) in [0, 1], same H and W."""
 
+    def annotate_chunk(self, images: torch.Tensor, **params) -> tuple[torch.Tensor, Optional[list]]:
+        """One clean chunk -> (maps, one extra result per image, or None): `annotate` and no extras by default;
+        OpenPose adds each image's keypoints."""
+        return self.annotate(images, **params), None
+
     def __call__(self, images: torch.Tensor, chunk_size: Optional[int] = None, progress: Optional[Callable[[int], None]] = None,
                  **params) -> torch.Tensor:
         """chunk_size: images per `annotate` call; default: `default_chunk_size` of a network's device, and the
-        whole batch for annotators without a network (they work image by image anyway)."""
+        whole batch for annotators without a network (they work image by image anyway). progress(n) is called after
+        each chunk of n images."""
         x = as_rgb(images, self.name, sanitize=not self.sanitizes_input, keep_uint8=self.accepts_uint8)
+        return self.run(x, chunk_size=chunk_size, progress=progress, **params)[0]
+
+    def run(self, images: torch.Tensor, *, chunk_size: Optional[int] = None, progress: Optional[Callable[[int], None]] = None,
+            prepare: Optional[Callable[[torch.Tensor], torch.Tensor]] = None, **params) -> tuple[torch.Tensor, Optional[list]]:
+        """The chunk-and-progress loop behind `__call__`, OpenPose's `detect` and the ComfyUI nodes: (maps, extras).
+
+        images: a batch the caller has already normalised (`as_rgb`). Each chunk of at most chunk_size images (default
+        as in `__call__`) goes through `prepare` (the nodes: resize to the detect size, move to the network's device),
+        then `annotate_chunk`; its maps come back on the device of `images` (so a long batch never piles up on an
+        accelerator) and progress(n) is called. extras: the per-image extras of every chunk in order (OpenPose's
+        keypoints), or None.
+        """
         device = getattr(self, "device", None)
         if chunk_size is None:
-            chunk_size = default_chunk_size(device) if device is not None and not self.whole_batch else x.shape[0]
+            chunk_size = default_chunk_size(device) if device is not None and not self.whole_batch else images.shape[0]
+
+        def one(part: torch.Tensor) -> tuple[torch.Tensor, Optional[list]]:
+            maps, extras = self.annotate_chunk(prepare(part) if prepare is not None else part, **params)
+            return maps.to(images.device), extras
+
         # a network on a CPU: its large activations are reused from image to image instead of page-faulted anew
         on_cpu = device is not None and torch.device(device).type == "cpu"
-        outs = []
         with heap.reuse_large_blocks() if on_cpu else contextlib.nullcontext():
-            for part in chunks(x, chunk_size):
-                outs.append(self.annotate(part, **params))
-                if progress is not None:
-                    progress(part.shape[0])
-        return outs[0] if len(outs) == 1 else torch.cat(outs, 0)  # cat would materialise expanded 3-channel views
+            results = map_chunks(one, images, chunk_size, progress)
+        maps = cat_maps([m for m, _ in results])
+        extras = None if all(e is None for _, e in results) else [e for _, es in results for e in es or ()]
+        return maps, extras
 
 
 class NetworkAnnotator(Annotator):

@@ -42,7 +42,7 @@ import torch.nn.functional as F
 
 from . import weights
 from ._core import ControlNetError
-from .base import AnnotatorError, NetworkAnnotator, as_rgb, chunks, default_chunk_size, detect_size, inference_network, network_input, resize_to
+from .base import AnnotatorError, NetworkAnnotator, as_rgb, detect_size, inference_network, network_input, resize_to
 from .registry import AnnotatorInfo, Param, Published, register, resolution_param
 
 log = logging.getLogger(__name__)
@@ -798,6 +798,12 @@ class OpenPoseDetector(NetworkAnnotator):
         """(B, 3, H, W) RGB in [0, 1] -> (B, 3, H, W) pose maps in [0, 1] (black background)."""
         return self._run(images, include_body, include_hand, include_face, resolution)[0]
 
+    def annotate_chunk(
+        self, images: torch.Tensor, include_body: bool = True, include_hand: bool = False, include_face: bool = False, resolution: int = 512
+    ) -> tuple[torch.Tensor, list[dict]]:
+        """One clean chunk -> (pose maps, one OpenPose JSON dict per image)."""
+        return self._run(images, include_body, include_hand, include_face, resolution)
+
     def detect(
         self,
         images: torch.Tensor,
@@ -810,15 +816,8 @@ class OpenPoseDetector(NetworkAnnotator):
         resolution: int = 512,
     ) -> tuple[torch.Tensor, list[dict]]:
         """As calling the annotator, plus one OpenPose JSON dict per image (`to_openpose_json`): (maps, dicts)."""
-        x = as_rgb(images, self.name)
-        maps, keypoints = [], []
-        for part in chunks(x, chunk_size or default_chunk_size(self.device)):
-            m, k = self._run(part, include_body, include_hand, include_face, resolution)
-            maps.append(m)
-            keypoints += k
-            if progress is not None:
-                progress(part.shape[0])
-        return torch.cat(maps, 0), keypoints
+        return self.run(as_rgb(images, self.name), chunk_size=chunk_size or None, progress=progress, include_body=include_body,
+                        include_hand=include_hand, include_face=include_face, resolution=resolution)
 
 
 # --- registration -----------------------------------------------------------------------------------------

@@ -28,7 +28,7 @@ import torch
 import torch.nn as nn
 import torch.nn.functional as F
 
-from .base import AnnotatorError, SingleNetworkAnnotator, as_rgb, chunks, detect_size, resize_to
+from .base import AnnotatorError, SingleNetworkAnnotator, as_rgb, detect_size, map_chunks, resize_to
 from .registry import AnnotatorInfo, Published, register, resolution_param
 
 log = logging.getLogger(__name__)
@@ -369,7 +369,7 @@ class UniformerSegDetector(SingleNetworkAnnotator):
     def classes(self, images: torch.Tensor, resolution: int = 512, chunk_size: int = 8) -> torch.Tensor:
         """ADE20K class ids (B, H, W), int64 in 0..149, at the input's size (for masks, statistics...)."""
         x = as_rgb(images, self.name)
-        return torch.cat([self._classes(part, resolution) for part in chunks(x, chunk_size)])
+        return torch.cat(map_chunks(lambda part: self._classes(part, resolution), x, chunk_size))
 
     def annotate(self, images: torch.Tensor, resolution: int = 512, **params) -> torch.Tensor:
         if params:

@@ -3,7 +3,8 @@
 Every node takes an IMAGE batch (video frames too), runs it through the annotator in chunks with a
 progress bar, and returns an IMAGE batch of the same length (pose nodes also return keypoints).
 Weights come from the `annotators` model folder(s); neural networks are built once and handed to
-ComfyUI's model manager, which loads and offloads them.
+ComfyUI's model manager, which loads and offloads them. Each node's `resolution` widget takes its default and
+limits from the annotator's own `resolution` parameter (`registry.resolution_param`).
 """
 from __future__ import annotations
 
@@ -25,7 +26,6 @@ from ..annotators.base import (
     as_rgb,
     bounded_chunk_size,
     check_detect_size,
-    chunks,
     default_chunk_size,
     detect_size,
     resize_to,
@@ -33,7 +33,7 @@ from ..annotators.base import (
 )
 
 CATEGORY = "image/preprocessors/ControlNet Suite"
-MAX_RES = 16384
+DEFAULT_RESOLUTION = 512  # detect resolution of annotators that declare none (invert, normals...): the nodes resize to it
 
 if "annotators" not in folder_paths.folder_names_and_paths:
     folder_paths.folder_names_and_paths["annotators"] = ([os.path.join(folder_paths.models_dir, "annotators")], set(folder_paths.supported_pt_extensions))
@@ -96,7 +96,7 @@ def run_annotator(key: str, image: torch.Tensor, resolution: int, pixel_perfect:
     not_finite = [f"{k} is {v}" for k, v in params.items() if isinstance(v, float) and not math.isfinite(v)]
     if not_finite:  # NaN passes ComfyUI's min/max checks; OpenCV would fail deep inside, or quietly draw nothing
         raise AnnotatorError(f"{info.title}: {', '.join(not_finite)}; every setting must be a finite number.")
-    x = as_rgb(image.movedim(-1, 1), info.title, sanitize=False)  # the annotator (or the resize below) sanitizes
+    x = as_rgb(image.movedim(-1, 1), info.title, sanitize=False)  # the one conversion; `prepare` sanitizes each chunk
     h, w = x.shape[-2:]
     res = pixel_perfect_resolution(h, w, resolution, pixel_perfect, target_latent)
     dh, dw = detect_size(h, w, res, 8)
@@ -107,23 +107,20 @@ def run_annotator(key: str, image: torch.Tensor, resolution: int, pixel_perfect:
     if chunk_size is None:  # a network: what its device runs fastest; OpenCV recipes: per image anyway
         chunk_size = default_chunk_size(dev) if info.weights else 8
     chunk_size = bounded_chunk_size(chunk_size, (dh, dw), network=bool(info.weights))
-    if any(p.name == "resolution" for p in info.params):
+    if info.resolution is not None:
         params["resolution"] = res
-    pbar = comfy.utils.ProgressBar(x.shape[0])
-    maps, keypoints = [], []
-    for part in chunks(x, chunk_size):
+
+    def prepare(part: torch.Tensor) -> torch.Tensor:
+        """One chunk as the annotator takes it: at the detect size, clean, on the network's device."""
         if tuple(part.shape[-2:]) != (dh, dw):
             part = resize_to(sanitized(part), dh, dw)  # NaN must not spread in a resize
-        part = part.to(dev)
-        if info.keypoints:
-            m, kp = det.detect(part, **params)
-            keypoints += kp
-        else:
-            m = det(part, chunk_size=chunk_size, **params)
-        maps.append(m.float().cpu())
-        pbar.update(part.shape[0])
-    out = maps[0] if len(maps) == 1 else torch.cat(maps)  # cat keeps a channels-last layout
-    out = out.movedim(1, -1).contiguous()  # no copy for channels-last maps (the OpenCV annotators' own layout)
+        if not det.sanitizes_input:
+            part = sanitized(part)
+        return part.to(dev)
+
+    # one loop (the annotator's): chunk by chunk, maps back on the CPU, ComfyUI's progress bar moved after each chunk
+    maps, keypoints = det.run(x, chunk_size=chunk_size, progress=comfy.utils.ProgressBar(x.shape[0]).update, prepare=prepare, **params)
+    out = maps.float().movedim(1, -1).contiguous()  # no copy for float32 channels-last maps (the OpenCV annotators' own layout)
     return out, (keypoints if info.keypoints else None)
 
 
@@ -137,17 +134,30 @@ def _param_spec(p: registry.Param) -> tuple:
     return (p.kind, opts)
 
 
-COMMON = {
-    "resolution": ("INT", {"default": 512, "min": 64, "max": MAX_RES, "step": 8,
-                           "tooltip": "Detect resolution (short side). The output has this size, keeping the aspect ratio."}),
-    "pixel_perfect": ("BOOLEAN", {"default": False, "tooltip": "Pick the resolution for you: the target latent's pixel size when connected, else the image's own."}),
-}
+RESOLUTION_TOOLTIP = "Detect resolution (short side). The output has this size, keeping the aspect ratio."
+PIXEL_PERFECT = ("BOOLEAN", {"default": False, "tooltip": "Pick the resolution for you: the target latent's pixel size when connected, else the image's own."})
 OPTIONAL = {"target_latent": ("LATENT", {"tooltip": "The latent the map is for; with pixel_perfect the map is made at its exact pixel size."})}
+
+
+def resolution_inputs(res: registry.Param) -> dict:
+    """The resolution and pixel_perfect widgets; default and limits are the annotator's (`AnnotatorInfo.resolution`)."""
+    return {"resolution": ("INT", {"default": res.default, "min": res.min, "max": res.max, "step": res.step, "tooltip": RESOLUTION_TOOLTIP}),
+            "pixel_perfect": PIXEL_PERFECT}
+
+
+def common_resolution(infos) -> registry.Param:
+    """What every annotator accepts, for the Any Annotator node: the tightest limits, the most common default and step."""
+    params = [i.resolution for i in infos if i.resolution is not None]
+    default = max({p.default for p in params}, key=[p.default for p in params].count)
+    step = max({p.step for p in params}, key=[p.step for p in params].count)
+    lo, hi = max(p.min for p in params), min(p.max for p in params)
+    return registry.Param("resolution", "INT", min(max(default, lo), hi), min=lo, max=hi, step=step)
 
 
 def make_node(info: registry.AnnotatorInfo) -> type:
     own = {p.name: _param_spec(p) for p in info.params if p.name != "resolution"}
-    has_res = any(p.name == "resolution" for p in info.params)
+    res = info.resolution
+    has_res = res is not None
 
     class AnnotatorNode:
         DESCRIPTION = (info.description or info.title) + (f" Weights: {', '.join(info.weights)} in models/annotators. Licence: {info.licence}." if info.weights else "")
@@ -159,13 +169,13 @@ def make_node(info: registry.AnnotatorInfo) -> type:
         def INPUT_TYPES(cls):
             req = {"image": ("IMAGE", {"tooltip": "Image batch (video frames too) to annotate."}), **own}
             if has_res:
-                req.update(COMMON)
+                req.update(resolution_inputs(res))
             opt = dict(OPTIONAL) if has_res else {}
             if info.weights:  # networks only; an optional widget keeps older saved workflows loading
                 opt["precision"] = (list(PRECISIONS), PRECISION_OPTS)
             return {"required": req, "optional": opt}
 
-        def run(self, image, resolution=512, pixel_perfect=False, target_latent=None, **params):
+        def run(self, image, resolution=res.default if has_res else DEFAULT_RESOLUTION, pixel_perfect=False, target_latent=None, **params):
             out, kp = run_annotator(info.key, image, resolution, pixel_perfect, target_latent, **params)
             return (out, kp) if info.keypoints else (out,)
 
@@ -183,13 +193,14 @@ class AnyAnnotator:
 
     @classmethod
     def INPUT_TYPES(cls):
-        keys = sorted(registry.load_all())
+        infos = registry.load_all()
+        keys = sorted(infos)
         return {"required": {"image": ("IMAGE", {"tooltip": "Image batch to annotate."}),
                              "annotator": (keys, {"default": "canny" if "canny" in keys else keys[0], "tooltip": "Which annotator to run."}),
-                             **COMMON},
+                             **resolution_inputs(common_resolution(infos.values()))},
                 "optional": dict(OPTIONAL)}
 
-    def run(self, image, annotator, resolution=512, pixel_perfect=False, target_latent=None):
+    def run(self, image, annotator, resolution=DEFAULT_RESOLUTION, pixel_perfect=False, target_latent=None):
         return (run_annotator(annotator, image, resolution, pixel_perfect, target_latent)[0],)
 
 

@@ -172,3 +172,60 @@ def test_a_file_that_is_no_checkpoint_names_the_file_and_the_network(tmp_path):
     page.write_text("<!DOCTYPE html><html><body>Sign in</body></html>")
     with pytest.raises(weights.AnnotatorWeightsError, match=r"ControlNetHED\.pth.*Expected the ControlNetHED"):
         hed.HEDDetector.from_file(page)
+
+
+# --- one registration call, one resolution declaration, one chunk loop -----------------------------------------
+
+
+def test_register_puts_the_published_files_in_the_manifest_with_the_annotators_licence_and_key(monkeypatch):
+    monkeypatch.setattr(registry, "ANNOTATORS", dict(registry.ANNOTATORS))
+    monkeypatch.setattr(weights, "MANIFEST", dict(weights.MANIFEST))
+    info = registry.AnnotatorInfo(key="x", title="x", build=lambda *a, **k: None, weights=["a.pth", "b.pth"], licence="MIT")
+    registry.register(info, registry.Published("a.pth", "0" * 64, 10), registry.Published("b.pth", None, None, url="https://example.invalid/b"))
+    assert registry.ANNOTATORS["x"] is info
+    a, b = weights.MANIFEST["a.pth"], weights.MANIFEST["b.pth"]
+    assert (a.url, a.sha256, a.size, a.licence, a.model) == (weights.ANNOTATORS_REPO + "a.pth", "0" * 64, 10, "MIT", "x")
+    assert (b.url, b.sha256, b.licence, b.model) == ("https://example.invalid/b", None, "MIT", "x")
+    with pytest.raises(ValueError, match=r"published weight file 'c\.pth' is not one of its weight files"):
+        registry.register(dataclasses.replace(info, key="y"), registry.Published("c.pth", None, None))
+    assert "y" not in registry.ANNOTATORS and "c.pth" not in weights.MANIFEST
+
+
+def test_every_weight_file_is_published_by_the_annotator_that_names_it():
+    infos = registry.load_all()
+    for key, info in infos.items():
+        for f in info.weights:
+            spec = weights.MANIFEST[f]
+            assert spec.model == key and spec.licence == info.licence, (key, f)
+
+
+def test_each_annotator_declares_its_resolution_once():
+    infos = registry.load_all()
+    assert infos["depth_anything_v2"].resolution.default == 518 and infos["depth_anything_v2"].resolution.min == depth.PATCH
+    assert infos["hed"].resolution.default == 512 and infos["invert"].resolution is None
+    for info in infos.values():
+        if info.resolution is not None:
+            assert info.resolution.max == registry.MAX_RESOLUTION and info.resolution.min <= info.resolution.default
+
+
+class _Counting(base.Annotator):
+    name = "counting"
+
+    def __init__(self):
+        self.calls = []
+
+    def annotate(self, images, scale=1.0):
+        self.calls.append(images.shape[0])
+        return images * scale
+
+
+def test_one_loop_chunks_reports_progress_and_prepares_each_chunk():
+    det, done = _Counting(), []
+    x = torch.rand(5, 3, 8, 8)
+    out = det(x, chunk_size=2, progress=done.append, scale=0.5)
+    assert det.calls == [2, 2, 1] and done == [2, 2, 1] and torch.equal(out, x * 0.5)
+    det.calls.clear()
+    maps, extras = det.run(x, chunk_size=4, prepare=lambda part: part[..., :4, :4])
+    assert det.calls == [4, 1] and extras is None and torch.equal(maps, x[..., :4, :4])
+    det.calls.clear()
+    assert det(x).shape == x.shape and det.calls == [5]  # no network: the whole batch in one call, as before

@@ -222,3 +222,43 @@ def test_the_opencv_nodes_equal_raw_opencv_plus_the_image_conversion_bit_for_bit
         m3 = np.repeat(m[..., None], 3, axis=2) if m.ndim == 2 else m
         want = np.divide(m3, np.float32(255.0), dtype=np.float32)
         assert np.array_equal(out[b].numpy().view(np.uint32), want.view(np.uint32))
+
+
+def test_the_resolution_widgets_are_the_annotators_own(host):
+    """One source for the resolution limits: each node's widget has the default, bounds and step its annotator declares."""
+    from annotators import registry
+
+    M = host.nodes.NODE_CLASS_MAPPINGS
+    for key, info in registry.load_all().items():
+        spec = M[f"ControlNetSuiteAnnotator_{key}"].INPUT_TYPES()["required"].get("resolution")
+        if info.resolution is None:
+            assert spec is None, key
+            continue
+        p = info.resolution
+        assert {k: spec[1][k] for k in ("default", "min", "max", "step")} == {"default": p.default, "min": p.min, "max": p.max, "step": p.step}, key
+    anyspec = M["ControlNetSuiteAnyAnnotator"].INPUT_TYPES()["required"]["resolution"][1]
+    declared = [i.resolution for i in registry.load_all().values() if i.resolution is not None]
+    assert all(p.min <= anyspec["min"] and anyspec["max"] <= p.max for p in declared) and anyspec["default"] == 512
+
+
+def test_the_node_runs_the_annotators_one_loop_once_and_moves_the_progress_bar(host, monkeypatch):
+    """11 images, 8 per chunk: two annotate calls (no second chunking inside), and ComfyUI's bar moved by 8, then 3."""
+    import comfy.utils
+
+    moved = []
+
+    class Bar:
+        def __init__(self, total):
+            assert total == 11
+
+        def update(self, n):
+            moved.append(n)
+
+    monkeypatch.setattr(comfy.utils, "ProgressBar", Bar)
+    det = _node_module(host, "canny").registry.load("canny")
+    calls = []
+    real = type(det).annotate_chunk
+    monkeypatch.setattr(type(det), "annotate_chunk", lambda self, images, **kw: (calls.append(images.shape[0]), real(self, images, **kw))[1])
+    node = host.nodes.NODE_CLASS_MAPPINGS["ControlNetSuiteAnnotator_canny"]()
+    (out,) = node.run(torch.rand(11, 64, 96, 3), resolution=64, pixel_perfect=False, low_threshold=100, high_threshold=200)
+    assert out.shape == (11, 64, 96, 3) and calls == [8, 3] and moved == [8, 3]
