@@ -144,25 +144,33 @@ def _add(a: Optional[Tensor], b: Optional[Tensor]) -> Optional[Tensor]:
     return a + b
 
 
-def _zip_add(a: tuple, b: tuple) -> tuple:
+def add_sites(a: Sequence[Optional[Tensor]], b: Sequence[Optional[Tensor]], *, same_shapes: bool = True) -> list[Optional[Tensor]]:
+    """Index-aligned sum of two lists of per-site residuals (`None`: nothing at that site), the shorter one padded with
+    `None`: the one place where controls' residuals are summed, by `add` and by the ComfyUI adapter's merge with the
+    previous control (`nodes.comfy_adapter.merge_with_previous`, which works on the host's lists).
+
+    A site with one side empty gets the other side's tensor itself; a pair of tensors that sits at several sites is
+    added once, so its sum is shared too. `same_shapes=False` leaves shape differences to broadcasting, as the host's
+    own merge (`ControlBase.control_merge`) does with a foreign control's lists.
+    """
     n = max(len(a), len(b))
-    a = a + (None,) * (n - len(a))
-    b = b + (None,) * (n - len(b))
+    a = list(a) + [None] * (n - len(a))
+    b = list(b) + [None] * (n - len(b))
     done: dict[tuple[int, int], Optional[Tensor]] = {}  # pairs of shared tensors are added once and stay shared
     out = []
     for x, y in zip(a, b):
         key = (id(x), id(y))
         if key not in done:
-            done[key] = _add(x, y)
+            done[key] = _add(x, y) if same_shapes or x is None or y is None else x + y
         out.append(done[key])
-    return tuple(out)
+    return out
 
 
 def add(a: ControlResiduals, b: ControlResiduals) -> ControlResiduals:
     """Site-wise sum: how the paper composes several ControlNets."""
     if a.token_grid and b.token_grid and a.token_grid != b.token_grid:
         raise ValueError(f"cannot add token residuals of grids {a.token_grid} and {b.token_grid}: the controls were made for different latents.")
-    return ControlResiduals(_zip_add(a.down, b.down), _add(a.mid, b.mid), _zip_add(a.input, b.input), a.token_grid or b.token_grid)
+    return ControlResiduals(tuple(add_sites(a.down, b.down)), _add(a.mid, b.mid), tuple(add_sites(a.input, b.input)), a.token_grid or b.token_grid)
 
 
 def combine(items: Iterable[ControlResiduals]) -> ControlResiduals:

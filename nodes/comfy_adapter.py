@@ -65,23 +65,18 @@ def from_comfy(out: Optional[dict], token_grid: Optional[tuple] = None) -> Contr
 
 def merge_with_previous(out: dict, prev: Optional[dict]) -> dict:
     """Index-aligned sum with the previous control's output (new tensors: the UNet adds in place). Sites that share
-    one tensor in both (DiT outputs serving several blocks) share the sum too."""
+    one tensor in both (DiT outputs serving several blocks) share the sum too.
+
+    Not `residuals.add`: `prev` is the host's dict of lists, possibly a foreign control's (ComfyUI's own ControlNet,
+    T2I-Adapter, another extension), whose lists cannot be turned back into sites (a DiT's token grid is not in them,
+    and UNet 'input' lists are reversed), so the lists are summed index by index, with the same `residuals.add_sites`
+    that `add` uses, and shapes left to broadcasting as the host's own merge leaves them."""
+    from ..controlnet_core.residuals import add_sites
+
     if not prev:
         return out
     for key in ("input", "middle", "output"):
-        mine, theirs = out.setdefault(key, []), prev.get(key) or []
-        sums: dict = {}
-        for i, p in enumerate(theirs):
-            if i >= len(mine):
-                mine.append(p)
-            elif p is not None:
-                if mine[i] is None:
-                    mine[i] = p
-                else:
-                    pair = (id(mine[i]), id(p))
-                    if pair not in sums:
-                        sums[pair] = mine[i] + p
-                    mine[i] = sums[pair]
+        out[key] = add_sites(out.get(key) or [], prev.get(key) or [], same_shapes=False)
     return out
 
 
