@@ -28,6 +28,7 @@ from ..annotators.training import annotator_condition, annotator_names, annotato
 from ..controlnet_core import ControlNetError, LimitExceededError, create_from_unet, load_control
 from ..controlnet_core.train import ControlDataset, DatasetError, TrainConfig, Trainer
 from ..controlnet_core.train.buckets import Buckets
+from ..controlnet_core.train.checkpointing import DEFAULT_SCOPE
 from ..controlnet_core.train.dataset_check import BATCH_LIMIT, IMAGE_LIMIT
 from ..controlnet_core.train.report import TrainingReport
 from ..controlnet_core.train.run_files import CHECKPOINT, check_can_start, resumable
@@ -38,6 +39,8 @@ from .train_adapter import NODE, base_unet, check_trainable, image_encoder, labe
 log = logging.getLogger(__name__)
 
 PRECISIONS = ["auto", "fp32", "bf16", "fp16"]
+CHECKPOINT_SCOPES = {"ControlNet only": "controlnet", "ControlNet and base UNet": "all"}  # shown name -> TrainConfig value
+CHECKPOINT_SCOPE_NAMES = {v: k for k, v in CHECKPOINT_SCOPES.items()}
 SAVE_EVERY = 250  # steps between checkpoints (also saved at the end and on Cancel)
 OUTPUT_RECORD = "output.json"  # in the run folder: the model file this run last wrote (path, size, mtime)
 
@@ -166,7 +169,12 @@ class ControlNetSuiteTrain:
                     "auto: bf16 mixed precision on GPUs that support it (fp16 on older ones), fp32 on the CPU. Mixed "
                     "precision keeps the locked base in half precision and the trained weights in fp32.")}),
                 "gradient_checkpointing": ("BOOLEAN", {"default": True, "tooltip": (
-                    "Recompute activations in the backward pass: much less memory for about a third more time per step.")}),
+                    "Recompute activations in the backward pass, for less memory at some more time per step; "
+                    "checkpointing_scope says which blocks.")}),
+                "checkpointing_scope": (list(CHECKPOINT_SCOPES), {"default": CHECKPOINT_SCOPE_NAMES[DEFAULT_SCOPE], "tooltip": (
+                    "With gradient_checkpointing on. 'ControlNet only' (as diffusers' train_controlnet.py): recompute the "
+                    "trainable copy's blocks. 'ControlNet and base UNet': also the hint encoder and the locked UNet's blocks, "
+                    "for the least memory at more time per step (bench/RESULTS.md has both at 512 and 1024 px).")}),
                 "overwrite": ("BOOLEAN", {"default": False, "tooltip": (
                     "Off (default): never replace an earlier training run of this output_name (with resume off) nor a file "
                     "models/controlnet/<output_name>.safetensors that this run did not write, such as a downloaded model; "
@@ -175,7 +183,13 @@ class ControlNetSuiteTrain:
         }
 
     def train(self, model, clip, vae, dataset_folder, steps, learning_rate, batch_size, empty_prompt_rate, resolution, seed,
-              output_name, resume, annotator="none", precision="auto", gradient_checkpointing=True, overwrite=False):
+              output_name, resume, annotator="none", precision="auto", gradient_checkpointing=True, overwrite=False,
+              checkpointing_scope=None):
+        if gradient_checkpointing:
+            scope = CHECKPOINT_SCOPES.get(checkpointing_scope or CHECKPOINT_SCOPE_NAMES[DEFAULT_SCOPE])
+            if scope is None:
+                raise node_error(f"checkpointing_scope {checkpointing_scope!r} is not one of {', '.join(CHECKPOINT_SCOPES)}.")
+            gradient_checkpointing = scope
         # ComfyUI runs nodes under torch.inference_mode(); training needs autograd
         with torch.inference_mode(False), torch.enable_grad():
             return self._train(model, clip, vae, dataset_folder, steps, learning_rate, batch_size, empty_prompt_rate, resolution,

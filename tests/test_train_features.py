@@ -53,12 +53,16 @@ def fixed_loss(tr, batch, seed=123):
 # -- gradient checkpointing --
 
 
+@pytest.mark.parametrize("scope", ["controlnet", "all"])
 @pytest.mark.parametrize("sd_locked", [True, False])
-def test_gradient_checkpointing_gives_the_same_loss_and_gradients(tmp_path, sd_locked):
+def test_gradient_checkpointing_gives_the_same_loss_and_gradients(tmp_path, sd_locked, scope):
     plain = build(tmp_path, TrainConfig(lr=1e-3, batch_size=4, sd_locked=sd_locked))
-    ckpt = build(tmp_path, TrainConfig(lr=1e-3, batch_size=4, sd_locked=sd_locked, gradient_checkpointing=True))
+    ckpt = build(tmp_path, TrainConfig(lr=1e-3, batch_size=4, sd_locked=sd_locked, gradient_checkpointing=scope))
     assert checkpointing.is_enabled(ckpt.controlnet.input_blocks[1]) and not checkpointing.is_enabled(plain.controlnet.input_blocks[1])
-    assert checkpointing.is_enabled(ckpt.unet.output_blocks[0][0])
+    assert checkpointing.is_enabled(ckpt.controlnet.middle_block)
+    # "controlnet": only the trainable copy's blocks, as diffusers; "all": also its hint encoder and the UNet's blocks
+    assert checkpointing.is_enabled(ckpt.unet.output_blocks[0][0]) == (scope == "all")
+    assert checkpointing.is_enabled(ckpt.controlnet.input_hint_block) == (scope == "all")
     plain.train_step()  # one step first, so the copy's gradients are not zero (zero convs at 0 block them)
     ckpt.train_step()
     batch = plain.next_batch()
@@ -104,7 +108,7 @@ def test_gradient_checkpointing_holds_far_less_activation_memory(tmp_path):
     ds = ControlDataset(fill(tmp_path), size=128)  # 16x16 latents: activations dominate
     in_use = _mallinfo()
     measured = {}
-    for on in (False, True):
+    for on in (False, "controlnet", "all"):
         tr = build(tmp_path, TrainConfig(lr=1e-3, batch_size=4, gradient_checkpointing=on), dataset=ds)
         batch = tr.next_batch()
         saved = []
@@ -126,10 +130,26 @@ def test_gradient_checkpointing_holds_far_less_activation_memory(tmp_path):
         loss.backward()
         measured[on] = (sum(saved), held)
         del tr, loss
-    (saved_plain, heap_plain), (saved_ckpt, heap_ckpt) = measured[False], measured[True]
+    (saved_plain, heap_plain), (saved_copy, heap_copy), (saved_ckpt, heap_ckpt) = measured[False], measured["controlnet"], measured["all"]
     assert saved_ckpt < 0.2 * saved_plain, measured
+    assert saved_ckpt < saved_copy < 0.8 * saved_plain, measured  # the copy's blocks alone already hold less
     if heap_plain is not None:
-        assert heap_plain > 10e6 and heap_ckpt < 0.3 * heap_plain, measured
+        assert heap_plain > 10e6 and heap_ckpt < 0.3 * heap_plain and heap_copy < heap_plain, measured
+
+
+def test_checkpointing_settings(tmp_path):
+    """True means the default scope; a wrong value is refused naming the choices; a run resumes with checkpointing
+    switched (it changes memory and time only), but not with a setting that changes the result."""
+    assert checkpointing.scope_of(True) == checkpointing.DEFAULT_SCOPE and checkpointing.scope_of(False) is None
+    with pytest.raises(ControlNetError, match="gradient_checkpointing must be False, True or one of 'controlnet', 'all', not 'some'"):
+        TrainConfig(gradient_checkpointing="some")
+    first = build(tmp_path, TrainConfig(lr=1e-3, batch_size=2, gradient_checkpointing="all"))
+    first.train(1, checkpoint=tmp_path / "ckpt.pt")
+    resumed = build(tmp_path, TrainConfig(lr=1e-3, batch_size=2))
+    resumed.load_checkpoint(tmp_path / "ckpt.pt")
+    assert resumed.step == 1
+    with pytest.raises(ControlNetError, match="saved with settings"):
+        build(tmp_path, TrainConfig(lr=2e-3, batch_size=2)).load_checkpoint(tmp_path / "ckpt.pt")
 
 
 def test_gradient_checkpointing_trains_to_the_same_weights(tmp_path):

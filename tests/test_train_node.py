@@ -223,22 +223,25 @@ def test_sdxl_with_a_clip_of_another_family_is_refused(host, sdxl, clip_checkpoi
 def test_cancel_saves_a_checkpoint_and_resume_ends_where_an_uninterrupted_run_does(host, clip_checkpoint, dataset, progress_hook):
     _, state = progress_hook
 
-    def graph(name, steps):
+    def graph(name, steps, scope="ControlNet only"):
         g = Graph()
         ckpt = g.add("CheckpointLoaderSimple", ckpt_name=clip_checkpoint)
-        g.add("ControlNetSuiteTrain", **train_inputs(ckpt, dataset, steps=steps, output_name=name, resume=True, gradient_checkpointing=True))
+        g.add("ControlNetSuiteTrain", **train_inputs(ckpt, dataset, steps=steps, output_name=name, resume=True, gradient_checkpointing=True,
+                                                     checkpointing_scope=scope))
         return g.prompt
 
     host.run(graph("straight_cn", 4))
     state.update(total=4, interrupt_at=2)
     with pytest.raises(PromptFailed):
-        host.run(graph("cancelled_cn", 4))
+        host.run(graph("cancelled_cn", 4, scope="ControlNet and base UNet"))
     ckpt = host.dirs["output"] / "controlnet_training" / "cancelled_cn" / "checkpoint.pt"
-    assert torch.load(ckpt, weights_only=True)["step"] == 2
+    saved = torch.load(ckpt, weights_only=True)
+    assert saved["step"] == 2 and saved["config"]["gradient_checkpointing"] == "all"
     assert not (host.dirs["controlnet"] / "cancelled_cn.safetensors").exists()
     state.update(interrupt_at=None)
-    host.run(graph("cancelled_cn", 4))
-    assert torch.load(ckpt, weights_only=True)["step"] == 4
+    host.run(graph("cancelled_cn", 4))  # resumed with the other scope: it changes memory and time, not the weights
+    saved = torch.load(ckpt, weights_only=True)
+    assert saved["step"] == 4 and saved["config"]["gradient_checkpointing"] == "controlnet"
     a, b = load_file(host.dirs["controlnet"] / "straight_cn.safetensors"), load_file(host.dirs["controlnet"] / "cancelled_cn.safetensors")
     assert a.keys() == b.keys() and all(torch.equal(a[k], b[k]) for k in a)
 

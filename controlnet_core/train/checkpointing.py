@@ -14,11 +14,13 @@ from __future__ import annotations
 
 import logging
 import weakref
-from typing import Iterable, Iterator
+from typing import Iterable, Iterator, Optional, Union
 
 import torch
 from torch import nn
 from torch.utils.checkpoint import checkpoint
+
+from ..errors import ControlNetError
 
 log = logging.getLogger(__name__)
 
@@ -90,9 +92,31 @@ def disable(modules: Iterable[nn.Module]) -> None:
         _unwrap(m)
 
 
-def enable_for_training(controlnet: nn.Module, unet: nn.Module) -> int:
-    """ControlNet blocks and UNet blocks. UNet blocks whose inputs and weights need no gradient (the locked
-    encoder and middle block) run plainly at call time, so this is right for locked and unlocked bases."""
+SCOPES = ("controlnet", "all")
+DEFAULT_SCOPE = "controlnet"  # bench/bench_train.py: see bench/RESULTS.md for the time and memory of each scope
+
+
+def scope_of(setting: Union[bool, str]) -> Optional[str]:
+    """A TrainConfig.gradient_checkpointing value -> None (off) or one of SCOPES (True: DEFAULT_SCOPE)."""
+    if setting is False or setting is None:
+        return None
+    if setting is True:
+        return DEFAULT_SCOPE
+    if setting in SCOPES:
+        return setting
+    raise ControlNetError(f"gradient_checkpointing must be False, True or one of {', '.join(map(repr, SCOPES))}, not {setting!r}.")
+
+
+def enable_for_training(controlnet: nn.Module, unet: nn.Module, scope: str = "all") -> int:
+    """scope "controlnet": the trainable copy's encoder and middle blocks only, as diffusers' `train_controlnet.py`
+    checkpoints. Why it is the default: at SD1.5 shapes the locked decoder and the hint encoder cost 20-25% of the
+    step to recompute for a small share of the memory (bench/RESULTS.md). scope "all": also the hint encoder and
+    every UNet block, for the last bit of memory. UNet blocks whose inputs and weights need no gradient (the
+    locked encoder and middle block) run plainly at call time, so "all" is right for locked and unlocked bases."""
+    if scope == "controlnet":
+        return enable([*controlnet.input_blocks, controlnet.middle_block])
+    if scope != "all":
+        raise ControlNetError(f"gradient checkpointing scope must be one of {', '.join(map(repr, SCOPES))}, not {scope!r}.")
     return enable(controlnet_blocks(controlnet)) + enable(unet_blocks(unet))
 
 
@@ -100,4 +124,5 @@ def is_enabled(module: nn.Module) -> bool:
     return _MARK in module.__dict__
 
 
-__all__ = ["enable", "disable", "enable_for_training", "controlnet_blocks", "unet_blocks", "is_enabled"]
+__all__ = ["enable", "disable", "enable_for_training", "controlnet_blocks", "unet_blocks", "is_enabled", "scope_of", "SCOPES",
+           "DEFAULT_SCOPE"]

@@ -12,7 +12,7 @@ import random
 import signal
 from dataclasses import asdict, dataclass
 from pathlib import Path
-from typing import Callable, Optional
+from typing import Callable, Optional, Union
 
 import torch
 import torch.nn.functional as F
@@ -33,6 +33,9 @@ def sd_alphas_cumprod(steps: int = 1000, beta_start: float = 0.00085, beta_end: 
     return torch.cumprod(1.0 - betas, 0).float()
 
 
+MEMORY_ONLY = ("gradient_checkpointing",)  # TrainConfig fields that change memory and time, never the result
+
+
 @dataclass
 class TrainConfig:
     lr: float = 1e-5  # the paper's learning rate
@@ -45,7 +48,9 @@ class TrainConfig:
     weight_decay: float = 0.0
     grad_accum: int = 1  # micro-batches per optimizer step
     mixed_precision: str = "no"  # "fp16" / "bf16": autocast, and the locked base stored in that dtype
-    gradient_checkpointing: bool = False  # recompute block activations in backward: less memory, ~1 extra forward
+    # recompute block activations in backward, for memory: False, "controlnet" (the trainable copy's blocks, as
+    # diffusers does), "all" (also the hint encoder and the locked UNet's decoder); True = checkpointing.DEFAULT_SCOPE
+    gradient_checkpointing: Union[bool, str] = False
     ema_decay: float = 0.0  # > 0 (e.g. 0.999): keep an EMA of the ControlNet weights, saved and exportable; 0: off
     cache_dir: Optional[str] = None  # cache text embeddings and VAE latents on disk here (see cache.py)
     distributed: str = "ddp"  # under torchrun: "ddp" (replicated) or "fsdp" (sharded; for SDXL-size models)
@@ -53,6 +58,9 @@ class TrainConfig:
     def __post_init__(self):
         if self.cache_dir is not None:
             self.cache_dir = str(self.cache_dir)  # checkpoints hold plain types only (weights_only loading)
+        from .checkpointing import scope_of
+
+        scope_of(self.gradient_checkpointing)  # a wrong value fails here, before any model is touched
 
 
 class Trainer:
@@ -252,7 +260,10 @@ class Trainer:
         if self.dataset_fingerprint is not None:
             run_files.check_same_dataset(Path(path), s.get("dataset"), self.dataset_fingerprint, getattr(self.dataset, "root", None))
         saved = {**asdict(TrainConfig()), **s["config"]}  # settings added since the file was written take their defaults
-        if saved != asdict(self.config):
+        ours = asdict(self.config)
+        for k in MEMORY_ONLY:  # change memory and time, not the weights: a run may resume with them switched
+            saved.pop(k, None), ours.pop(k, None)
+        if saved != ours:
             raise ControlNetError(f"{path}: saved with settings {saved}, resumed with {asdict(self.config)}; resume with the same settings.")
         if self.fsdp:
             from .fsdp import load_full_state
@@ -286,15 +297,18 @@ class Trainer:
 
     def _init_features(self) -> None:
         cfg = self.config
-        if cfg.gradient_checkpointing:
+        from .checkpointing import scope_of
+
+        scope = scope_of(cfg.gradient_checkpointing)
+        if scope is not None:
             from .checkpointing import enable_for_training
 
-            if self.controlnet is None:
+            if self.controlnet is None:  # base mode: the whole UNet trains, so its blocks are what to checkpoint
                 from .checkpointing import enable, unet_blocks
 
                 enable(unet_blocks(self.unet))
             else:
-                enable_for_training(self.controlnet, self.unet)
+                enable_for_training(self.controlnet, self.unet, scope)
         self.ema = None
         if cfg.ema_decay:
             from .ema import EMA
