@@ -3,7 +3,7 @@ from __future__ import annotations
 
 import math
 from pathlib import Path
-from typing import Optional
+from typing import Callable, Mapping, Optional, Sequence, Union
 
 import torch
 from safetensors.torch import save_file
@@ -49,6 +49,67 @@ def randomize_(module: torch.nn.Module, seed: int = 0) -> torch.nn.Module:
 
 def random_controlnet(cfg: ControlNetConfig, seed: int = 0, dtype=torch.float32) -> ControlNet:
     return randomize_(ControlNet(cfg), seed).to(dtype).eval()
+
+
+class Draws:
+    """Random tensors of one key's shape, from the generator `random_state_dict` shares between all keys."""
+
+    def __init__(self, shape: Sequence[int], generator: torch.Generator):
+        self.shape, self.generator = tuple(shape), generator
+
+    def normal(self) -> torch.Tensor:
+        return torch.randn(self.shape, generator=self.generator)
+
+    def uniform(self) -> torch.Tensor:
+        return torch.rand(self.shape, generator=self.generator)
+
+    def he(self) -> torch.Tensor:
+        """N(0, 2 / fan_in), fan_in = prod(shape[1:]): activations keep their scale through ReLU layers."""
+        return self.normal() * (2.0 / math.prod(self.shape[1:])) ** 0.5
+
+
+Rule = Callable[[str, Draws], Optional[torch.Tensor]]
+
+
+def random_state_dict(shapes: Union[torch.nn.Module, Mapping[str, Sequence[int]]], seed: int = 0, rule: Optional[Rule] = None) -> dict[str, torch.Tensor]:
+    """Random tensors for every key of `shapes` (a module's state dict, or {key: shape} as an official file has them),
+    drawn in key order from one generator seeded `seed`: the weight files the annotator tests write.
+
+    Each key gets `rule(key, draws)` (what one network needs to stay well conditioned: norms near 1, a scaled-down
+    branch, a constant), or, where `rule` gives None, He-scaled values for a tensor of 2 or more dimensions and
+    0.1 * N(0, 1) for the others (biases, norms). A key whose rule returns a constant draws nothing.
+    """
+    if isinstance(shapes, torch.nn.Module):
+        shapes = {k: v.shape for k, v in shapes.state_dict().items()}
+    g = torch.Generator().manual_seed(seed)
+    out = {}
+    for key, shape in shapes.items():
+        draws = Draws(shape, g)
+        t = rule(key, draws) if rule is not None else None
+        if t is None:
+            t = draws.he() if len(draws.shape) >= 2 else draws.normal() * 0.1
+        out[key] = t
+    return out
+
+
+CONTROL_ONLY = ("input_hint_block.", "zero_convs.", "middle_block_out.")  # a ControlNet's own layers (no UNet counterpart)
+
+
+def control_lora_state(controlnet: Mapping[str, torch.Tensor], rank: int, seed: int, unpatched: tuple[str, ...] = ()) -> dict[str, torch.Tensor]:
+    """A control-LoRA file's tensors for the ControlNet weights `controlnet`: its own layers (`CONTROL_ONLY`) and every
+    vector stored whole, each other weight as factors `<module>.up` (out, rank[, 1, 1]) and `<module>.down`
+    (rank, in[, kh, kw]) of 0.1 * N(0, 1), drawn in key order from a generator seeded `seed`; weights under
+    `unpatched` get no factors (the base model's own weight is used). Includes the `lora_controlnet` marker."""
+    g = torch.Generator().manual_seed(seed)
+    lora = {"lora_controlnet": torch.tensor([])}
+    for k, v in controlnet.items():
+        if k.startswith(CONTROL_ONLY) or v.ndim == 1:
+            lora[k] = v
+        elif not k.startswith(unpatched):
+            mod = k[: -len(".weight")]
+            lora[mod + ".up"] = torch.randn(v.shape[0], rank, *([1, 1] if v.ndim == 4 else []), generator=g) * 0.1
+            lora[mod + ".down"] = torch.randn(rank, *v.shape[1:], generator=g) * 0.1
+    return lora
 
 
 def inputs(cfg: ControlNetConfig, batch: int = 2, latent: int = 8, tokens: int = 7, seed: int = 1, dtype=torch.float32):

@@ -11,10 +11,12 @@ import re
 import types
 from pathlib import Path
 
+import factories
 import numpy as np
 import pytest
 import torch
 import torch.nn.functional as F
+from factories import Draws
 
 from annotators import depth, registry, weights
 
@@ -33,10 +35,9 @@ def official_shapes() -> dict[str, tuple[int, ...]]:
 
 def random_state_dict(seed: int = 0) -> dict[str, torch.Tensor]:
     """Random tensors for every official key, scaled so activations stay O(1) and the final ReLU lets depth through."""
-    g = torch.Generator().manual_seed(seed)
-    sd = {}
-    for key, shape in official_shapes().items():
-        r = torch.randn(shape, generator=g)
+
+    def rule(key: str, draws: Draws) -> torch.Tensor:
+        r, shape = draws.normal(), draws.shape
         if key.endswith("ls1.gamma") or key.endswith("ls2.gamma"):
             t = 0.3 + 0.1 * r
         elif re.search(r"norm\d?\.weight$", key):
@@ -48,7 +49,9 @@ def random_state_dict(seed: int = 0) -> dict[str, torch.Tensor]:
             t = r / math.sqrt(fan_in)
         else:
             t = 0.05 * r
-        sd[key] = t.contiguous()
+        return t.contiguous()
+
+    sd = factories.random_state_dict(official_shapes(), seed, rule)
     sd["depth_head.scratch.output_conv2.2.bias"] = torch.tensor([0.5])  # keep the last ReLU mostly open
     return sd
 

@@ -1,12 +1,14 @@
 """HED soft edges (annotators/hed.py): official key layout, loading, and parity with controlnet-aux 0.0.10."""
 from __future__ import annotations
 
+import math
 from pathlib import Path
 
+import factories
 import numpy as np
 import pytest
 import torch
-from factories import photo, to_tensor
+from factories import Draws, photo, to_tensor
 
 from annotators import hed, registry, weights
 
@@ -24,18 +26,15 @@ def official_shapes() -> dict[str, tuple[int, ...]]:
 
 def random_state_dict(seed: int = 0) -> dict[str, torch.Tensor]:
     """He-scaled random weights; the side projections are scaled down so the sigmoid output is not all 0/1."""
-    g = torch.Generator().manual_seed(seed)
-    sd = {}
-    for k, v in hed.ControlNetHED().state_dict().items():
-        if k == "norm":
-            sd[k] = torch.tensor([122.0, 116.0, 104.0]).view(1, 3, 1, 1)
-        elif k.endswith("projection.weight"):
-            sd[k] = torch.randn(v.shape, generator=g) * (0.05 / v[0].numel() ** 0.5)
-        elif k.endswith("weight"):
-            sd[k] = torch.randn(v.shape, generator=g) * (2.0 / v[0].numel()) ** 0.5
-        else:
-            sd[k] = torch.randn(v.shape, generator=g) * 0.1
-    return sd
+
+    def rule(key: str, draws: Draws):
+        if key == "norm":
+            return torch.tensor([122.0, 116.0, 104.0]).view(1, 3, 1, 1)
+        if key.endswith("projection.weight"):
+            return draws.normal() * (0.05 / math.prod(draws.shape[1:]) ** 0.5)
+        return None
+
+    return factories.random_state_dict(hed.ControlNetHED(), seed, rule)
 
 
 

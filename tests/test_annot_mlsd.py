@@ -7,9 +7,11 @@ import inspect
 from collections import OrderedDict
 from pathlib import Path
 
+import factories
 import numpy as np
 import pytest
 import torch
+from factories import Draws
 from torch import nn
 
 from annotators import registry, weights
@@ -34,21 +36,15 @@ def read_dump(name: str) -> dict[str, tuple[int, ...]]:
 def random_state_dict(module: nn.Module, seed: int) -> "OrderedDict[str, torch.Tensor]":
     """Random weights that keep activations in a sane range through 20+ BatchNorm layers (He-scaled convs,
     BN statistics near identity), so the TP map has real peaks and the decoder has work to do."""
-    g = torch.Generator().manual_seed(seed)
-    sd = OrderedDict()
-    for key, ref in module.state_dict().items():
-        shape = ref.shape
+
+    def rule(key: str, draws: Draws):
         if key.endswith("num_batches_tracked"):
-            sd[key] = torch.tensor(12345, dtype=torch.int64)
-        elif key.endswith("running_var"):
-            sd[key] = torch.rand(shape, generator=g) + 0.5
-        elif key.endswith("running_mean") or key.endswith("bias"):
-            sd[key] = torch.randn(shape, generator=g) * 0.1
-        elif len(shape) == 1:  # BatchNorm weight
-            sd[key] = torch.rand(shape, generator=g) + 0.5
-        else:  # conv weight (out, in/groups, k, k)
-            fan_in = shape[1] * shape[2] * shape[3]
-            sd[key] = torch.randn(shape, generator=g) * (2.0 / fan_in) ** 0.5
+            return torch.tensor(12345, dtype=torch.int64)
+        if key.endswith("running_var") or (len(draws.shape) == 1 and not key.endswith(("running_mean", "bias"))):
+            return draws.uniform() + 0.5  # BatchNorm variances and weights
+        return None  # conv weights He-scaled, means and biases 0.1 * N(0, 1)
+
+    sd = OrderedDict(factories.random_state_dict(module, seed, rule))
     # The head's last 1x1 conv sets the TP-map scale: shrink it so displacements are a few to a few tens
     # of pixels (segments mostly inside the image, as with trained weights) instead of hundreds.
     for key in sd:

@@ -4,10 +4,11 @@ from __future__ import annotations
 
 from pathlib import Path
 
+import factories
 import numpy as np
 import pytest
 import torch
-from factories import photo, to_tensor
+from factories import Draws, photo, to_tensor
 
 from annotators import pidinet, registry, weights
 
@@ -30,18 +31,15 @@ def random_state_dict(seed: int = 0) -> dict[str, torch.Tensor]:
     and the huge logits then differ by ~1e-3 between any two float32 implementations); the map-reduce convs
     are scaled up so the fused sigmoid spreads over (0, 1).
     """
-    g = torch.Generator().manual_seed(seed)
-    sd = {}
-    for k, v in pidinet.PiDiNet().state_dict().items():
-        if v.ndim == 4:
-            sd[k] = torch.randn(v.shape, generator=g) * (2.0 / v[0].numel()) ** 0.5
-            if k.startswith("block") and ".conv2." in k:
-                sd[k] *= 0.3
-            elif k.startswith("conv_reduces"):
-                sd[k] *= 3.0
-        else:
-            sd[k] = torch.randn(v.shape, generator=g) * 0.1
-    return sd
+
+    def rule(key: str, draws: Draws):
+        if len(draws.shape) == 4 and key.startswith("block") and ".conv2." in key:
+            return draws.he() * 0.3
+        if len(draws.shape) == 4 and key.startswith("conv_reduces"):
+            return draws.he() * 3.0
+        return None
+
+    return factories.random_state_dict(pidinet.PiDiNet(), seed, rule)
 
 
 

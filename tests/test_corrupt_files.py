@@ -10,7 +10,7 @@ from pathlib import Path
 import pytest
 import torch
 from corrupt_files import CORPUS, MINI, TWO_LEVELS, _diffusers_folder, good_file, mutate, our_export, state_dict
-from factories import random_controlnet
+from factories import CONTROL_ONLY, control_lora_state, random_controlnet
 
 from controlnet_core import (
     CheckpointError,
@@ -134,25 +134,14 @@ def test_without_a_config_a_removed_block_is_a_smaller_model(tmp_path):
         load_control(CORPUS["a block removed (metadata says otherwise)"][0](tmp_path / "declared.safetensors"))
 
 
-CONTROL_ONLY = ("input_hint_block.", "zero_convs.", "middle_block_out.")
 LORA_MINI = dataclasses.replace(MINI, hint_block_channels=(16, 32, 96, 256))  # a control-LoRA's hint widths are the standard ones
 
 
 def control_lora(folder: Path, bad: str = "", dtype: torch.dtype = torch.float32) -> tuple[Path, Path]:
     """A rank-2 control-LoRA of LORA_MINI and its base UNet file, built like test_formats' control-LoRA (time_embed.2
     left unpatched); `bad` names one tensor of either file, written as `dtype`."""
-    shape_src, g = state_dict(LORA_MINI), torch.Generator().manual_seed(5)
     base = {k: v.clone() for k, v in random_controlnet(LORA_MINI, seed=11).state_dict().items() if not k.startswith(CONTROL_ONLY)}
-    lora = {"lora_controlnet": torch.tensor([])}
-    for k, v in shape_src.items():
-        if k.startswith(CONTROL_ONLY) or v.ndim == 1:
-            lora[k] = v
-        elif k.startswith("time_embed.2."):  # not patched: the base's own weight is used
-            continue
-        else:
-            mod = k[: -len(".weight")]
-            lora[mod + ".up"] = torch.randn(v.shape[0], 2, *([1, 1] if v.ndim == 4 else []), generator=g) * 0.1
-            lora[mod + ".down"] = torch.randn(2, *v.shape[1:], generator=g) * 0.1
+    lora = control_lora_state(state_dict(LORA_MINI), rank=2, seed=5, unpatched=("time_embed.2.",))  # time_embed.2: the base's own weight
     for sd in (lora, base):
         if bad in sd:
             sd[bad] = (sd[bad] * 100).to(dtype)

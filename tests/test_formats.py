@@ -1,7 +1,7 @@
 """Every supported layout is detected, loads to the same weights, and survives a round trip."""
 import pytest
 import torch
-from factories import SD15_TINY, SDXL_TINY, comfy_unet, inputs, random_controlnet, randomize_, save
+from factories import SD15_TINY, SDXL_TINY, comfy_unet, control_lora_state, inputs, random_controlnet, randomize_, save
 
 from controlnet_core import (
     BaseModelRequiredError,
@@ -133,19 +133,12 @@ def test_diff_controlnet_needs_base_and_adds_it(comfy, tmp_path, cfg):
 def test_control_lora_is_base_plus_low_rank(comfy, tmp_path, cfg):
     base = base_unet_sd(cfg)
     shape_src = random_controlnet(cfg, seed=4)
-    g = torch.Generator().manual_seed(5)
-    lora, expected = {"lora_controlnet": torch.tensor([])}, {}
-    rank = 4
+    lora, expected = control_lora_state(shape_src.state_dict(), rank=4, seed=5), {}
     for k, v in shape_src.state_dict().items():
-        own = k.startswith(("input_hint_block.", "zero_convs.", "middle_block_out.")) or v.ndim == 1
-        if own:
-            lora[k] = v
+        if k in lora:  # stored whole
             expected[k] = v
         else:
-            mod = k[: -len(".weight")]
-            up = torch.randn(v.shape[0], rank, *([1, 1] if v.ndim == 4 else []), generator=g) * 0.1
-            down = torch.randn(rank, *v.shape[1:], generator=g) * 0.1
-            lora[mod + ".up"], lora[mod + ".down"] = up, down
+            up, down = lora[k[: -len(".weight")] + ".up"], lora[k[: -len(".weight")] + ".down"]
             expected[k] = base[k] + (up.flatten(1) @ down.flatten(1)).reshape(v.shape)
     path = save(tmp_path / "control-lora-canny-rank4.safetensors", lora)
     with pytest.raises(BaseModelRequiredError):
