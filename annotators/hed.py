@@ -202,7 +202,7 @@ class HEDDetector(SingleNetworkAnnotator):
             return out.float().repeat(1, 3, 1, 1).to(images.device)
 
 
-RESOLUTION = resolution_param(tooltip="Short side the network sees (rounded to a multiple of 64); the output keeps the input size.")
+RESOLUTION = resolution_param(step=64, tooltip="Short side the network sees (rounded to a multiple of 64); the output keeps the input size.")
 SAFE = Param("safe", "BOOLEAN", False, tooltip="Quantise the edges to a few levels (ControlNet 1.1 'safe' mode), hiding faint texture the ControlNet would copy.")
 
 register(

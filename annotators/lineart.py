@@ -130,7 +130,7 @@ class CoarseLineartDetector(LineartDetector):
 
 # ---------------------------------------------------------------- registration
 
-_PARAMS = (resolution_param(tooltip="Short side the image is resized to before detection (rounded to a multiple of 64)."),)
+_PARAMS = (resolution_param(step=64, tooltip="Short side the image is resized to before detection (rounded to a multiple of 64)."),)
 
 register(
     AnnotatorInfo(

@@ -313,7 +313,7 @@ class TinyMLSDDetector(MLSDDetector):
 # ---------------------------------------------------------------- registration
 
 _PARAMS = (
-    resolution_param(tooltip="Short side the image is resized to before detection (rounded to a multiple of 64)."),
+    resolution_param(step=64, tooltip="Short side the image is resized to before detection (rounded to a multiple of 64)."),
     # ranges and defaults as the ControlNet demo sliders (gradio_hough2image.py, sd-webui-controlnet)
     Param("value_threshold", "FLOAT", 0.1, min=0.01, max=2.0, step=0.01,
           tooltip="Minimum line-centre score (0-1): higher keeps only confident lines; above 1 keeps none."),

@@ -38,9 +38,10 @@ class Param:
 MAX_RESOLUTION = 16384
 
 
-def resolution_param(default: int = 512, *, min: int = 64, step: int = 64, tooltip: str) -> Param:
+def resolution_param(default: int = 512, *, min: int = 64, step: int = 8, tooltip: str) -> Param:
     """An annotator's `resolution` (short side it detects at): its default, lower bound and step, declared once and
-    read by every user of the annotator (the ComfyUI nodes' widgets among them)."""
+    read by every user of the annotator (the ComfyUI nodes' widgets among them). Step 8 unless the annotator rounds
+    to a coarser grid itself (64 for the networks that do): the frontend snaps a typed value to the step."""
     return Param("resolution", "INT", default, min=min, max=MAX_RESOLUTION, step=step, tooltip=tooltip)
 
 
