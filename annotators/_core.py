@@ -2,8 +2,10 @@
 try:
     from ..controlnet_core.checkpoint import open_checkpoint
     from ..controlnet_core.errors import ControlNetError, NotACheckpointError
+    from ..controlnet_core.loading import strict_fill
 except ImportError:  # annotators imported as a top-level package
     from controlnet_core.checkpoint import open_checkpoint
     from controlnet_core.errors import ControlNetError, NotACheckpointError
+    from controlnet_core.loading import strict_fill
 
-__all__ = ["open_checkpoint", "ControlNetError", "NotACheckpointError"]
+__all__ = ["open_checkpoint", "ControlNetError", "NotACheckpointError", "strict_fill"]

@@ -31,7 +31,7 @@ from typing import Iterable, Optional, Sequence
 
 import torch
 
-from ._core import ControlNetError, open_checkpoint
+from ._core import ControlNetError, open_checkpoint, strict_fill
 
 log = logging.getLogger(__name__)
 
@@ -323,11 +323,6 @@ def load_state_dict(path: os.PathLike, *, strip_prefixes: Iterable[str] = (), un
 def load_into(module: torch.nn.Module, sd: dict[str, torch.Tensor], path: os.PathLike, what: str) -> torch.nn.Module:
     """Strict load (`controlnet_core.loading.strict_fill`) with a message naming the file and the first missing,
     unexpected and wrongly shaped keys; the tensors are copied into the module's own dtype."""
-    try:  # as _core.py reaches controlnet_core
-        from ..controlnet_core.loading import strict_fill
-    except ImportError:
-        from controlnet_core.loading import strict_fill
-
     def mismatch(missing: list, unexpected: list, bad: list) -> str:
         return (
             f"{path}: not a {what} weight file. Missing {len(missing)} keys {missing[:5]}, unexpected {len(unexpected)} {unexpected[:5]}, "

@@ -41,6 +41,7 @@ from ..controlnet_core import (
 from ..controlnet_core.hint import match_batch
 from ..controlnet_core.mmdit import SD3ControlNet, append_keep_mask, hint_latent_from_vae, sd35_stability
 from ..controlnet_core.precision import compute_dtype_of
+from ..controlnet_core.residuals import add_sites
 
 DIT_KINDS = ("sd3_controlnet", "sd35_controlnet", "flux_controlnet", "qwen_controlnet")
 from ..controlnet_core.t2i_adapter import T2IAdapterConfig
@@ -71,7 +72,6 @@ def merge_with_previous(out: dict, prev: Optional[dict]) -> dict:
     T2I-Adapter, another extension), whose lists cannot be turned back into sites (a DiT's token grid is not in them,
     and UNet 'input' lists are reversed), so the lists are summed index by index, with the same `residuals.add_sites`
     that `add` uses, and shapes left to broadcasting as the host's own merge leaves them."""
-    from ..controlnet_core.residuals import add_sites
 
     if not prev:
         return out
