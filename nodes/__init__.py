@@ -3,6 +3,7 @@ from .annotator_nodes import node_mappings
 from .apply import ControlNetSuiteApply, ControlNetSuiteApplyStack, ControlNetSuiteStack
 from .loader import ControlNetSuiteLoader
 from .model_patch import ControlNetSuiteApplyPatch
+from .score_node import ControlNetSuiteScore
 from .train_node import ControlNetSuiteTrain
 from .union import ControlNetSuiteUnion
 
@@ -14,6 +15,7 @@ NODE_CLASS_MAPPINGS: dict[str, type] = {
     "ControlNetSuiteTrain": ControlNetSuiteTrain,
     "ControlNetSuiteUnion": ControlNetSuiteUnion,
     "ControlNetSuiteApplyPatch": ControlNetSuiteApplyPatch,
+    "ControlNetSuiteScore": ControlNetSuiteScore,
 }
 NODE_DISPLAY_NAME_MAPPINGS: dict[str, str] = {
     "ControlNetSuiteLoader": "Load ControlNet (Suite)",
@@ -23,6 +25,7 @@ NODE_DISPLAY_NAME_MAPPINGS: dict[str, str] = {
     "ControlNetSuiteTrain": "Train ControlNet (Suite)",
     "ControlNetSuiteUnion": "ControlNet Union (Suite)",
     "ControlNetSuiteApplyPatch": "Apply ControlNet Patch (Suite)",
+    "ControlNetSuiteScore": "ControlNet Score (Suite)",
 }
 
 _annotator_classes, _annotator_names = node_mappings()
