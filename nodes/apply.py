@@ -8,6 +8,7 @@ from typing import Optional
 import torch
 
 from ..controlnet_core import ControlMode, ControlNetError, ResizeMode
+from ..controlnet_core.keyframes import LatentKeyframes, TimestepKeyframes
 from .comfy_adapter import ControlBase, SuiteControl, needs_vae
 
 MODES = [m.value for m in ControlMode]
@@ -30,6 +31,10 @@ TIPS = {
     "vae": ("The base model's VAE. Required by SD3 / SD3.5 ControlNets, which read the condition image as a latent; "
             "unused by UNet ControlNets and T2I-Adapters."),
     "stack": "Optional stack of units to add this one to.",
+    "timestep_keyframes": ("Optional keyframes from 'Timestep Keyframe (Suite)' nodes: the strength (times this node's), block "
+                           "weights and mask along the sampling schedule, within start/end. None = constant."),
+    "latent_keyframes": ("Optional per-frame strengths from 'Latent Keyframe (Suite)' nodes, for latent batches (frames). "
+                         "None = every frame at full strength."),
 }
 
 
@@ -62,6 +67,14 @@ class ControlUnit:
     control_mode: str = ControlMode.BALANCED.value
     resize_mode: str = ResizeMode.CROP.value
     mask: Optional[torch.Tensor] = None
+    timestep_keyframes: Optional[TimestepKeyframes] = None
+    latent_keyframes: Optional[LatentKeyframes] = None
+
+
+KEYFRAME_INPUTS = {  # optional inputs of the apply and stack nodes, last in their lists so saved workflows keep working
+    "timestep_keyframes": ("CNS_TIMESTEP_KEYFRAMES",),
+    "latent_keyframes": ("CNS_LATENT_KEYFRAMES",),
+}
 
 
 MODEL_PATCH_KINDS = ("qwen_patch", "zimage_patch")  # run inside the model's blocks: Apply ControlNet Patch (Suite)
@@ -91,6 +104,12 @@ def _check_unit(u: ControlUnit, node: str) -> None:
         raise ControlNetError(f"{node}: start_percent {u.start_percent} is after end_percent {u.end_percent}; the unit would never run.")
     if u.mask is not None and (u.mask.ndim not in (2, 3) or 0 in u.mask.shape):
         raise ControlNetError(f"{node}: 'mask' must be (batch, height, width); got shape {tuple(u.mask.shape)}.")
+    for name, kind, source in (("timestep_keyframes", TimestepKeyframes, "Timestep Keyframe (Suite)"),
+                               ("latent_keyframes", LatentKeyframes, "Latent Keyframe (Suite)")):
+        value = getattr(u, name)
+        if value is not None and not isinstance(value, kind):
+            raise ControlNetError(f"{node}: '{name}' is a {type(value).__name__}, not this suite's keyframes; connect a '{source}' node "
+                                  "(other extensions' keyframe types are not read).")
 
 
 def _control_for(u: ControlUnit, vae) -> SuiteControl:
@@ -100,6 +119,7 @@ def _control_for(u: ControlUnit, vae) -> SuiteControl:
         c.mode, c.resize_mode, c.mask = ControlMode.parse(u.control_mode), ResizeMode.parse(u.resize_mode), u.mask
     else:  # ComfyUI's own ControlNet / T2I-Adapter / control-LoRA object: wrap it, keep our modes and masks
         c = SuiteControl(cn, None, mode=u.control_mode, resize_mode=u.resize_mode, mask=u.mask, name=type(cn).__name__)
+    c.timestep_keyframes, c.latent_keyframes = u.timestep_keyframes, u.latent_keyframes
     return c.set_cond_hint(u.image.movedim(-1, 1), u.strength, (u.start_percent, u.end_percent), vae=vae)
 
 
@@ -149,11 +169,13 @@ class ControlNetSuiteApply:
         req = {"positive": ("CONDITIONING",), "negative": ("CONDITIONING",), **UNIT_INPUTS}
         return {
             "required": {k: tip(k, v) for k, v in req.items()},
-            "optional": {"mask": tip("mask", ("MASK",)), "vae": tip("vae", ("VAE",))},
+            "optional": {"mask": tip("mask", ("MASK",)), "vae": tip("vae", ("VAE",)), **{k: tip(k, v) for k, v in KEYFRAME_INPUTS.items()}},
         }
 
-    def apply(self, positive, negative, control_net, image, strength, start_percent, end_percent, control_mode, resize_mode, mask=None, vae=None):
-        unit = ControlUnit(control_net, image, strength, start_percent, end_percent, control_mode, resize_mode, mask)
+    def apply(self, positive, negative, control_net, image, strength, start_percent, end_percent, control_mode, resize_mode, mask=None, vae=None,
+              timestep_keyframes=None, latent_keyframes=None):
+        unit = ControlUnit(control_net, image, strength, start_percent, end_percent, control_mode, resize_mode, mask,
+                           timestep_keyframes, latent_keyframes)
         return apply_units(positive, negative, [unit], vae, "Apply ControlNet (Suite)")
 
 
@@ -168,11 +190,14 @@ class ControlNetSuiteStack:
     def INPUT_TYPES(cls):
         return {
             "required": {k: tip(k, v) for k, v in UNIT_INPUTS.items()},
-            "optional": {"mask": tip("mask", ("MASK",)), "stack": tip("stack", ("CONTROL_NET_STACK",))},
+            "optional": {"mask": tip("mask", ("MASK",)), "stack": tip("stack", ("CONTROL_NET_STACK",)),
+                         **{k: tip(k, v) for k, v in KEYFRAME_INPUTS.items()}},
         }
 
-    def add(self, control_net, image, strength, start_percent, end_percent, control_mode, resize_mode, mask=None, stack=None):
-        unit = ControlUnit(control_net, image, strength, start_percent, end_percent, control_mode, resize_mode, mask)
+    def add(self, control_net, image, strength, start_percent, end_percent, control_mode, resize_mode, mask=None, stack=None,
+            timestep_keyframes=None, latent_keyframes=None):
+        unit = ControlUnit(control_net, image, strength, start_percent, end_percent, control_mode, resize_mode, mask,
+                           timestep_keyframes, latent_keyframes)
         _check_unit(unit, "ControlNet Stack (Suite)")
         return (tuple(stack or ()) + (unit,),)
 

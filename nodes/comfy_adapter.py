@@ -9,6 +9,7 @@ Works with ComfyUI a28a9dc (4-argument `get_control`) and 0.8.0 (5 arguments).
 """
 from __future__ import annotations
 
+import logging
 from dataclasses import dataclass
 from typing import Optional, Union
 
@@ -39,6 +40,7 @@ from ..controlnet_core import (
     scale,
 )
 from ..controlnet_core.hint import match_batch
+from ..controlnet_core.keyframes import KeyframeError, KeyframeState, LatentKeyframes, TimestepKeyframes, weigh_frames
 from ..controlnet_core.mmdit import SD3ControlNet, append_keep_mask, hint_latent_from_vae, sd35_stability
 from ..controlnet_core.precision import compute_dtype_of
 from ..controlnet_core.residuals import add_sites
@@ -47,6 +49,7 @@ DIT_KINDS = ("sd3_controlnet", "sd35_controlnet", "flux_controlnet", "qwen_contr
 from ..controlnet_core.t2i_adapter import T2IAdapterConfig
 
 ControlBase = comfy.controlnet.ControlBase
+log = logging.getLogger(__name__)
 
 
 def to_comfy(res: ControlResiduals) -> dict:
@@ -144,6 +147,10 @@ class SuiteControl(ControlBase):
         self._mask_cache: dict = {}  # resized masks per site, kept across sampling steps
         self._checked_size: Optional[tuple] = None  # the last (height, width, batch) that passed check_hint_size
         self.union: Optional[UnionConditions] = None  # several conditions of a union ControlNet (ControlNet Union (Suite))
+        self.timestep_keyframes: Optional[TimestepKeyframes] = None  # strength / weights / mask along the schedule
+        self.latent_keyframes: Optional[LatentKeyframes] = None  # strength per frame of the latent batch
+        self._schedule = None  # the timestep keyframes bound to this run's percent_to_sigma (pre_run)
+        self._keyframe_mask_caches: dict = {}  # per keyframe mask: its resized copies, as _mask_cache
         # an inpainting SD3 ControlNet takes a keep mask after the latent: ComfyUI's inpainting apply node reads this
         # flag and passes the mask as `extra_concat`
         self.concat_mask = not self.is_foreign and getattr(self.backend.config, "extra_conditioning_channels", 0) > 0
@@ -176,6 +183,7 @@ class SuiteControl(ControlBase):
         self.copy_to(c)
         c.vae = getattr(self, "vae", None)
         c.union = self.union
+        c.timestep_keyframes, c.latent_keyframes = self.timestep_keyframes, self.latent_keyframes
         if self._inner is not None:
             c._inner = self._inner.copy()
         return c
@@ -185,6 +193,8 @@ class SuiteControl(ControlBase):
     def pre_run(self, model, percent_to_timestep_function):
         super().pre_run(model, percent_to_timestep_function)
         self.model_sampling_current = model.model_sampling
+        # keyframe boundaries compared in sigma with the host's own mapping, as its start/end window
+        self._schedule = self.timestep_keyframes.bind(percent_to_timestep_function) if self.timestep_keyframes else None
         if self._inner is not None:
             self._inner.pre_run(model, percent_to_timestep_function)
         elif not self.is_foreign:
@@ -208,6 +218,8 @@ class SuiteControl(ControlBase):
         self.model_sampling_current = None
         self._prepared = None
         self._mask_cache = {}
+        self._schedule = None
+        self._keyframe_mask_caches = {}
         if self._inner is not None:
             self._inner.cleanup()
         elif not self.is_foreign and hasattr(self.backend.model, "clear_hint_cache"):
@@ -235,14 +247,55 @@ class SuiteControl(ControlBase):
             return prev
         if self.strength == 0:
             return prev
+        state = self._keyframe_state(t)
+        strength = self.strength * state.strength  # x 1.0 (no keyframe in effect) is exact
+        frames = self._frame_strengths(x_noisy, batched_number)
+        if strength == 0 or (frames is not None and not bool(frames.any())):
+            return prev  # off for this call: the same exact no-op as outside start/end
         self._check_size(x_noisy)
         res = self._raw_residuals(x_noisy, t, cond, batched_number, transformer_options)
         if not all_finite(res):
             raise self._non_finite(x_noisy, t)
-        res = scale(res, self.strength, mode_block_scales(self.mode, res))
+        res = self._scale(res, strength, state)
         res = mask_residuals(res, self.mask, batched_number, self._mask_cache)
+        if state.mask is not None:
+            res = mask_residuals(res, state.mask, batched_number, self._keyframe_mask_caches.setdefault(id(state.mask), {}))
+        if frames is not None:
+            res = weigh_frames(res, frames)
         res = res.to(x_noisy.dtype)
         return merge_with_previous(to_comfy(res), prev)
+
+    # -- keyframes (controlnet_core.keyframes; the nodes are in keyframe_nodes.py) --
+
+    def _keyframe_state(self, t) -> KeyframeState:
+        if self._schedule is None:
+            return KeyframeState()
+        sigma = float(t.flatten()[0])
+        state = self._schedule.at(sigma)
+        log.debug("%s: timestep keyframe %d in effect at sigma %.6g, strength x %.6g", self.name, state.index, sigma, state.strength)
+        return state
+
+    def _frame_strengths(self, x_noisy, batched_number) -> Optional[torch.Tensor]:
+        """Per-item multipliers of this call's batch from the latent keyframes; None where every frame gets 1 (nothing to
+        multiply, so the result stays bit-identical to a unit without latent keyframes)."""
+        if self.latent_keyframes is None:
+            return None
+        try:
+            m = self.latent_keyframes.multipliers(x_noisy.shape[0], batched_number)
+        except KeyframeError as e:
+            raise KeyframeError(f"{self.name}: {e}") from None
+        log.debug("%s: latent keyframe strengths %s", self.name, m.tolist())
+        return None if bool((m == 1).all()) else m
+
+    def _scale(self, res: ControlResiduals, strength: float, state: KeyframeState) -> ControlResiduals:
+        """Strength and per-site weights: a keyframe's block weights replace the control mode's."""
+        if state.block_weights is None:
+            return scale(res, strength, mode_block_scales(self.mode, res))
+        try:
+            return scale(res, strength, state.block_weights)
+        except ValueError as e:
+            raise KeyframeError(f"{self.name}: the block_weights of Timestep Keyframe (Suite) (keyframe {state.index}) do not fit: {e} "
+                                "Give one comma-separated number per site, or leave block_weights empty for the control mode's weights.") from None
 
     def _check_size(self, x_noisy) -> None:
         """The hint's memory bound, for our models and foreign ones alike (both make the hint at the pixel size)."""
