@@ -16,6 +16,8 @@ bench:  ## run the benchmarks in bench/ (slow; full SD1.5 shapes)
 	.venv/bin/python bench/bench_ksampler.py
 	.venv/bin/python bench/bench_annotators.py
 	.venv/bin/python bench/bench_annotator_flops.py
+	.venv/bin/python bench/bench_train.py --compare diffusers
+	.venv/bin/python bench/bench_train.py --compare scopes
 	.venv/bin/python bench/bench_server_load.py
 
 demo:  ## sample the shipped toy base + toy ControlNet; writes demo/out/toy_demo.png and prints the controllability

@@ -49,7 +49,7 @@ class TrainConfig:
     grad_accum: int = 1  # micro-batches per optimizer step
     mixed_precision: str = "no"  # "fp16" / "bf16": autocast, and the locked base stored in that dtype
     # recompute block activations in backward, for memory: False, "controlnet" (the trainable copy's blocks, as
-    # diffusers does), "all" (also the hint encoder and the locked UNet's decoder); True = checkpointing.DEFAULT_SCOPE
+    # diffusers does), "all" (also the hint encoder and the locked UNet's blocks); True = checkpointing.DEFAULT_SCOPE ("all")
     gradient_checkpointing: Union[bool, str] = False
     ema_decay: float = 0.0  # > 0 (e.g. 0.999): keep an EMA of the ControlNet weights, saved and exportable; 0: off
     cache_dir: Optional[str] = None  # cache text embeddings and VAE latents on disk here (see cache.py)
