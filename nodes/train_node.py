@@ -171,14 +171,14 @@ class ControlNetSuiteTrain:
                 "gradient_checkpointing": ("BOOLEAN", {"default": True, "tooltip": (
                     "Recompute activations in the backward pass, for less memory at some more time per step; "
                     "checkpointing_scope says which blocks.")}),
-                "checkpointing_scope": (list(CHECKPOINT_SCOPES), {"default": CHECKPOINT_SCOPE_NAMES[DEFAULT_SCOPE], "tooltip": (
-                    "With gradient_checkpointing on. 'ControlNet only' (as diffusers' train_controlnet.py): recompute the "
-                    "trainable copy's blocks. 'ControlNet and base UNet': also the hint encoder and the locked UNet's blocks, "
-                    "for the least memory at more time per step (bench/RESULTS.md has both at 512 and 1024 px).")}),
                 "overwrite": ("BOOLEAN", {"default": False, "tooltip": (
                     "Off (default): never replace an earlier training run of this output_name (with resume off) nor a file "
                     "models/controlnet/<output_name>.safetensors that this run did not write, such as a downloaded model; "
                     "the node stops before training and says so. On: replace them.")}),
+                "checkpointing_scope": (list(CHECKPOINT_SCOPES), {"default": CHECKPOINT_SCOPE_NAMES[DEFAULT_SCOPE], "tooltip": (
+                    "With gradient_checkpointing on. 'ControlNet only' (as diffusers' train_controlnet.py): recompute the "
+                    "trainable copy's blocks. 'ControlNet and base UNet': also the hint encoder and the locked UNet's blocks, "
+                    "for the least memory at more time per step (bench/RESULTS.md has both at 512 and 1024 px).")}),
             },
         }
 

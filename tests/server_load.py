@@ -418,7 +418,7 @@ class LoadReport:
         return out
 
 
-def run_load(server: ComfyServer, models: Models, n: int, drain_timeout_s: float = 900) -> LoadReport:
+def run_load(server: ComfyServer, models: Models, n: int, drain_timeout_s: float = 900, probe_interval_s: float = 0.2) -> LoadReport:
     """Warm-up, memory, n mixed prompts under the prober, memory again (see the module docstring)."""
     warm = warmup_jobs(models)
     submit(server, warm)
@@ -428,7 +428,7 @@ def run_load(server: ComfyServer, models: Models, n: int, drain_timeout_s: float
     rss_warm = settled_rss(server, drained)
 
     jobs = mixed_jobs(models, n)
-    prober = Prober(server)
+    prober = Prober(server, interval_s=probe_interval_s)
     prober.start()
     t0 = time.time()
     submit(server, jobs)
