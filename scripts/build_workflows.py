@@ -388,7 +388,7 @@ def train():
     # output_name, resume, annotator, precision, gradient_checkpointing, overwrite
     trained = w.node("ControlNetSuiteTrain", ["controlnet_dataset", 1000, 1e-5, 4, 0.5, 512, 0, "fixed", "my_controlnet", True, "none",
                                               "auto", True, False, "ControlNet and base UNet"], (360, 300), model=(ckpt, 0), clip=(ckpt, 1), vae=(ckpt, 2))
-    img = w.node("LoadImage", ["condition_example.png", "image"], (360, 850), title="A condition to try it on")
+    img = w.node("LoadImage", ["condition_example.png", "image"], (360, 880), title="A condition to try it on")
     app = w.node("ControlNetSuiteApply", [1.0, 0.0, 1.0, "balanced", "crop and resize"], (760, 0), positive=(pos, 0), negative=(neg, 0),
                  control_net=(trained, 0), image=(img, 0))
     sample(w, ckpt, (app, 0), (app, 1), "controlnet_trained")
